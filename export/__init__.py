@@ -1,0 +1,1 @@
+"""menagerie.export."""

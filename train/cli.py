@@ -1,0 +1,126 @@
+"""The `menagerie` command.
+
+    menagerie train   [--config FILE] [--start-over] [key.sub=value ...]
+    menagerie eval    [--config FILE] [key.sub=value ...]
+    menagerie prepare [--config FILE] --out DIR [--force] [key.sub=value ...]
+
+Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
+with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import USER_ERRORS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="menagerie", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", "-c", help="YAML preset (see configs/); defaults apply without")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+
+    t = sub.add_parser("train", help="train (or resume) a model")
+    common(t)
+    t.add_argument("--start-over", action="store_true",
+                   help="if run_dir holds another run, move it aside and start afresh")
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run on validation data")
+    common(e)
+    pr = sub.add_parser("prepare", help="tokenize a data source into ArrayRecord shards")
+    common(pr)
+    pr.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    pr.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    return p
+
+
+def _load(args):
+    from .config import build_config, read_yaml
+
+    raw = read_yaml(args.config) if args.config else {}
+    return build_config(raw, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from .trainer import Trainer
+
+    cfg = _load(args)
+    summary = Trainer(cfg, start_over=args.start_over).run()
+    if summary.preempted:
+        return 0
+    if summary.eval:
+        print(f"final eval: loss {summary.eval['loss']:.4f}, "
+              f"bits/byte {summary.eval['bits_per_byte']:.4f}")
+    if summary.sample is not None:
+        print("sample:\n" + summary.sample)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import jax
+
+    from .checkpoint import CONFIG_FILE, Checkpointer
+    from .config import build_config, read_yaml
+    from .errors import CheckpointError
+    from .trainer import Trainer
+
+    cfg = _load(args)
+    saved = Path(cfg.run_dir) / CONFIG_FILE
+    if not saved.is_file():
+        raise CheckpointError(f"run_dir '{cfg.run_dir}' holds no run ({CONFIG_FILE} missing); "
+                              "pass the run_dir of a trained run (run_dir=...)")
+    cfg = build_config(read_yaml(saved), args.overrides)
+    trainer = Trainer(cfg)
+    ckpt = Checkpointer(trainer.run_dir, every=0, keep_last=cfg.checkpoint.keep_last,
+                        keep_every=cfg.checkpoint.keep_every, async_save=False)
+    try:
+        restored = ckpt.restore_latest(trainer.abstract_state())
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"run_dir '{cfg.run_dir}' has no checkpoint yet; train first")
+    state, meta = restored
+    import jax.numpy as jnp
+
+    from .step import make_eval_step
+
+    eval_step = jax.jit(make_eval_step(trainer.graphdef,
+                                       jnp.asarray(trainer.tokenizer.token_bytes, jnp.float32)))
+    with trainer.mesh:
+        ev = trainer.evaluate(state["params"], eval_step)
+    print(f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "
+          f"over {int(ev['tokens'])} tokens")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from menagerie.data import prepare
+
+    cfg = _load(args)
+    out = prepare(cfg.data, Path(args.out), force=args.force)
+    print(f"prepared {cfg.data.source!r} with tokenizer {cfg.data.tokenizer!r} into {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare}[args.command]
+    if args.debug:
+        return handler(args)
+    try:
+        return handler(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

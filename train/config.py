@@ -1,0 +1,361 @@
+"""The run config: one typed `RunConfig` from defaults, a YAML preset and dotted overrides.
+
+    cfg = load_config("configs/transformer/small.yaml", ["train.steps=200", "optim.lr=1e-3"])
+
+Every section is a pydantic model with a default and a docstring per field; YAML presets state only
+what differs from the defaults. Unknown keys are rejected with a did-you-mean, wrong types and
+inconsistent values raise `ConfigError` with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from menagerie.arch import ModelConfig
+from menagerie.data import DataConfig
+
+from .errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class OptimConfig(BaseModel):
+    """Optimizer, learning-rate schedule and clipping."""
+
+    model_config = _STRICT
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer family. Low-rank (GaLore-style) optimizers join this list."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Warmup then cosine decay, warmup-stable-decay, or warmup then constant."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to `lr` over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` (cosine and wsd)."""
+    decay_fraction: float = 0.2
+    """wsd only: the fraction of `train.steps` spent in the final linear decay."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms, biases or vectors)."""
+    clip_norm: float | None = 1.0
+    """Global gradient-norm clipping threshold; null disables clipping."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError("optim.b1 and optim.b2 must be in [0, 1)")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0, or null to disable")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """The loop: steps, batch, evaluation, loss options and the closing sample."""
+
+    model_config = _STRICT
+
+    steps: int = 250
+    """Number of optimizer steps."""
+    batch_size: int = 16
+    """Global batch size in sequences per optimizer step (all processes together)."""
+    seq_len: int = 256
+    """Tokens per sequence; documents are packed to this length."""
+    microbatches: int = 1
+    """Gradient accumulation: each step runs `microbatches` forward/backward passes of
+    batch_size / microbatches sequences and applies one update."""
+    seed: int = 0
+    """Seeds parameter initialisation and data order. Same seed, same run."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (mean of log(Z)^2 of the output softmax); 0 disables it."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 4
+    """Number of validation batches (of `batch_size` sequences) per evaluation."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    sample_tokens: int = 160
+    """Tokens to generate at the end of training (0 disables the sample)."""
+    sample_prompt: str = "def "
+    """Prompt of the closing sample."""
+    sample_temperature: float = 0.8
+    """Sampling temperature of the closing sample (0 = greedy)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "seq_len", "microbatches", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.batch_size % self.microbatches:
+            raise ValueError(
+                f"train.microbatches={self.microbatches} does not divide "
+                f"train.batch_size={self.batch_size}; choose a divisor of the batch size"
+            )
+        if self.eval_every < 0 or self.eval_batches < 0 or self.sample_tokens < 0:
+            raise ValueError("train.eval_every, train.eval_batches and train.sample_tokens must be >= 0")
+        if self.z_loss < 0:
+            raise ValueError(f"train.z_loss={self.z_loss} must be >= 0")
+        return self
+
+
+class MeshConfig(BaseModel):
+    """Device mesh axis sizes; -1 means "all remaining devices" (at most one axis)."""
+
+    model_config = _STRICT
+
+    data: int = -1
+    """Data parallelism: batch split, parameters replicated."""
+    fsdp: int = 1
+    """Fully sharded data parallelism: batch and parameters split."""
+    tensor: int = 1
+    """Tensor parallelism: heads and MLP width split."""
+    sequence: int = 1
+    """Sequence parallelism: the sequence axis of activations split."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        sizes = self.model_dump()
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ValueError("only one mesh axis may be -1 (fill); set the others to sizes")
+        bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+        if bad:
+            raise ValueError(f"mesh.{bad[0]}={sizes[bad[0]]} must be a positive size or -1")
+        return self
+
+
+class CheckpointConfig(BaseModel):
+    """Orbax checkpointing of model + optimizer state and data position."""
+
+    model_config = _STRICT
+
+    every: int = 100
+    """Save every this many steps (and at the end of training); 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints."""
+    keep_every: int | None = None
+    """Also keep forever every checkpoint whose step is a multiple of this."""
+    async_save: bool = True
+    """Write checkpoints in the background while training goes on."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointConfig:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        if self.keep_every is not None and self.keep_every <= 0:
+            raise ValueError("checkpoint.keep_every must be > 0, or null")
+        return self
+
+
+class LogConfig(BaseModel):
+    """Where and how often metrics go."""
+
+    model_config = _STRICT
+
+    every: int = 10
+    """Log training metrics every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under `<run_dir>/tensorboard`."""
+    progress: bool = True
+    """Show a rich progress bar on a terminal."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LogConfig:
+        if self.every <= 0:
+            raise ValueError(f"log.every={self.every} must be > 0")
+        return self
+
+
+class RunConfig(BaseModel):
+    """Everything one training run needs. Saved, resolved, as `<run_dir>/config.yaml`."""
+
+    model_config = _STRICT
+
+    run_dir: str = "runs/default"
+    """Folder of this run: checkpoints, metrics, TensorBoard events and the resolved config.
+    Rerunning with the same run_dir resumes from its latest checkpoint."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds "
+                f"train.steps={self.train.steps}; lower the warmup or raise the steps"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _did_you_mean(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known keys: {', '.join(sorted(options))}"
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys before pydantic does, so the message can suggest the right one."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(key, list(fields))}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"'{dotted}' is a section; set its fields, e.g. {dotted}.<field>=<value>"
+                )
+            _check_keys(value, annotation, prefix=f"{dotted}.")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.steps=200)")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override '{item}' has an empty key part; write e.g. optim.lr=1e-3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # YAML 1.1 reads "1e-3" as a string; accept it as the float the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if _looks_numeric(value) else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in text) and text.strip().lower() not in ("nan", "inf", "-inf")
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{'.'.join(path)}': '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(err: pydantic.ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return msg if not loc else f"{loc}: {msg}" if loc not in msg else msg
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc or 'config'}: {msg}{got_txt}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/transformer/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
+    return raw
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Validate a raw mapping plus dotted overrides into a `RunConfig`."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        _set_dotted(raw, path, value)
+    _check_keys(raw, RunConfig)
+    try:
+        return RunConfig.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML preset at `path` (optional) <- `overrides` ("a.b=value")."""
+    raw = read_yaml(path) if path is not None else {}
+    return build_config(raw, list(overrides))
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+def check_mesh_fits(cfg: RunConfig, data_parallel: int) -> None:
+    """Batch sizes must split over the data-parallel devices (data x fsdp)."""
+    per_micro = cfg.train.batch_size // cfg.train.microbatches
+    if per_micro % data_parallel:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches}"
+            f" = {per_micro} sequences per microbatch does not split over {data_parallel}"
+            f" data-parallel devices; use a multiple of {data_parallel}"
+        )
+
+
+__all__ = [
+    "RunConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "MeshConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "load_config",
+    "build_config",
+    "read_yaml",
+    "check_mesh_fits",
+]

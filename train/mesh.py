@@ -1,0 +1,131 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Models name every parameter axis logically ("embed", "mlp", "heads", ...); nothing outside this
+file knows which mesh axis a logical axis lands on. A dimension that a mesh axis does not divide
+is replicated instead (reported once), so odd vocabularies or head counts never fail to shard.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import MeshConfig
+from .errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": "sequence",
+    # parameters
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 axis filled; ConfigError if they do not multiply to the devices."""
+    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh sizes {sizes} leave {num_devices}/{fixed} devices for mesh.{fill[0]}, "
+                f"not a whole number; make the fixed axes divide {num_devices}"
+            )
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh sizes {sizes} multiply to {fixed} but there are {num_devices} devices; "
+            "set one axis to -1 to fill"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - CPU and odd topologies: plain reshape is fine
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+_reported: set[tuple] = set()
+
+
+def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for one array from its logical axis names, through `LOGICAL_RULES`."""
+    used: set[str] = set()
+    out: list = []
+    for dim, name in zip(shape, names, strict=True):
+        rule = LOGICAL_RULES.get(name) if name is not None else None
+        axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size:
+            key = (name, dim, axes)
+            if key not in _reported:
+                _reported.add(key)
+                warnings.warn(
+                    f"logical axis '{name}' of size {dim} is not divisible by mesh axes "
+                    f"{axes} ({size}); replicating it",
+                    stacklevel=2,
+                )
+            axes = ()
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def logical_names(state: nnx.State) -> dict:
+    """Pure-dict tree of tuples of logical axis names, one per parameter (from its metadata)."""
+    specs = nnx.get_partition_spec(state).to_pure_dict()
+    return jax.tree.map(
+        lambda p: tuple(p) if p is not None else (),
+        specs,
+        is_leaf=lambda x: isinstance(x, P) or x is None,
+    )
+
+
+def shardings_for(names_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+    """NamedSharding tree from a tree of logical names and a matching tree of shaped arrays."""
+
+    def one(names, x):
+        names = tuple(names) + (None,) * (len(x.shape) - len(names))
+        return NamedSharding(mesh, logical_to_spec(names, tuple(x.shape), mesh))
+
+    return jax.tree.map(one, names_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, seq, ...] input array."""
+    spec = logical_to_spec(("batch", "seq") + (None,) * (ndim - 2), (0,) * ndim, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,113 @@
+"""Metrics: peak FLOP/s (table or measured), MFU, and the JSONL / TensorBoard / console sinks.
+
+MFU = model FLOPs per second / peak FLOP/s of the devices in use, with model FLOPs from the
+config's analytic `flops_per_token` (training: forward + backward, causal attention halved).
+On GPU/TPU the peak comes from a table of dense bf16 peaks; on CPU it is a float32 matmul
+measured once at start-up, the fastest of a few sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "gh200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "a10g": 70e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+}
+
+
+def measure_matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul on the default device (all its cores), in this process."""
+    best = 0.0
+    for n in sizes:
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a).block_until_ready()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from)."""
+    device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    if device.platform != "cpu":
+        for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+            if name in kind:
+                return peak, f"table ({device.device_kind}, bf16 dense)"
+    return measure_matmul_peak(), "measured float32 matmul"
+
+
+class MetricsWriter:
+    """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a") if self.enabled else None  # noqa: SIM115
+        self._tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            row[k] = v if isinstance(v, str) else _to_float(v)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("kind", "step", "time") and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """Last record per step of one kind (a resumed run rewrites the steps after its checkpoint)."""
+    out: dict[int, dict] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("kind") == kind:
+                out[row["step"]] = row
+    return out

@@ -1,0 +1,135 @@
+"""The pure functions jit compiles: the train step (with gradient accumulation) and the eval step.
+
+State is one pytree, `{"step", "params", "opt_state", "bad_steps", "skipped"}`; parameters are a
+pure dict (what `nnx.State.to_pure_dict` gives), merged into the model inside the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+
+
+def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition, both float32 [B, T]."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logz_BT - target_logit_BT, logz_BT
+
+
+def _forward(graphdef: nnx.GraphDef, params: Any, batch: Batch):
+    model = nnx.merge(graphdef, params)
+    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...], microbatch m = rows m, m+n, m+2n, ... so that each microbatch
+    spreads over every data-parallel device (rows are sharded contiguously)."""
+
+    def split(x):
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    microbatches: int,
+    z_loss: float,
+    clip_norm: float | None,
+) -> Callable[[dict, Batch], tuple[dict, dict]]:
+    def loss_fn(params, mb: Batch, n_tokens: jax.Array):
+        out = _forward(graphdef, params, mb)
+        nll_BT, logz_BT = token_losses(out.logits, mb["targets"])
+        mask_BT = mb["loss_mask"]
+        nll_sum = jnp.sum(nll_BT * mask_BT)
+        z_sum = jnp.sum(jnp.square(logz_BT) * mask_BT)
+        aux = out.aux_loss.astype(jnp.float32) / microbatches
+        total = (nll_sum + z_loss * z_sum) / n_tokens + aux
+        model_metrics = {k: v.astype(jnp.float32) / microbatches for k, v in out.metrics.items()}
+        return total, (nll_sum, z_sum, aux, model_metrics)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
+        params = state["params"]
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if microbatches == 1:
+            (_, (nll_sum, z_sum, aux, mm)), grads = grad_fn(params, batch, n_tokens)
+        else:
+            mbs = _microbatches(batch, microbatches)
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first, n_tokens)
+            init_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+
+            def body(carry, mb):
+                g_acc, a_acc = carry
+                (_, a), g = grad_fn(params, mb, n_tokens)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
+
+            (grads, (nll_sum, z_sum, aux, mm)), _ = jax.lax.scan(body, (zeros, init_aux), mbs)
+
+        grad_norm = optax.global_norm(grads)
+        loss = nll_sum / n_tokens
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
+        if clip_norm is not None:
+            scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
+            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        # A non-finite loss or gradient skips the update: params and optimizer state stay.
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        # The schedule advances once per applied update, so the lr of this step is at
+        # (steps so far - skipped steps).
+        applied = state["step"] - state["skipped"]
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep_if_ok(new_params, params),
+            "opt_state": keep_if_ok(new_opt, state["opt_state"]),
+            "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
+            "skipped": state["skipped"] + jnp.where(ok, 0, 1),
+        }
+        metrics = {
+            "loss": loss,
+            "z_loss": z_sum / n_tokens,
+            "aux_loss": aux,
+            "grad_norm": grad_norm,
+            "lr": schedule(applied),
+            "tokens": n_tokens,
+            "finite": ok,
+            "bad_steps": new_state["bad_steps"],
+            **{f"model/{k}": v for k, v in mm.items()},
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, token_bytes: jax.Array) -> Callable:
+    """Sums of (nll, tokens, target bytes) over a batch; bits per byte = nll / ln 2 / bytes."""
+
+    def eval_step(params: Any, batch: Batch) -> dict:
+        out = _forward(graphdef, params, batch)
+        nll_BT, _ = token_losses(out.logits, batch["targets"])
+        mask_BT = batch["loss_mask"]
+        return {
+            "nll": jnp.sum(nll_BT * mask_BT),
+            "tokens": jnp.sum(mask_BT),
+            "bytes": jnp.sum(token_bytes[batch["targets"]] * mask_BT),
+        }
+
+    return eval_step

@@ -1,0 +1,382 @@
+"""The training loop: data -> jitted, donated train step -> metrics -> eval -> checkpoints.
+
+    summary = Trainer(cfg).run()
+
+Everything that decides the numbers (initialisation, data order, the step) is a pure function of
+the config and the step index, so a run killed at any point and rerun resumes bit for bit from
+its latest checkpoint (on the same hardware and software).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from rich.console import Console
+
+from menagerie import arch
+from menagerie.data import PackedDataset, auto_prepare
+
+from . import mesh as mesh_lib
+from .checkpoint import Checkpointer, prepare_run_dir
+from .config import RunConfig, check_mesh_fits
+from .errors import ConfigError, TrainingError
+from .generate import sample
+from .metrics import MetricsWriter, device_peak_flops
+from .optim import make_optimizer
+from .step import make_eval_step, make_train_step
+
+
+@dataclass
+class Summary:
+    """What a run did; returned by `Trainer.run` and printed by the CLI."""
+
+    run_dir: Path
+    start_step: int
+    final_step: int
+    last_loss: float | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    preempted: bool = False
+    sample: str | None = None
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner's thread)
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, start_over: bool = False, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+        self.mesh: Mesh = mesh_lib.make_mesh(cfg.mesh)
+        check_mesh_fits(cfg, mesh_lib.data_parallel_size(self.mesh))
+
+        # Data first: the tokenizer fixes the model's vocabulary.
+        prepared = auto_prepare(cfg.data)
+        self.train_data = PackedDataset(prepared, "train", cfg.train.seq_len)
+        self.val_data = PackedDataset(prepared, "validation", cfg.train.seq_len)
+        self.tokenizer = self.train_data.tokenizer
+        try:
+            model_cfg = cfg.model.with_vocab(self.tokenizer.vocab_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.cfg = cfg.model_copy(update={"model": model_cfg})
+        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
+
+        # Model: abstract first, so shardings are known before anything is allocated.
+        abstract_model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract_model)
+        self.param_names = mesh_lib.logical_names(abstract_state)
+        abstract_params = abstract_state.to_pure_dict()
+        self.param_shardings = mesh_lib.shardings_for(self.param_names, abstract_params, self.mesh)
+        self.optimizer, self.schedule = make_optimizer(
+            self.cfg.optim, self.cfg.train.steps, self.param_names
+        )
+        self.state_shardings = self._state_shardings(abstract_params)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+
+    # ------------------------------------------------------------------ state
+
+    def _state_shardings(self, abstract_params: Any) -> dict:
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        repl = mesh_lib.replicated(self.mesh)
+        # Optimizer leaves that mirror a parameter take its sharding; the rest are replicated.
+        opt_shardings = _match_param_shardings(abstract_opt, abstract_params,
+                                               self.param_shardings, repl)
+        return {
+            "step": repl,
+            "params": self.param_shardings,
+            "opt_state": opt_shardings,
+            "bad_steps": repl,
+            "skipped": repl,
+        }
+
+    def init_state(self) -> dict:
+        model_cfg, optimizer = self.cfg.model, self.optimizer
+
+        def init(key):
+            model = arch.build(model_cfg, rngs=nnx.Rngs(params=key))
+            params = nnx.split(model)[1].to_pure_dict()
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "opt_state": optimizer.init(params),
+                "bad_steps": jnp.zeros((), jnp.int32),
+                "skipped": jnp.zeros((), jnp.int32),
+            }
+
+        key = jax.random.key(self.cfg.train.seed)
+        with self.mesh:
+            return jax.jit(init, out_shardings=self.state_shardings)(key)
+
+    def abstract_state(self) -> dict:
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            self.state_shardings,
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        B = self.cfg.train.batch_size
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v, (B, *v.shape[1:]))
+            for k, v in local.items()
+        }
+
+    def _meta(self, step: int) -> dict:
+        t = self.cfg.train
+        return {
+            "data": {"next_batch": step, "seed": t.seed, "batch_size": t.batch_size,
+                     "seq_len": t.seq_len},
+            "layout": {"scan_layers": self.cfg.model.scan_layers,
+                       "param_dtype": self.cfg.model.param_dtype,
+                       "mesh": dict(self.mesh.shape), "process_count": jax.process_count()},
+            "config": self.cfg.model_dump(mode="json"),
+            "versions": {"jax": jax.__version__},
+        }
+
+    def evaluate(self, params: Any, eval_step) -> dict[str, float]:
+        t = self.cfg.train
+        sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+        batches = self.val_data.eval_batches(
+            t.batch_size, t.eval_batches,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        for local in batches:
+            out = jax.device_get(eval_step(params, self._global_batch(local)))
+            for k in sums:
+                sums[k] += float(out[k])
+        loss = sums["nll"] / max(sums["tokens"], 1.0)
+        bpb = sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)
+        return {"loss": loss, "bits_per_byte": bpb, "tokens": sums["tokens"]}
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Summary:
+        cfg, console = self.cfg, self.console
+        t = cfg.train
+        ckpt = Checkpointer(self.run_dir, every=cfg.checkpoint.every,
+                            keep_last=cfg.checkpoint.keep_last,
+                            keep_every=cfg.checkpoint.keep_every,
+                            async_save=cfg.checkpoint.async_save)
+        restored = ckpt.restore_latest(self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}"))
+        if restored is None:
+            state = self.init_state()
+            start = 0
+        else:
+            state, meta = restored
+            start = int(jax.device_get(state["step"]))
+            old = meta.get("data", {})
+            if (old.get("batch_size"), old.get("seq_len"), old.get("seed")) != (
+                t.batch_size, t.seq_len, t.seed
+            ):
+                console.print("[yellow]batch size, sequence length or seed changed since the "
+                              "checkpoint: the data order from here differs from the original run")
+            console.print(f"resumed from {ckpt.directory / str(start)} (step {start})")
+
+        train_step = jax.jit(
+            make_train_step(self.graphdef, self.optimizer, self.schedule,
+                            microbatches=t.microbatches, z_loss=t.z_loss,
+                            clip_norm=cfg.optim.clip_norm),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+        eval_step = jax.jit(make_eval_step(self.graphdef, token_bytes),
+                            in_shardings=(self.param_shardings, self.batch_sharding))
+
+        peak, peak_src = device_peak_flops()
+        n_dev = jax.device_count()
+        flops_per_token = cfg.model.flops_per_token(t.seq_len)
+        console.print(
+            f"model {cfg.model.family}: {cfg.model.num_params() / 1e6:.2f}M params, "
+            f"{flops_per_token / 1e6:.1f} MFLOP/token; {n_dev} {jax.devices()[0].platform} "
+            f"device(s), mesh {dict(self.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device "
+            f"({peak_src}); run_dir {self.run_dir}"
+        )
+
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard)
+        summary = Summary(run_dir=self.run_dir, start_step=start, final_step=start)
+        batches = self.train_data.batches(
+            t.batch_size, seed=t.seed, start_step=start,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
+        first_step_done = False
+        step = start
+        try:
+            with _Preemption() as preempt, self.mesh, _progress(console, cfg, start) as bar:
+                while step < t.steps:
+                    local = next(batches)
+                    state, m = train_step(state, self._global_batch(local))
+                    step += 1
+                    m = jax.device_get(m)
+                    window_steps += 1
+                    window_tokens += t.batch_size * t.seq_len
+                    if not first_step_done:  # exclude compilation from throughput
+                        first_step_done = True
+                        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    if not bool(m["finite"]):
+                        console.print(f"[yellow]step {step}: non-finite loss or gradient "
+                                      f"(loss={float(m['loss'])}); update skipped")
+                        if int(m["bad_steps"]) >= t.max_bad_steps:
+                            ckpt.wait()
+                            raise TrainingError(
+                                f"{int(m['bad_steps'])} non-finite steps in a row, the last at step "
+                                f"{step} (data batch {step - 1}); lower optim.lr or check the data; "
+                                f"the last good state is in {ckpt.directory}"
+                            )
+                    summary.last_loss = float(m["loss"])
+                    bar(step, summary.last_loss)
+                    if step % cfg.log.every == 0 or step == t.steps:
+                        dt = time.perf_counter() - window_t0
+                        row = {k: v for k, v in m.items() if k not in ("finite",)}
+                        if window_steps and dt > 0:
+                            tps = window_tokens / dt
+                            row.update(step_time=dt / window_steps, tokens_per_s=tps,
+                                       mfu=tps * flops_per_token / (peak * n_dev))
+                        writer.write(step, row)
+                        console.print(_format_row(step, t.steps, row))
+                        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                        ev = self.evaluate(state["params"], eval_step)
+                        writer.write(step, ev, kind="eval")
+                        console.print(f"eval  step {step}: loss {ev['loss']:.4f}  "
+                                      f"bits/byte {ev['bits_per_byte']:.4f}")
+                        window_t0 = time.perf_counter()
+                    ckpt.save(step, state, self._meta(step))
+                    if preempt.requested:
+                        ckpt.save(step, state, self._meta(step), force=True)
+                        ckpt.wait()
+                        console.print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+                        summary.preempted = True
+                        break
+            summary.final_step = step
+            summary.skipped_steps = int(jax.device_get(state["skipped"]))
+            if not summary.preempted:
+                ckpt.save(step, state, self._meta(step), force=True)
+                if t.eval_batches:
+                    summary.eval = self.evaluate(state["params"], eval_step)
+                    writer.write(step, summary.eval, kind="eval")
+                    console.print(f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
+                                  f"bits/byte {summary.eval['bits_per_byte']:.4f}")
+                if t.sample_tokens:
+                    summary.sample = self.sample(state["params"])
+            ckpt.wait()
+        finally:
+            ckpt.close()
+            writer.close()
+        return summary
+
+    def sample(self, params: Any) -> str:
+        t = self.cfg.train
+        prompt = self.tokenizer.encode(t.sample_prompt)
+        with self.mesh:
+            ids = sample(self.graphdef, params, prompt, max_new_tokens=t.sample_tokens,
+                         window=min(t.seq_len, len(prompt) + t.sample_tokens),
+                         temperature=t.sample_temperature, seed=t.seed,
+                         stop_id=self.tokenizer.eos_id)
+        return t.sample_prompt + self.tokenizer.decode(ids)
+
+
+def _match_param_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any,
+                           default: Any) -> Any:
+    """Shard optimizer-state leaves like the parameter they mirror.
+
+    optax states (Adam mu/nu, ...) hold subtrees with the parameters' structure; a leaf whose
+    path ends with a parameter's path and has its shape gets that parameter's sharding.
+    """
+    param_by_path = {
+        _path_key(path): (x.shape, s)
+        for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                                jax.tree.leaves(param_shardings), strict=True)
+    }
+
+    def pick(path, x):
+        key = _path_key(path)
+        for n in range(len(key)):
+            hit = param_by_path.get(key[n:])
+            if hit is not None and tuple(hit[0]) == tuple(x.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def _path_key(path) -> tuple:
+    out = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                out.append(getattr(p, attr))
+                break
+    return tuple(out)
+
+
+def _format_row(step: int, total: int, row: dict) -> str:
+    parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}", f"gnorm {row['grad_norm']:.3f}",
+             f"lr {row['lr']:.2e}"]
+    if "tokens_per_s" in row:
+        parts += [f"tok/s {row['tokens_per_s']:,.0f}", f"step {row['step_time'] * 1e3:.0f}ms",
+                  f"MFU {100 * row['mfu']:.1f}%"]
+    return "  ".join(parts)
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise (log lines carry the numbers)."""
+
+    def __init__(self, console: Console, cfg: RunConfig, start: int):
+        self.enabled = cfg.log.progress and console.is_terminal and jax.process_index() == 0
+        self.console, self.total, self.start = console, cfg.train.steps, start
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.progress import TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                                     console=self.console, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start,
+                                               loss="")
+        return self
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self.enabled:
+            self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
