@@ -1,8 +1,8 @@
 """menagerie.data: tokenizers, document sources, prepared ArrayRecord shards, packed Grain batches.
 
-    cfg = DataConfig(source="stdlib", tokenizer="byte")
-    ds = PackedDataset(auto_prepare(cfg), "train", seq_len=1024)
-    for batch in ds.batches(global_batch_size=8, seed=0, start_step=step): ...
+cfg = DataConfig(source="stdlib", tokenizer="byte")
+ds = PackedDataset(auto_prepare(cfg), "train", seq_len=1024)
+for batch in ds.batches(global_batch_size=8, seed=0, start_step=step): ...
 """
 
 from .config import DataConfig

@@ -17,7 +17,6 @@ divides the global batch reads its own rows [p * B / P, (p + 1) * B / P) of the 
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from .sources import SPLITS
 from .tokenizers import Tokenizer, tokenizer_from_meta
 
 Batch = dict[str, np.ndarray]
-_MAX_STEPS = sys.maxsize // 4  # "forever" for num_epochs=None; MapDataset needs a length
+_FOREVER = 2**62  # windows in "forever" (num_epochs=None); a MapDataset needs a length
 _EPOCH_CACHE = 4  # epochs whose permutations stay in memory (a batch spans at most two)
 
 
@@ -176,7 +175,7 @@ class PackedDataset:
             raise DataError(f"seed={seed} must be non-negative")
         rows = global_batch_size // process_count
         if num_epochs is None:
-            num_batches = _MAX_STEPS
+            num_batches = _FOREVER // global_batch_size
         else:
             num_batches = num_epochs * self.windows_per_epoch // global_batch_size
         offset = process_index * rows
@@ -218,7 +217,9 @@ class PackedDataset:
         )
         it = ds.to_iter_dataset(read)
         if self.prefetch > 0:
-            it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=self.prefetch)
+            it = grain.experimental.ThreadPrefetchIterDataset(
+                it, prefetch_buffer_size=self.prefetch
+            )
         return iter(it)
 
     def eval_batches(

@@ -141,7 +141,8 @@ def validate_prepared(folder: str | Path) -> dict[str, Any]:
         raise DataError(f"'{meta_path}' is corrupt ({type(e).__name__}: {e}); {redo}") from e
     if version != FORMAT_VERSION:
         raise DataError(
-            f"'{folder}' has format_version {version}, this menagerie reads {FORMAT_VERSION}; {redo}"
+            f"'{folder}' has format_version {version}, but this menagerie reads "
+            f"{FORMAT_VERSION}; {redo}"
         )
     if meta["tokenizer"]["kind"] != "byte" and not (folder / "tokenizer.json").is_file():
         raise DataError(f"'{folder}/tokenizer.json' is missing; {redo}")
@@ -152,7 +153,9 @@ def validate_prepared(folder: str | Path) -> dict[str, Any]:
         try:
             lengths = np.load(folder / name / "lengths.npy")
         except (OSError, ValueError) as e:
-            raise DataError(f"'{folder / name / 'lengths.npy'}' is missing or corrupt; {redo}") from e
+            raise DataError(
+                f"'{folder / name / 'lengths.npy'}' is missing or corrupt; {redo}"
+            ) from e
         if len(lengths) != split["num_docs"] or int(lengths.sum()) != split["num_tokens"]:
             raise DataError(
                 f"'{folder / name / 'lengths.npy'}' has {len(lengths)} docs / {int(lengths.sum())}"

@@ -21,7 +21,9 @@ from .errors import DataError
 Split = Literal["train", "validation"]
 SPLITS: tuple[Split, ...] = ("train", "validation")
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
-_HINT = "pass a .txt/.jsonl/.parquet file or folder, a prepared folder (menagerie prepare), or 'stdlib'"
+_HINT = (
+    "pass a .txt/.jsonl/.parquet file or folder, a prepared folder (menagerie prepare), or 'stdlib'"
+)
 
 
 def split_of(doc_id: str, val_fraction: float) -> Split:
@@ -93,7 +95,9 @@ def _jsonl_documents(f: Path, name: str, field: str) -> Iterator[tuple[str, str]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{lineno} is not valid JSON ({e.msg}); fix or drop the line")
+                raise DataError(
+                    f"{f}:{lineno} is not valid JSON ({e.msg}); fix or drop the line"
+                ) from e
             if not isinstance(row, dict) or field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(

@@ -160,7 +160,7 @@ class BPETokenizer:
 def load_tokenizer(
     spec: str, *, train_texts: Iterable[str] | None = None, vocab_size: int = 4096
 ) -> Tokenizer:
-    """"byte", "bpe" (trained on `train_texts` to `vocab_size`) or a path to a tokenizer.json."""
+    """ "byte", "bpe" (trained on `train_texts` to `vocab_size`) or a path to a tokenizer.json."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "bpe":

@@ -62,8 +62,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import jax
-
     from .checkpoint import CONFIG_FILE, Checkpointer
     from .config import build_config, read_yaml
     from .errors import CheckpointError
@@ -85,12 +83,7 @@ def cmd_eval(args) -> int:
     if restored is None:
         raise CheckpointError(f"run_dir '{cfg.run_dir}' has no checkpoint yet; train first")
     state, meta = restored
-    import jax.numpy as jnp
-
-    from .step import make_eval_step
-
-    eval_step = jax.jit(make_eval_step(trainer.graphdef,
-                                       jnp.asarray(trainer.tokenizer.token_bytes, jnp.float32)))
+    eval_step = trainer.jit_eval_step()
     with trainer.mesh:
         ev = trainer.evaluate(state["params"], eval_step)
     print(f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "

@@ -37,7 +37,7 @@ class OptimConfig(BaseModel):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """Warmup then cosine decay, warmup-stable-decay, or warmup then constant."""
     warmup_steps: int = 50
-    """Linear warmup from 0 to `lr` over this many steps."""
+    """Linear warmup from 0 to `lr` over this many steps (at most `train.steps`)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of `lr` (cosine and wsd)."""
     decay_fraction: float = 0.2
@@ -202,15 +202,6 @@ class RunConfig(BaseModel):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> RunConfig:
-        if self.optim.warmup_steps > self.train.steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} exceeds "
-                f"train.steps={self.train.steps}; lower the warmup or raise the steps"
-            )
-        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

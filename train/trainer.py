@@ -74,7 +74,7 @@ class _Preemption:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, start_over: bool = False, console: Console | None = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.mesh: Mesh = mesh_lib.make_mesh(cfg.mesh)
         check_mesh_fits(cfg, mesh_lib.data_parallel_size(self.mesh))
 
@@ -144,6 +144,20 @@ class Trainer:
             self.state_shardings,
         )
 
+    def jit_train_step(self):
+        """The jitted, donated train step: (state, global batch) -> (state, metrics)."""
+        t = self.cfg.train
+        step = make_train_step(self.graphdef, self.optimizer, self.schedule,
+                               microbatches=t.microbatches, z_loss=t.z_loss,
+                               clip_norm=self.cfg.optim.clip_norm)
+        return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    def jit_eval_step(self):
+        token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+        return jax.jit(make_eval_step(self.graphdef, token_bytes),
+                       in_shardings=(self.param_shardings, self.batch_sharding))
+
     # ------------------------------------------------------------------ helpers
 
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -204,17 +218,8 @@ class Trainer:
                               "checkpoint: the data order from here differs from the original run")
             console.print(f"resumed from {ckpt.directory / str(start)} (step {start})")
 
-        train_step = jax.jit(
-            make_train_step(self.graphdef, self.optimizer, self.schedule,
-                            microbatches=t.microbatches, z_loss=t.z_loss,
-                            clip_norm=cfg.optim.clip_norm),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=0,
-        )
-        token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
-        eval_step = jax.jit(make_eval_step(self.graphdef, token_bytes),
-                            in_shardings=(self.param_shardings, self.batch_sharding))
+        train_step = self.jit_train_step()
+        eval_step = self.jit_eval_step()
 
         peak, peak_src = device_peak_flops()
         n_dev = jax.device_count()

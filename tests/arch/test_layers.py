@@ -1,0 +1,112 @@
+"""Shared layers: RMSNorm, RoPE, attention masking and GQA, logical names, constrain."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from menagerie.arch import layers
+
+
+def _reference_attention(q, k, v, segment_ids):
+    """Per-head loop with kv repeated: the plain definition."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & np.tril(np.ones((t, t), bool))
+    s = jnp.where(mask[:, None], s, -np.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_attention_matches_reference(heads, kv_heads):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    b, t, d = 2, 12, 8
+    q = jax.random.normal(kq, (b, t, heads, d))
+    k = jax.random.normal(kk, (b, t, kv_heads, d))
+    v = jax.random.normal(kv, (b, t, kv_heads, d))
+    seg = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+    out = jax.jit(lambda *a: layers.attention(*a[:3], segment_ids_BT=a[3]))(q, k, v, seg)
+    np.testing.assert_allclose(out, jax.jit(_reference_attention)(q, k, v, seg), atol=1e-5)
+
+
+def test_attention_bf16_keeps_dtype():
+    x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    out = layers.attention(x, x, x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))
+    assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla():
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    b, t, h, kvh, d = 2, 128, 4, 2, 64
+    q = jax.random.normal(kq, (b, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(kk, (b, t, kvh, d), jnp.bfloat16)
+    v = jax.random.normal(kv, (b, t, kvh, d), jnp.bfloat16)
+    seg = jnp.concatenate([jnp.ones((b, 50), jnp.int32), 2 * jnp.ones((b, 78), jnp.int32)], 1)
+    ref = layers.attention(q, k, v, segment_ids_BT=seg, impl="xla").astype(jnp.float32)
+    out = layers.attention(q, k, v, segment_ids_BT=seg, impl="cudnn").astype(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+def test_rope_is_identity_at_position_zero():
+    x = jax.random.normal(jax.random.key(1), (1, 1, 2, 8))
+    out = jax.jit(layers.apply_rope, static_argnums=2)(x, jnp.zeros((1, 1), jnp.int32), 1e4)
+    np.testing.assert_allclose(out, x)
+
+
+@pytest.mark.parametrize("shift", [1, 7, 100])
+def test_rope_dot_product_depends_only_on_offset(shift):
+    kq, kk = jax.random.split(jax.random.key(2))
+    q = jax.random.normal(kq, (1, 1, 1, 16))
+    k = jax.random.normal(kk, (1, 1, 1, 16))
+
+    @jax.jit
+    def score(m, n):
+        qm = layers.apply_rope(q, jnp.full((1, 1), m), 1e4)
+        kn = layers.apply_rope(k, jnp.full((1, 1), n), 1e4)
+        return jnp.sum(qm * kn)
+
+    np.testing.assert_allclose(score(5, 2), score(5 + shift, 2 + shift), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(score(5, 2), score(5, 3))
+
+
+def test_rmsnorm_float32_statistics():
+    norm = layers.RMSNorm(
+        8, eps=1e-5, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(3), (2, 3, 8)) * 50
+    y = norm(x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    xb = x.astype(jnp.bfloat16).astype(jnp.float32)
+    ref = xb / np.sqrt(np.mean(np.square(xb), -1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=1e-2)
+
+
+def test_linear_contracts_trailing_axes_and_names_params():
+    lin = layers.Linear(
+        (2, 3), 5, ("heads", "head_dim", "embed"), std=0.02, param_dtype=jnp.float32,
+        compute_dtype=jnp.float32, rngs=nnx.Rngs(0),
+    )
+    x = jax.random.normal(jax.random.key(4), (4, 7, 2, 3))
+    np.testing.assert_allclose(
+        lin(x), jnp.einsum("bthd,hde->bte", x, lin.kernel[...]), rtol=1e-5, atol=1e-6
+    )
+    assert lin.kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
+
+
+def test_embed_attend_is_transpose():
+    emb = layers.Embed(
+        11, 64, std=1.0, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    x = emb(jnp.array([[3, 5]]))
+    logits = emb.attend(x)
+    assert logits.shape == (1, 2, 11) and logits.dtype == jnp.float32
+    assert int(jnp.argmax(logits[0, 0])) == 3
+
+
+def test_constrain_is_noop_without_mesh():
+    x = jnp.ones((2, 3))
+    assert layers.constrain(x, (layers.BATCH, layers.ACT_EMBED)) is x

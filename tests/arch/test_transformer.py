@@ -1,0 +1,204 @@
+"""Transformer: counts, shapes, masking, GQA, scan vs loop, remat, logical names, HLO size."""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from menagerie.arch import FFNS, ModelConfig, build
+from menagerie.arch.layers import SwiGLU
+
+TINY = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
+PARAM_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
+
+
+def _cfg(**overrides) -> ModelConfig:
+    return ModelConfig(**(TINY | overrides))
+
+
+def _abstract(**overrides):
+    """(graphdef, abstract Param state) without running any initialiser."""
+    cfg = _cfg(**overrides)
+    return nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+@functools.cache
+def _weights(**overrides) -> dict:
+    """Initialised weights as a pure dict (built once per config: eager init is slow on CPU)."""
+    cfg = _cfg(**overrides)
+    return nnx.to_pure_dict(nnx.state(build(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+def _model_from(pure: dict, **overrides) -> nnx.Module:
+    graphdef, state = _abstract(**overrides)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _model(**overrides) -> nnx.Module:
+    return _model_from(_weights(**overrides), **overrides)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens, kw):
+    return nnx.merge(graphdef, state)(tokens, **kw).logits
+
+
+def _logits(model, tokens, **kw):
+    graphdef, state = nnx.split(model)
+    return _apply(graphdef, state, tokens, kw)
+
+
+def _tokens(b=2, t=16, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, TINY["vocab_size"], jnp.int32)
+
+
+def _loss_fn(graphdef):
+    def loss(state, tokens):
+        out = nnx.merge(graphdef, state)(tokens[:, :-1])
+        logp = jax.nn.log_softmax(out.logits)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
+        return jnp.mean(nll) + out.aux_loss
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(tie_embeddings=False), dict(n_kv_heads=2, tie_embeddings=False),
+     dict(n_kv_heads=1, scan_layers=False, head_dim=16)],
+)
+def test_num_params_matches_built_model(overrides):
+    _, state = _abstract(**overrides)
+    counted = sum(x.size for x in jax.tree.leaves(state))
+    assert counted == _cfg(**overrides).num_params()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_shapes_and_dtypes(dtype):
+    model = _model(param_dtype=dtype, compute_dtype=dtype)
+    out = nnx.jit(lambda m, t: m(t))(model, _tokens())
+    assert out.logits.shape == (2, 16, 128) and out.logits.dtype == jnp.float32
+    assert out.aux_loss.shape == () and out.aux_loss.dtype == jnp.float32
+    assert out.metrics == {}
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
+    assert model.embed.table[...].dtype == jnp.dtype(dtype)
+
+
+def test_causal():
+    model = _model()
+    a = _tokens()
+    b = a.at[:, 10:].set((a[:, 10:] + 1) % 128)
+    la, lb = _logits(model, a), _logits(model, b)
+    np.testing.assert_allclose(la[:, :10], lb[:, :10], atol=1e-6)
+    assert not np.allclose(la[:, 10:], lb[:, 10:])
+
+
+def test_packed_documents_match_documents_alone():
+    model = _model()
+    doc1, doc2 = _tokens(1, 6, seed=1), _tokens(1, 10, seed=2)
+    packed = jnp.concatenate([doc1, doc2], axis=1)
+    positions = jnp.concatenate([jnp.arange(6), jnp.arange(10)])[None].astype(jnp.int32)
+    segment_ids = jnp.array([[1] * 6 + [2] * 10], jnp.int32)
+    lp = _logits(model, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(lp[:, 6:], _logits(model, doc2), atol=1e-5)
+    np.testing.assert_allclose(lp[:, :6], _logits(model, doc1), atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv():
+    pure = _weights(n_kv_heads=2)
+    gqa = _model_from(pure, n_kv_heads=2)
+    pure = jax.tree.map(lambda a: a, pure)  # copy the nesting before editing
+    for name in ("k", "v"):  # kernels [L, D, K, Dh]; query head h reads kv head h // G
+        kernel = pure["blocks"]["mixer"][name]["kernel"]
+        pure["blocks"]["mixer"][name]["kernel"] = jnp.repeat(kernel, 2, axis=2)
+    mha = _model_from(pure)
+    tokens = _tokens()
+    np.testing.assert_allclose(_logits(gqa, tokens), _logits(mha, tokens), atol=1e-5)
+
+
+def _scanned_to_loop(pure: dict, n_layers: int) -> dict:
+    stacked = pure["blocks"]
+    return pure | {"blocks": {i: jax.tree.map(lambda a: a[i], stacked) for i in range(n_layers)}}
+
+
+def test_scan_equals_loop():
+    pure = _weights()
+    scanned = _model_from(pure)
+    looped = _model_from(_scanned_to_loop(pure, TINY["n_layers"]), scan_layers=False)
+    tokens = _tokens()
+    np.testing.assert_allclose(_logits(scanned, tokens), _logits(looped, tokens), atol=1e-5)
+
+
+def test_remat_variants_same_loss_and_grads():
+    pure = _weights()
+    tokens = _tokens(t=17)
+    results = []
+    for remat in ("none", "full", "dots"):
+        graphdef, state = nnx.split(_model_from(pure, remat=remat), nnx.Param)
+        loss, grads = jax.jit(jax.value_and_grad(_loss_fn(graphdef)))(state, tokens)
+        results.append((loss, nnx.to_pure_dict(grads)))
+    for loss, grads in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
+
+
+def test_every_param_has_logical_names():
+    for scan in (True, False):
+        _, state = _abstract(scan_layers=scan, tie_embeddings=False)
+        for path, var in nnx.to_flat_state(state):
+            names = var.get_metadata().get("out_sharding")
+            assert names is not None and len(names) == len(var.shape), (path, names)
+            assert set(names) <= PARAM_NAMES, (path, names)
+            assert (names[0] == "layers") == (scan and path[0] == "blocks"), (path, names)
+    specs = nnx.get_partition_spec(_abstract()[1])
+    assert specs["embed"]["table"].get_value() == jax.P("vocab", "embed")
+    assert specs["blocks"]["mixer"]["q"]["kernel"].get_value() == jax.P(
+        "layers", "embed", "heads", "head_dim"
+    )
+
+
+def test_aux_from_parts_flows_through_scan():
+    class AuxSwiGLU(SwiGLU):
+        def __call__(self, x_BTD, *, positions, segment_ids):
+            y, _ = super().__call__(x_BTD, positions=positions, segment_ids=segment_ids)
+            return y, {"aux_loss": jnp.float32(0.5), "density": jnp.mean(x_BTD > 0)}
+
+    FFNS["aux_test"] = AuxSwiGLU
+    try:
+        for scan in (True, False):
+            cfg = _cfg(n_layers=3, scan_layers=scan).model_copy(update={"ffn": "aux_test"})
+            model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+            out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
+            assert out.aux_loss.shape == () and out.metrics["ffn/density"].shape == ()
+            assert set(out.metrics) == {"ffn/aux_loss", "ffn/density"}
+            graphdef, state = nnx.split(model)
+            state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+            out = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, state), _tokens())
+            np.testing.assert_allclose(out.aux_loss, 1.5)  # 3 layers x 0.5
+            np.testing.assert_allclose(out.metrics["ffn/aux_loss"], 1.5)
+    finally:
+        del FFNS["aux_test"]
+
+
+def test_hlo_size_independent_of_depth():
+    def lowered_text(n_layers):
+        cfg = ModelConfig(**(TINY | dict(n_layers=n_layers, remat="dots")))
+        graphdef, state = nnx.split(
+            nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param
+        )
+        tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+        lowered = jax.jit(jax.value_and_grad(_loss_fn(graphdef))).lower(state, tokens)
+        start = time.perf_counter()
+        lowered.compile()
+        return len(lowered.as_text()), time.perf_counter() - start
+
+    size2, t2 = lowered_text(2)
+    size16, t16 = lowered_text(16)
+    print(f"\nHLO chars: 2 layers {size2}, 16 layers {size16} (ratio {size16 / size2:.3f}); "
+          f"compile s: 2 layers {t2:.2f}, 16 layers {t16:.2f}")
+    assert size16 <= 1.2 * size2

@@ -1,0 +1,71 @@
+"""Shared fixtures for trainer tests: one prepared stdlib corpus per session, CLI runners."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "transformer" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Prepared data go to one folder per test session (subprocesses inherit it)."""
+    cache = tmp_path_factory.mktemp("menagerie-cache")
+    old = os.environ.get("MENAGERIE_CACHE")
+    os.environ["MENAGERIE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("MENAGERIE_CACHE", None)
+    else:
+        os.environ["MENAGERIE_CACHE"] = old
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `menagerie ...` in a fresh process; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "menagerie.train.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT,
+    )
+
+
+def cli_popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "menagerie.train.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(), cwd=ROOT,
+    )
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Last logged training loss per step (a resumed run rewrites steps after its checkpoint)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with a hash of its bytes: to show that nothing was touched."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha1(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = "dir"
+    return out

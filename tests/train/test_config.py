@@ -1,0 +1,76 @@
+"""Run config: defaults, presets, dotted overrides and one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from menagerie.train.config import RunConfig, build_config, load_config
+from menagerie.train.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults_validate_and_round_trip_through_yaml():
+    cfg = RunConfig()
+    again = build_config(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    load_config(preset)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.steps=200", "optim.lr=1e-3", "model.tie_embeddings=false",
+                             "data.source=stdlib", "checkpoint.keep_every=null"])
+    assert cfg.train.steps == 200 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.tie_embeddings is False
+    assert cfg.checkpoint.keep_every is None
+
+
+def test_override_beats_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 10\n  batch_size: 4\n")
+    cfg = load_config(p, ["train.steps=20"])
+    assert (cfg.train.steps, cfg.train.batch_size) == (20, 4)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.stesp=10"], "did you mean 'steps'"),
+        (["optimizer.lr=1"], "did you mean 'optim'"),
+        (["model.d_modle=64"], "did you mean 'd_model'"),
+        (["train.steps=abc"], "train.steps"),
+        (["train.steps=0"], "train.steps=0 must be > 0"),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+        (["model.d_model=100", "model.n_heads=3"], "n_heads"),
+        (["model.n_heads=4", "model.n_kv_heads=3"], "n_kv_heads"),
+        (["train.batch_size=10", "train.microbatches=3"], "does not divide"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "only one mesh axis"),
+        (["train=5"], "is a section"),
+        (["steps"], "key.sub=value"),
+        (["optim.schedule=linear"], "optim.schedule"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    msg = str(info.value)
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(p)
