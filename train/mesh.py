@@ -103,7 +103,7 @@ def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 def logical_names(state: nnx.State) -> dict:
     """Pure-dict tree of tuples of logical axis names, one per parameter (from its metadata)."""
-    specs = nnx.get_partition_spec(state).to_pure_dict()
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(
         lambda p: tuple(p) if p is not None else (),
         specs,

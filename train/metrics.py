@@ -8,6 +8,7 @@ measured once at start-up, the fastest of a few sizes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -50,6 +51,7 @@ def measure_matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), repeats: int = 5)
     return best
 
 
+@functools.cache
 def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number came from)."""
     device = device or jax.devices()[0]

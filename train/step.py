@@ -80,7 +80,7 @@ def make_train_step(
 
             (grads, (nll_sum, z_sum, aux, mm)), _ = jax.lax.scan(body, (zeros, init_aux), mbs)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         loss = nll_sum / n_tokens
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
         if clip_norm is not None:

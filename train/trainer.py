@@ -94,7 +94,7 @@ class Trainer:
         abstract_model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_state = nnx.split(abstract_model)
         self.param_names = mesh_lib.logical_names(abstract_state)
-        abstract_params = abstract_state.to_pure_dict()
+        abstract_params = nnx.to_pure_dict(abstract_state)
         self.param_shardings = mesh_lib.shardings_for(self.param_names, abstract_params, self.mesh)
         self.optimizer, self.schedule = make_optimizer(
             self.cfg.optim, self.cfg.train.steps, self.param_names
@@ -123,7 +123,7 @@ class Trainer:
 
         def init(key):
             model = arch.build(model_cfg, rngs=nnx.Rngs(params=key))
-            params = nnx.split(model)[1].to_pure_dict()
+            params = nnx.to_pure_dict(nnx.split(model)[1])
             return {
                 "step": jnp.zeros((), jnp.int32),
                 "params": params,
@@ -133,8 +133,7 @@ class Trainer:
             }
 
         key = jax.random.key(self.cfg.train.seed)
-        with self.mesh:
-            return jax.jit(init, out_shardings=self.state_shardings)(key)
+        return jax.jit(init, out_shardings=self.state_shardings)(key)
 
     def abstract_state(self) -> dict:
         shapes = jax.eval_shape(self.init_state)
@@ -241,7 +240,7 @@ class Trainer:
         first_step_done = False
         step = start
         try:
-            with _Preemption() as preempt, self.mesh, _progress(console, cfg, start) as bar:
+            with _Preemption() as preempt, jax.set_mesh(self.mesh), _progress(console, cfg, start) as bar:
                 while step < t.steps:
                     local = next(batches)
                     state, m = train_step(state, self._global_batch(local))
@@ -307,7 +306,7 @@ class Trainer:
     def sample(self, params: Any) -> str:
         t = self.cfg.train
         prompt = self.tokenizer.encode(t.sample_prompt)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             ids = sample(self.graphdef, params, prompt, max_new_tokens=t.sample_tokens,
                          window=min(t.seq_len, len(prompt) + t.sample_tokens),
                          temperature=t.sample_temperature, seed=t.seed,

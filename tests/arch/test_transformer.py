@@ -28,9 +28,14 @@ def _abstract(**overrides):
 
 @functools.cache
 def _weights(**overrides) -> dict:
-    """Initialised weights as a pure dict (built once per config: eager init is slow on CPU)."""
-    cfg = _cfg(**overrides)
-    return nnx.to_pure_dict(nnx.state(build(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    """Random weights as a pure dict, drawn with numpy: eager nnx init costs seconds per config
+    on a 2-core CPU. Norm scales are random too, so tests see them. Real init is covered by
+    test_forward_shapes_and_dtypes."""
+    rng = np.random.default_rng(0)
+    pure = nnx.to_pure_dict(_abstract(**overrides)[1])
+    return jax.tree.map(
+        lambda a: jnp.asarray(rng.normal(0, 0.3 if a.ndim == 1 else 0.1, a.shape), a.dtype), pure
+    )
 
 
 def _model_from(pure: dict, **overrides) -> nnx.Module:
@@ -80,13 +85,21 @@ def test_num_params_matches_built_model(overrides):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_shapes_and_dtypes(dtype):
-    model = _model(param_dtype=dtype, compute_dtype=dtype)
-    out = nnx.jit(lambda m, t: m(t))(model, _tokens())
+    cfg = _cfg(param_dtype=dtype, compute_dtype=dtype)
+
+    @nnx.jit
+    def init_and_apply(tokens):  # init under jit, as the trainer does
+        model = build(cfg, rngs=nnx.Rngs(0))
+        return model(tokens), model
+
+    out, model = init_and_apply(_tokens())
     assert out.logits.shape == (2, 16, 128) and out.logits.dtype == jnp.float32
     assert out.aux_loss.shape == () and out.aux_loss.dtype == jnp.float32
     assert out.metrics == {}
     assert bool(jnp.all(jnp.isfinite(out.logits)))
     assert model.embed.table[...].dtype == jnp.dtype(dtype)
+    q_std = float(model.blocks.mixer.q.kernel[...].astype(jnp.float32).std())
+    assert q_std == pytest.approx(cfg.init_std, rel=0.15)
 
 
 def test_causal():

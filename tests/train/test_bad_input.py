@@ -8,6 +8,7 @@ Two cases also run as separate processes to show the user sees no traceback.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,17 +20,25 @@ from .conftest import TINY, cli, snapshot
 QUICK = ["train.steps=2", "train.eval_batches=0", "train.sample_tokens=0", "checkpoint.every=0"]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A small finished run, trained once for the module and copied into each workspace."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    code = main(["train", "-c", str(TINY), f"run_dir={run}", *QUICK,
+                 "checkpoint.every=1", "train.steps=3"])
+    assert code == 0
+    return run
+
+
 @pytest.fixture
-def ws(tmp_path) -> Path:
+def ws(tmp_path, finished_run) -> Path:
     """A workspace with things a user already has: a finished run, data files, a notes file."""
     (tmp_path / "notes.txt").write_text("precious\n")
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "hello world"}) + "\n")
     (tmp_path / "table.csv").write_text("a,b\n1,2\n")
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "not_a_run" / "data.bin").write_bytes(b"\x00" * 10)
-    code = main(["train", "-c", str(TINY), f"run_dir={tmp_path / 'run'}", *QUICK,
-                 "checkpoint.every=1", "train.steps=3"])
-    assert code == 0
+    shutil.copytree(finished_run, tmp_path / "run")
     return tmp_path
 
 
@@ -37,7 +46,7 @@ def _cases(ws: Path) -> dict[str, tuple[list[str], str]]:
     run = str(ws / "run")
     t = ["train", "-c", str(TINY), *QUICK]
     return {
-        "unknown key": (t + ["train.lerning_rate=1"], "did you mean"),
+        "unknown key": (t + ["train.setps=1"], "did you mean"),
         "wrong type": (t + ["train.batch_size=big"], "train.batch_size"),
         "heads do not divide width": (t + ["model.d_model=65"], "n_heads"),
         "missing config file": (["train", "-c", str(ws / "nope.yaml")], "does not exist"),
