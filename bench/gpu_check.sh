@@ -35,7 +35,7 @@ set -e
 
 echo "== bench/kernels.py"
 set +e
-timeout -k 10 "${BENCH_TIMEOUT_S:-250}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-200}"
+timeout -k 10 "${BENCH_TIMEOUT_S:-250}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-200}" ${BENCH_ARGS:-}
 bench_rc=$?
 set -e
 

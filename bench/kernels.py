@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 import time
 import traceback
@@ -24,14 +23,20 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from menagerie.kernels import (
+    BlockSizes,
     chunked_attention,
     masks,
     platform,
     sparse_attention,
 )
 from menagerie.kernels.masks import block_tables
+
+# Tried in order when the default tiles fail to compile (e.g. shared memory exceeded).
+FALLBACK_BLOCKS = (
+    BlockSizes(q=32, k=32, q_bwd=32, k_bwd=32, dv=128, num_stages=1),
+    BlockSizes(q=16, k=16, q_bwd=16, k_bwd=16, dv=64, num_stages=1),
+)
 
 
 def timeit(fn, *args, iters: int) -> tuple[float, float]:
@@ -89,27 +94,61 @@ def configs(small: bool, on_gpu: bool):
     xla_dpa = "cudnn" if on_gpu else "xla-dpa"
     out = []
     if small:
-        shapes = [("llama-tiny", (1, 256, 2, 2, 64, 64), 128), ("megalodon-tiny", (1, 256, 1, 1, 64, 256), 128)]
+        shapes = [
+            ("llama-tiny", (1, 256, 2, 2, 64, 64), 128),
+            ("megalodon-tiny", (1, 256, 1, 1, 64, 256), 128),
+        ]
         for name, shape, chunk in shapes:
-            impls = [kernel, "reference"] + ([xla_dpa + "-per-chunk"] if shape[4] == shape[5] else [])
+            impls = [kernel, "reference"] + (
+                [xla_dpa + "-per-chunk"] if shape[4] == shape[5] else []
+            )
             out.append(("chunked", name, shape, masks.Chunked(chunk), impls))
         t = 256
-        out.append(("sparse", "llama-tiny-25%", (1, t, 2, 2, 64, 64),
-                    masks.Causal() & masks.LocalWindow(t // 4, 0), [kernel, "reference"]))
+        out.append(
+            (
+                "sparse",
+                "llama-tiny-25%",
+                (1, t, 2, 2, 64, 64),
+                masks.Causal() & masks.LocalWindow(t // 4, 0),
+                [kernel, "reference"],
+            )
+        )
         out.append(("sparse", "llama-tiny-dense", (1, t, 2, 2, 64, 64), masks.Full(), [kernel]))
         return out
     for chunk in (2048, 4096):  # Megalodon-7B: 4 heads, Z/H = 256, E/H = 2048
-        out.append(("chunked", f"megalodon7b-c{chunk}", (1, 8192, 4, 4, 256, 2048),
-                    masks.Chunked(chunk), [kernel, "reference"]))
+        out.append(
+            (
+                "chunked",
+                f"megalodon7b-c{chunk}",
+                (1, 8192, 4, 4, 256, 2048),
+                masks.Chunked(chunk),
+                [kernel, "reference"],
+            )
+        )
     for chunk in (2048, 4096):  # Llama-style heads: 32 heads of 128
-        out.append(("chunked", f"llama-d128-c{chunk}", (1, 8192, 32, 8, 128, 128),
-                    masks.Chunked(chunk), [kernel, "reference", "cudnn-per-chunk"]))
+        out.append(
+            (
+                "chunked",
+                f"llama-d128-c{chunk}",
+                (1, 8192, 32, 8, 128, 128),
+                masks.Chunked(chunk),
+                [kernel, "reference", "cudnn-per-chunk"],
+            )
+        )
     t = 8192
     # 25% block density: a causal band of T/4 keys. The dense run gives the scaling baseline.
-    out.append(("sparse", "llama-d128-band25%", (1, t, 16, 16, 128, 128),
-                masks.Causal() & masks.LocalWindow(t // 4, 0), [kernel, "reference"]))
-    out.append(("sparse", "llama-d128-dense", (1, t, 16, 16, 128, 128), masks.Full(),
-                [kernel, xla_dpa]))
+    out.append(
+        (
+            "sparse",
+            "llama-d128-band25%",
+            (1, t, 16, 16, 128, 128),
+            masks.Causal() & masks.LocalWindow(t // 4, 0),
+            [kernel, "reference"],
+        )
+    )
+    out.append(
+        ("sparse", "llama-d128-dense", (1, t, 16, 16, 128, 128), masks.Full(), [kernel, xla_dpa])
+    )
     return out
 
 
@@ -121,7 +160,7 @@ def visible_pairs(mask, t: int) -> int:
     return int(mask.dense(t, t).sum())
 
 
-def make_attn(op, impl, mask):
+def make_attn(op, impl, mask, blocks=None):
     if impl in ("cudnn", "xla-dpa"):
         if not isinstance(mask, masks.Full):
             raise ValueError("dense dot_product_attention only for the Full mask")
@@ -131,9 +170,13 @@ def make_attn(op, impl, mask):
         return dpa_per_chunk(mask.chunk_size, "cudnn" if impl.startswith("cudnn") else "xla")
     if op == "chunked":
         return functools.partial(
-            chunked_attention, chunk_size=mask.chunk_size, causal=mask.causal, impl=impl
+            chunked_attention,
+            chunk_size=mask.chunk_size,
+            causal=mask.causal,
+            impl=impl,
+            block_sizes=blocks,
         )
-    return functools.partial(sparse_attention, mask=mask, impl=impl)
+    return functools.partial(sparse_attention, mask=mask, impl=impl, block_sizes=blocks)
 
 
 def main(argv=None) -> int:
@@ -141,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny shapes (default on CPU)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting configs after")
+    parser.add_argument("--filter", default="", help="only shapes whose name contains this")
     args = parser.parse_args(argv)
     plat = platform()
     on_gpu = plat == "gpu"
@@ -152,11 +196,15 @@ def main(argv=None) -> int:
     peak = matmul_peak(1024 if small else 8192, iters=3 if small else 10)
     print(f"bf16 matmul peak measured: {peak / 1e12:.1f} TFLOP/s", flush=True)
 
-    rows, results = [], {}
-    header = f"{'op':8} {'shape':22} {'impl':16} {'fwd ms':>9} {'fwd+bwd ms':>11} " \
-             f"{'TFLOP/s':>8} {'%peak':>6} {'compile s':>9}"
+    results = {}
+    header = (
+        f"{'op':8} {'shape':22} {'impl':16} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+        f"{'TFLOP/s':>8} {'%peak':>6} {'compile s':>9}"
+    )
     print(header, flush=True)
     for op, name, (b, t, hq, hkv, dqk, dv), mask, impls in configs(small, on_gpu):
+        if args.filter not in name:
+            continue
         pairs = visible_pairs(mask, t)
         flops_fwd = 2.0 * b * hq * pairs * (dqk + dv)
         for impl in impls:
@@ -169,14 +217,34 @@ def main(argv=None) -> int:
                 q = jax.random.normal(kq, (b, t, hq, dqk), jnp.bfloat16)
                 k = jax.random.normal(kk, (b, t, hkv, dqk), jnp.bfloat16)
                 v = jax.random.normal(kv, (b, t, hkv, dv), jnp.bfloat16)
-                fwd, fwd_bwd = fwd_and_grad(make_attn(op, impl, mask))
-                c1, t_f = timeit(fwd, q, k, v, iters=iters)
-                c2, t_fb = timeit(fwd_bwd, q, k, v, iters=iters)
+                ladder = (None, *FALLBACK_BLOCKS) if impl in ("pallas", "interpret") else (None,)
+                for n_try, blocks in enumerate(ladder):
+                    try:
+                        fwd, fwd_bwd = fwd_and_grad(make_attn(op, impl, mask, blocks))
+                        c1, t_f = timeit(fwd, q, k, v, iters=iters)
+                        c2, t_fb = timeit(fwd_bwd, q, k, v, iters=iters)
+                        break
+                    except Exception as e:  # noqa: BLE001
+                        if n_try == len(ladder) - 1:
+                            raise
+                        print(
+                            f"  ({impl} tiles {blocks or 'default'} failed: "
+                            f"{str(e).splitlines()[0][:90]}; trying smaller)",
+                            flush=True,
+                        )
+                        jax.clear_caches()
                 tflops = 3.5 * flops_fwd / t_fb
-                results[key] = dict(fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3,
-                                    tflops=tflops / 1e12, pct_peak=100 * tflops / peak)
-                print(f"{op:8} {name:22} {impl:16} {t_f * 1e3:9.2f} {t_fb * 1e3:11.2f} "
-                      f"{tflops / 1e12:8.1f} {100 * tflops / peak:6.1f} {c1 + c2:9.1f}", flush=True)
+                results[key] = dict(
+                    fwd_ms=t_f * 1e3,
+                    fwd_bwd_ms=t_fb * 1e3,
+                    tflops=tflops / 1e12,
+                    pct_peak=100 * tflops / peak,
+                )
+                print(
+                    f"{op:8} {name:22} {impl:16} {t_f * 1e3:9.2f} {t_fb * 1e3:11.2f} "
+                    f"{tflops / 1e12:8.1f} {100 * tflops / peak:6.1f} {c1 + c2:9.1f}",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001 (one failing config prints a row, not a crash)
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:150]
                 results[key] = dict(error=msg)
@@ -194,26 +262,45 @@ def main(argv=None) -> int:
         if "fwd_bwd_ms" in num and "fwd_bwd_ms" in den:
             ratios[label] = den["fwd_bwd_ms"] * scale / num["fwd_bwd_ms"]
 
-    for op, name, _, mask, _ in configs(small, on_gpu):
-        ratio(f"{name}: speedup vs XLA reference (target >= 2 at Megalodon)",
-              f"{op}/{name}/{kernel}", f"{op}/{name}/reference")
+    for op, name, *_ in configs(small, on_gpu):
+        ratio(
+            f"{name}: speedup vs XLA reference (target >= 2 at Megalodon)",
+            f"{op}/{name}/{kernel}",
+            f"{op}/{name}/reference",
+        )
         for dpa in ("cudnn-per-chunk", "xla-dpa-per-chunk"):
-            ratio(f"{name}: speedup vs {dpa} (target >= 1.0 for cuDNN at d=128)",
-                  f"{op}/{name}/{kernel}", f"{op}/{name}/{dpa}")
+            ratio(
+                f"{name}: speedup vs {dpa} (target >= 1.0 for cuDNN at d=128)",
+                f"{op}/{name}/{kernel}",
+                f"{op}/{name}/{dpa}",
+            )
     sparse = [c for c in configs(small, on_gpu) if c[0] == "sparse"]
     if len(sparse) == 2:
         (_, sname, (_, t, *_), smask, _), (_, dname, *_) = sparse
         kinds = smask.block_kinds(t, t, 64, 64)
         density = block_tables(kinds).density
-        ratio(f"{sname}: (dense time x density {density:.3f}) / sparse time (target >= 0.8)",
-              f"sparse/{sname}/{kernel}", f"sparse/{dname}/{kernel}", scale=density)
+        ratio(
+            f"{sname}: (dense time x density {density:.3f}) / sparse time (target >= 0.8)",
+            f"sparse/{sname}/{kernel}",
+            f"sparse/{dname}/{kernel}",
+            scale=density,
+        )
     print("\ntarget ratios (fwd+bwd time; > 1 means ours is faster):")
     for label, r in ratios.items():
         print(f"  {r:6.2f}  {label}")
-    print(json.dumps(dict(
-        bench="kernels", jax=jax.__version__, device=dev.device_kind, peak_tflops=peak / 1e12,
-        results=results, ratios=ratios, wall_s=time.perf_counter() - start,
-    )))
+    print(
+        json.dumps(
+            dict(
+                bench="kernels",
+                jax=jax.__version__,
+                device=dev.device_kind,
+                peak_tflops=peak / 1e12,
+                results=results,
+                ratios=ratios,
+                wall_s=time.perf_counter() - start,
+            )
+        )
+    )
     return 0
 
 

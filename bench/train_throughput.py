@@ -40,7 +40,7 @@ def bench_size(name: str, overrides: list[str], steps: int, peak: float) -> dict
         step_fn = trainer.jit_train_step()
         it = trainer.train_data.batches(t.batch_size, seed=t.seed)
         batches = [trainer._global_batch(next(it)) for _ in range(steps + 2)]
-        with trainer.mesh:
+        with trainer.context():
             t0 = time.perf_counter()
             state, m = step_fn(state, batches[0])
             jax.block_until_ready(m)

@@ -11,7 +11,6 @@ The reference here is written independently, per chunk, to cross-check that kern
 from __future__ import annotations
 
 import jax.numpy as jnp
-
 from menagerie.kernels import masks as masks_lib
 from menagerie.kernels.dispatch import resolve_impl
 from menagerie.kernels.sparse_attention import (
@@ -89,6 +88,12 @@ def chunked_attention(
         raise ValueError(f"chunked attention needs Tq == Tk, got {q.shape[1]} and {k.shape[1]}")
     mask = masks_lib.Chunked(chunk_size, causal)
     return block_sparse_flash(
-        q, k, v, mask, scale=scale, segment_ids=segment_ids, interpret=impl == "interpret",
+        q,
+        k,
+        v,
+        mask,
+        scale=scale,
+        segment_ids=segment_ids,
+        interpret=impl == "interpret",
         block_sizes=block_sizes,
     )

@@ -42,7 +42,11 @@ def _div(a, b: int):
 
 def _rem(a, b: int):
     """Remainder; only compared with 0 here, so C and floor semantics agree."""
-    return np.remainder(a, b) if isinstance(a, np.ndarray | np.integer | int) else lax.rem(a, np.int32(b))
+    return (
+        np.remainder(a, b)
+        if isinstance(a, np.ndarray | np.integer | int)
+        else lax.rem(a, np.int32(b))
+    )
 
 
 class Mask:

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-
 from menagerie.kernels import masks as masks_lib
 from menagerie.kernels.dispatch import KernelUnsupportedError, resolve_impl
 
@@ -62,8 +61,11 @@ class BlockSizes:
 
     @classmethod
     def default(cls, dqk: int, dv: int) -> BlockSizes:
-        big = max(dqk, min(dv, 256)) > 128
-        return cls(q=64, k=64, q_bwd=32 if big else 64, k_bwd=32 if big else 64)
+        """Measured on H100 (bench/kernels.py). Head dims > 128 (Megalodon's 256 / 2048) need
+        smaller key tiles to fit the 227 KiB of shared memory."""
+        if max(dqk, min(dv, 256)) > 128:
+            return cls(q=64, k=32, q_bwd=32, k_bwd=32)
+        return cls(q=64, k=64, q_bwd=64, k_bwd=64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _fwd_kernel(*refs, st: _Static):
     c = st.scale * _LOG2E  # work in base 2: exp2 is the native instruction
 
     def body(t, carry, partial):
-        acc, m, l = carry
+        acc, m, l_sum = carry
         k0 = pl.multiple_of(idx_ref[i, t] * bk, bk)
         s = _dot_nt(q, k_ref[pl.ds(k0, bk), :], st) * c
         keep = _keep(st, q0, k0, bq, bk, dense_ref, qseg_ref, kseg_ref, partial)
@@ -152,36 +154,43 @@ def _fwd_kernel(*refs, st: _Static):
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
+        l_sum = alpha * l_sum + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(k0, bk), :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
-        return acc, m_new, l
+        return acc, m_new, l_sum
 
     acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
     m = jnp.full((bq,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((bq,), jnp.float32)
-    acc, m, l = _two_loops(cnt_ref, i, body, (acc, m, l))
+    l_sum = jnp.zeros((bq,), jnp.float32)
+    acc, m, l_sum = _two_loops(cnt_ref, i, body, (acc, m, l_sum))
     # A row that saw no visible key still has m == MASK_VALUE (real scores are far above it):
     # output 0 and lse = +inf, so the backward's exp2(s - lse) is exactly 0 for that row.
     empty = m <= 0.5 * MASK_VALUE
-    l = jnp.where(empty, 1.0, l)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l))
+    l_sum = jnp.where(empty, 1.0, l_sum)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / l_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_sum))
 
 
-def _dp(do_at, v_at, st: _Static):
-    """dP = dO @ V^T, summed over dv tiles (dO and V tiles loaded by the callbacks)."""
-    dp = None
-    for d in range(st.n_dv):
-        part = _dot_nt(do_at(d), v_at(d), st)
-        dp = part if dp is None else dp + part
-    return dp
+def _dp(do_at, v_at, st: _Static, shape):
+    """dP = dO @ V^T [bq, bk], summed over the dv tiles (tiles loaded by the callbacks). A
+    fori_loop, not a Python loop, so only one dO / V tile is live at a time (shared memory)."""
+    if st.n_dv == 1:
+        return _dot_nt(do_at(0), v_at(0), st)
+
+    def step(d, dp):
+        return dp + _dot_nt(do_at(d), v_at(d), st)
+
+    return lax.fori_loop(0, st.n_dv, step, jnp.zeros(shape, jnp.float32))
+
+
+def _dv_slice(d, st: _Static):
+    return pl.ds(pl.multiple_of(d * st.dv_tile, st.dv_tile), st.dv_tile)
 
 
 def _dq_kernel(*refs, st: _Static):
     cnt_ref, idx_ref, dense_ref, qseg_ref, kseg_ref, refs = _split_refs(st, refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    bq, bk, dvt = st.blocks.q_bwd, st.blocks.k_bwd, st.dv_tile
+    bq, bk = st.blocks.q_bwd, st.blocks.k_bwd
     i = pl.program_id(2)
     q0 = i * bq
     q, lse, delta = q_ref[...], lse_ref[...], delta_ref[...]
@@ -197,9 +206,10 @@ def _dq_kernel(*refs, st: _Static):
             s = jnp.where(keep, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         dp = _dp(
-            lambda d: do_full if do_full is not None else do_ref[:, pl.ds(d * dvt, dvt)],
-            lambda d: v_ref[pl.ds(k0, bk), pl.ds(d * dvt, dvt)],
+            lambda d: do_full if do_full is not None else do_ref[:, _dv_slice(d, st)],
+            lambda d: v_ref[pl.ds(k0, bk), _dv_slice(d, st)],
             st,
+            (bq, bk),
         )
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, st)
@@ -240,9 +250,10 @@ def _dkv_kernel(*refs, st: _Static, want_dk: bool, want_dv: bool):
             dv = dv + _dot_tn(p.astype(do.dtype), do, st)
         if want_dk:
             dp = _dp(
-                lambda d: do if do is not None else do_ref[pl.ds(q0, bq), pl.ds(d * dvt, dvt)],
-                lambda d: v_ref[:, pl.ds(d * dvt, dvt)],
+                lambda d: do if do is not None else do_ref[pl.ds(q0, bq), _dv_slice(d, st)],
+                lambda d: v_ref[:, _dv_slice(d, st)],
                 st,
+                (bq, bk),
             )
             ds = p * (dp - delta_ref[pl.ds(q0, bq)][:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q, st)
@@ -380,7 +391,9 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
             out_specs.append(pl.BlockSpec((None, bk, None, dqk), lambda b_, h, j, d: (b_, j, h, 0)))
             out_shape.append(jax.ShapeDtypeStruct((b, tk, hq, dqk), k.dtype))
         if want_dv:
-            out_specs.append(pl.BlockSpec((None, bk, None, do_w), lambda b_, h, j, d: (b_, j, h, d)))
+            out_specs.append(
+                pl.BlockSpec((None, bk, None, do_w), lambda b_, h, j, d: (b_, j, h, d))
+            )
             out_shape.append(jax.ShapeDtypeStruct((b, tk, hq, dv_pad), v.dtype))
         return pl.pallas_call(
             functools.partial(_dkv_kernel, st=st, want_dk=want_dk, want_dv=want_dv),
@@ -478,7 +491,10 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, interpret, block_si
     # Short sequences: shrink tiles so padding stays under 2x.
     cap_q, cap_k = _pow2(tq), _pow2(tk)
     bs = dataclasses.replace(
-        bs, q=min(bs.q, cap_q), q_bwd=min(bs.q_bwd, cap_q), k=min(bs.k, cap_k),
+        bs,
+        q=min(bs.q, cap_q),
+        q_bwd=min(bs.q_bwd, cap_q),
+        k=min(bs.k, cap_k),
         k_bwd=min(bs.k_bwd, cap_k),
     )
     for name in ("q", "k", "q_bwd", "k_bwd", "dv"):
@@ -533,9 +549,7 @@ def attention_reference(q, k, v, keep, *, scale=None):
     hkv = k.shape[2]
     scale = 1.0 / math.sqrt(dqk) if scale is None else scale
     q_g = q.astype(jnp.float32).reshape(b, tq, hkv, group, dqk)
-    s = jnp.einsum(
-        "bqhgd,bkhd->bhgqk", q_g, k.astype(jnp.float32), precision=lax.Precision.HIGHEST
-    )
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_g, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     s = jnp.where(keep, s * scale, MASK_VALUE)
     p = jnp.where(keep, jax.nn.softmax(s, axis=-1), 0.0)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
@@ -576,6 +590,12 @@ def sparse_attention(
         check_shapes(q, k, v)
         return sparse_attention_reference(q, k, v, mask=mask, scale=scale, segment_ids=segment_ids)
     return block_sparse_flash(
-        q, k, v, mask, scale=scale, segment_ids=segment_ids, interpret=impl == "interpret",
+        q,
+        k,
+        v,
+        mask,
+        scale=scale,
+        segment_ids=segment_ids,
+        interpret=impl == "interpret",
         block_sizes=block_sizes,
     )

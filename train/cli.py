@@ -84,9 +84,7 @@ def cmd_eval(args) -> int:
         raise CheckpointError(f"run_dir '{cfg.run_dir}' has no checkpoint yet; train first")
     state, meta = restored
     eval_step = trainer.jit_eval_step()
-    import jax
-
-    with jax.set_mesh(trainer.mesh):
+    with trainer.context():
         ev = trainer.evaluate(state["params"], eval_step)
     print(f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "
           f"over {int(ev['tokens'])} tokens")

@@ -24,9 +24,14 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # activations
+    # activations (arch/layers.py names them through `constrain`)
     "batch": ("data", "fsdp"),
     "seq": "sequence",
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
     # parameters
     "embed": "fsdp",
     "vocab": "tensor",
@@ -37,6 +42,18 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
 }
+
+
+def axis_rules(mesh: Mesh):
+    """Context that activates the rules for the models' activation constraints (inside jit
+    tracing), dropping mesh axes of size 1 so single-device runs carry no constraints."""
+
+    def live(rule):
+        axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        return axes[0] if len(axes) == 1 else (axes or None)
+
+    return nnx.logical_axis_rules([(k, live(v)) for k, v in LOGICAL_RULES.items()])
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

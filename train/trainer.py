@@ -9,6 +9,7 @@ its latest checkpoint (on the same hardware and software).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -159,6 +160,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and the logical-axis rules, active while steps are traced and run."""
+        with jax.set_mesh(self.mesh), mesh_lib.axis_rules(self.mesh):
+            yield
+
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         B = self.cfg.train.batch_size
         return {
@@ -240,7 +247,7 @@ class Trainer:
         first_step_done = False
         step = start
         try:
-            with _Preemption() as preempt, jax.set_mesh(self.mesh), _progress(console, cfg, start) as bar:
+            with _Preemption() as preempt, self.context(), _progress(console, cfg, start) as bar:
                 while step < t.steps:
                     local = next(batches)
                     state, m = train_step(state, self._global_batch(local))
@@ -291,7 +298,8 @@ class Trainer:
             if not summary.preempted:
                 ckpt.save(step, state, self._meta(step), force=True)
                 if t.eval_batches:
-                    summary.eval = self.evaluate(state["params"], eval_step)
+                    with self.context():
+                        summary.eval = self.evaluate(state["params"], eval_step)
                     writer.write(step, summary.eval, kind="eval")
                     console.print(f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
                                   f"bits/byte {summary.eval['bits_per_byte']:.4f}")
@@ -306,7 +314,7 @@ class Trainer:
     def sample(self, params: Any) -> str:
         t = self.cfg.train
         prompt = self.tokenizer.encode(t.sample_prompt)
-        with jax.set_mesh(self.mesh):
+        with self.context():
             ids = sample(self.graphdef, params, prompt, max_new_tokens=t.sample_tokens,
                          window=min(t.seq_len, len(prompt) + t.sample_tokens),
                          temperature=t.sample_temperature, seed=t.seed,

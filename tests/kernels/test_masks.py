@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from menagerie.kernels import masks
 
 T = 37
@@ -54,12 +53,13 @@ def brute_kinds(dense, bq, bk):
     return out
 
 
-@pytest.mark.parametrize("mask", list(EXPECTED), ids=repr)
+# Unions (SinksAndWindow) are conservative, checked in test_combinations_are_sound.
+@pytest.mark.parametrize("mask", [m for m in EXPECTED if not isinstance(m, masks.Or)], ids=repr)
 @pytest.mark.parametrize("tq,tk,bq,bk", [(37, 37, 8, 8), (37, 50, 16, 4), (64, 20, 32, 16)])
 def test_block_kinds_exact(mask, tq, tk, bq, bk):
-    if isinstance(mask, masks.Or):  # SinksAndWindow is a union: conservative, tested below
-        pytest.skip("unions are checked for soundness in test_combinations_are_sound")
-    np.testing.assert_array_equal(mask.block_kinds(tq, tk, bq, bk), brute_kinds(mask.dense(tq, tk), bq, bk))
+    np.testing.assert_array_equal(
+        mask.block_kinds(tq, tk, bq, bk), brute_kinds(mask.dense(tq, tk), bq, bk)
+    )
 
 
 def check_sound(mask, tq, tk, bq, bk):
@@ -99,8 +99,12 @@ def test_combinations_are_sound(mask, tq, tk, bq, bk):
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
-    tq=st.integers(1, 50), tk=st.integers(1, 50), bq=st.sampled_from([4, 8]),
-    bk=st.sampled_from([4, 16]), seed=st.integers(0, 1000), density=st.floats(0, 1),
+    tq=st.integers(1, 50),
+    tk=st.integers(1, 50),
+    bq=st.sampled_from([4, 8]),
+    bk=st.sampled_from([4, 16]),
+    seed=st.integers(0, 1000),
+    density=st.floats(0, 1),
 )
 def test_numpy_mask_kinds_exact(tq, tk, bq, bk, seed, density):
     dense = np.random.default_rng(seed).random((tq, tk)) < density
@@ -116,7 +120,7 @@ def test_block_tables():
     np.testing.assert_array_equal(t.counts, [[2, 3], [0, 0], [0, 2]])
     np.testing.assert_array_equal(t.index[0], [0, 3, 2])  # FULL tiles first, then PARTIAL
     np.testing.assert_array_equal(t.index[2, :2], [0, 1])
-    assert t.density == pytest.approx(6 / 12)
+    assert t.density == pytest.approx(5 / 12)
     tt = masks.block_tables(kinds, transpose=True)  # per key block, for the dK/dV pass
     np.testing.assert_array_equal(tt.counts, [[1, 2], [0, 1], [0, 1], [1, 1]])
     np.testing.assert_array_equal(tt.index[0, :2], [0, 2])
