@@ -1,8 +1,8 @@
 """menagerie.arch: model code (Flax NNX modules, their configs, parameter and FLOP counts).
 
-    cfg = ModelConfig(d_model=512).with_vocab(tokenizer.vocab_size)
-    model = build(cfg, rngs=nnx.Rngs(0))
-    out = model(tokens_BT, positions=positions_BT, segment_ids=segment_ids_BT)  # -> Output
+cfg = ModelConfig(d_model=512).with_vocab(tokenizer.vocab_size)
+model = build(cfg, rngs=nnx.Rngs(0))
+out = model(tokens_BT, positions=positions_BT, segment_ids=segment_ids_BT)  # -> Output
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class ModelConfig(pydantic.BaseModel):
         "`vocab_multiple`, filled in by `with_vocab(tokenizer_vocab)` before building.",
     )
     vocab_multiple: int = Field(
-        128, description="Multiple the resolved vocabulary is rounded up to (MXU/tensor-core tiles)."
+        128,
+        description="Multiple the resolved vocabulary is rounded up to (MXU/tensor-core tiles).",
     )
     d_model: int = Field(256, description="Width of the residual stream.")
     n_layers: int = Field(4, description="Number of blocks.")
@@ -77,7 +78,9 @@ class ModelConfig(pydantic.BaseModel):
         "attention", description="Sequence mixer part (key of arch.transformer.MIXERS)."
     )
     ffn: Literal["swiglu"] = Field("swiglu", description="FFN part (key of arch.transformer.FFNS).")
-    head: Literal["lm"] = Field("lm", description="Output head part (key of arch.transformer.HEADS).")
+    head: Literal["lm"] = Field(
+        "lm", description="Output head part (key of arch.transformer.HEADS)."
+    )
     attention_impl: Literal["xla", "cudnn"] = Field(
         "xla",
         description="xla: einsum attention (any backend). cudnn: jax.nn.dot_product_attention "
@@ -107,7 +110,9 @@ class ModelConfig(pydantic.BaseModel):
             if not value > 0:
                 raise ValueError(f"model.{name}={value} must be positive")
         if self.head_dim is None and self.d_model % self.n_heads:
-            divisors = ", ".join(str(h) for h in range(1, self.d_model + 1) if self.d_model % h == 0)
+            divisors = ", ".join(
+                str(h) for h in range(1, self.d_model + 1) if self.d_model % h == 0
+            )
             raise ValueError(
                 f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
                 f"choose n_heads from {divisors} or set model.head_dim"
@@ -209,6 +214,8 @@ class ModelConfig(pydantic.BaseModel):
         2 * seq_len * head_dim FLOPs per head per token, times 3 for fwd+bwd = 12 * ..., halved
         because causal attention needs only the lower triangle (MaxText convention).
         """
-        matmul_params = self.n_layers * self._layer_matmul_params() + self.d_model * self.padded_vocab
+        matmul_params = (
+            self.n_layers * self._layer_matmul_params() + self.d_model * self.padded_vocab
+        )
         attention = 6 * self.n_layers * seq_len * self.n_heads * self.dim_head
         return float(6 * matmul_params + attention)

@@ -144,7 +144,9 @@ class Embed(nnx.Module):
         """[B,T,D] -> logits [B,T,V] float32 (x @ table^T)."""
         table = self.table[...].astype(self.compute_dtype)
         return jnp.einsum(
-            "btd,vd->btv", x_BTD.astype(self.compute_dtype), table,
+            "btd,vd->btv",
+            x_BTD.astype(self.compute_dtype),
+            table,
             preferred_element_type=jnp.float32,
         )
 
@@ -179,8 +181,8 @@ def attention(
 
     q [B,T,H,D], k/v [B,T,K,D] with K | H (query head h reads kv head h // G, G = H/K);
     returns [B,T,H,D] in q's dtype. "xla": each kv head serves its G query heads without
-    repeating k/v; scores [B,K,G,T,S] and softmax in float32. "cudnn": jax.nn.dot_product_attention's cuDNN
-    kernel (GPU, bf16/fp16 inputs).
+    repeating k/v; scores [B,K,G,T,S] and softmax in float32. "cudnn":
+    jax.nn.dot_product_attention's cuDNN kernel (GPU, bf16/fp16 inputs; untested here so far).
     """
     b, t, h, d = q_BTHD.shape
     kv = k_BTKD.shape[2]

@@ -113,7 +113,11 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         self.embed = Embed(
-            cfg.padded_vocab, cfg.d_model, std=cfg.init_std, param_dtype=pdt, compute_dtype=cdt,
+            cfg.padded_vocab,
+            cfg.d_model,
+            std=cfg.init_std,
+            param_dtype=pdt,
+            compute_dtype=cdt,
             rngs=rngs,
         )
         if cfg.scan_layers:

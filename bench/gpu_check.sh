@@ -27,15 +27,15 @@ fi
 
 echo "== kernel tests, compiled on the GPU (MENAGERIE_KERNEL_IMPL=pallas)"
 set +e
-MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-200}" "$PY" -m pytest tests/kernels \
+MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-260}" "$PY" -m pytest tests/kernels \
   -q -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE
 test_rc=$?
 set -e
-[ "$test_rc" -eq 124 ] && echo "kernel tests: TIMED OUT (time box ${TEST_TIMEOUT_S:-200}s)"
+[ "$test_rc" -eq 124 ] && echo "kernel tests: TIMED OUT (time box ${TEST_TIMEOUT_S:-260}s)"
 
 echo "== bench/kernels.py"
 set +e
-timeout -k 10 "${BENCH_TIMEOUT_S:-250}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-200}" ${BENCH_ARGS:-}
+timeout -k 10 "${BENCH_TIMEOUT_S:-190}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-130}" ${BENCH_ARGS:-}
 bench_rc=$?
 set -e
 

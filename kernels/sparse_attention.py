@@ -184,6 +184,8 @@ def _dp(do_at, v_at, st: _Static, shape):
 
 
 def _dv_slice(d, st: _Static):
+    if isinstance(d, int):  # static: the Triton lowering cannot put multiple_of on a literal
+        return pl.ds(d * st.dv_tile, st.dv_tile)
     return pl.ds(pl.multiple_of(d * st.dv_tile, st.dv_tile), st.dv_tile)
 
 

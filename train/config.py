@@ -30,8 +30,10 @@ class OptimConfig(BaseModel):
 
     model_config = _STRICT
 
-    name: Literal["adamw"] = "adamw"
-    """Optimizer family. Low-rank (GaLore-style) optimizers join this list."""
+    name: Literal["adamw", "galore", "apollo"] = "adamw"
+    """Optimizer family: AdamW; GaLore (low-rank projected Adam moments on the attention and MLP
+    matrices, AdamW elsewhere; see `train.lowrank`); APOLLO (random projection, channel-wise
+    scaling of the raw gradient)."""
     lr: float = 3e-3
     """Peak learning rate."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -52,6 +54,41 @@ class OptimConfig(BaseModel):
     """Decoupled weight decay, applied to matrices only (not to norms, biases or vectors)."""
     clip_norm: float | None = 1.0
     """Global gradient-norm clipping threshold; null disables clipping."""
+    # ---- low-rank (galore, apollo) ----
+    rank: int = 128
+    """galore/apollo: rank r of the projection (paper: 128/256/256/512 at 60M/130M/350M/1B). A
+    matrix whose smaller side is <= rank gets full-rank Adam instead."""
+    update_proj_gap: int = 200
+    """galore/apollo: T, steps between projector refreshes."""
+    scale: float | None = None
+    """galore/apollo: alpha, scale of the low-rank update; null: 0.25 (GaLore paper) for
+    galore, 1.0 for apollo."""
+    proj_side: Literal["std", "reverse_std", "left", "right"] = "std"
+    """galore: which side is compressed. std: the smaller (official); reverse_std: the larger
+    (optax.contrib.galore)."""
+    projection: Literal["svd", "random"] = "svd"
+    """galore: projector from the gradient's SVD, or a seeded random Gaussian (SVD-free).
+    apollo always uses random."""
+    moments_on_refresh: Literal["keep", "reproject"] = "keep"
+    """galore/apollo: keep the Adam moments as they are when the projector changes (official)
+    or rotate them into the new basis (GaLore issue #54)."""
+    stagger_refresh: bool = False
+    """galore/apollo: spread refreshes over the gap (matrix j at step j*T/J mod T), one SVD at
+    a time, instead of all matrices at the same step."""
+    fira: bool = False
+    """galore: add Fira's norm-scaled residual (the part of the gradient outside the subspace)."""
+    lazy_refresh: bool = False
+    """galore: Q-GaLore's adaptive gap (doubles when the subspace stops moving)."""
+    apollo_scaling: Literal["channel", "tensor"] = "channel"
+    """apollo: channel-wise scaling (APOLLO) or one scale per matrix (APOLLO-Mini, rank 1)."""
+    norm_growth_limit: float | None = 1.01
+    """fira/apollo: norm-growth limiter gamma; null disables it."""
+    proj_seed: int = 0
+    """Seed of random projections."""
+    lowrank_params: list[str] | None = None
+    """galore/apollo: regular expressions on parameter paths (e.g. 'blocks/mixer/q/kernel')
+    selecting the projected matrices; null: by role, every matrix with an "embed" axis and a
+    heads/kv_heads/mlp axis (the attention and MLP kernels, as the paper does)."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
@@ -67,6 +104,20 @@ class OptimConfig(BaseModel):
             raise ValueError("optim.b1 and optim.b2 must be in [0, 1)")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0, or null to disable")
+        if self.rank <= 0:
+            raise ValueError(f"optim.rank={self.rank} must be a positive integer (e.g. 128)")
+        if self.update_proj_gap <= 0:
+            raise ValueError(
+                f"optim.update_proj_gap={self.update_proj_gap} must be >= 1 (paper: 200)"
+            )
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"optim.scale={self.scale} must be > 0, or null for the default")
+        if self.norm_growth_limit is not None and self.norm_growth_limit < 1:
+            raise ValueError(
+                f"optim.norm_growth_limit={self.norm_growth_limit} must be >= 1 (papers: 1.01)"
+            )
+        if self.name == "apollo" and self.fira:
+            raise ValueError("optim.fira applies to galore only; set optim.name=galore")
         return self
 
 

@@ -2,7 +2,6 @@
 
 import pydantic
 import pytest
-
 from menagerie.arch import ModelConfig
 
 

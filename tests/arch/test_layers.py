@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from menagerie.arch import layers
 
 
@@ -87,8 +86,13 @@ def test_rmsnorm_float32_statistics():
 
 def test_linear_contracts_trailing_axes_and_names_params():
     lin = layers.Linear(
-        (2, 3), 5, ("heads", "head_dim", "embed"), std=0.02, param_dtype=jnp.float32,
-        compute_dtype=jnp.float32, rngs=nnx.Rngs(0),
+        (2, 3),
+        5,
+        ("heads", "head_dim", "embed"),
+        std=0.02,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
     )
     x = jax.random.normal(jax.random.key(4), (4, 7, 2, 3))
     np.testing.assert_allclose(

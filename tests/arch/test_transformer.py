@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from menagerie.arch import FFNS, ModelConfig, build
 from menagerie.arch.layers import SwiGLU
 
@@ -74,8 +73,12 @@ def _loss_fn(graphdef):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(tie_embeddings=False), dict(n_kv_heads=2, tie_embeddings=False),
-     dict(n_kv_heads=1, scan_layers=False, head_dim=16)],
+    [
+        dict(),
+        dict(tie_embeddings=False),
+        dict(n_kv_heads=2, tie_embeddings=False),
+        dict(n_kv_heads=1, scan_layers=False, head_dim=16),
+    ],
 )
 def test_num_params_matches_built_model(overrides):
     _, state = _abstract(**overrides)
@@ -136,7 +139,8 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 def _scanned_to_loop(pure: dict, n_layers: int) -> dict:
     stacked = pure["blocks"]
-    return pure | {"blocks": {i: jax.tree.map(lambda a: a[i], stacked) for i in range(n_layers)}}
+    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
+    return pure | {"blocks": dict(enumerate(layers))}
 
 
 def test_scan_equals_loop():
@@ -185,7 +189,7 @@ def test_aux_from_parts_flows_through_scan():
     try:
         for scan in (True, False):
             cfg = _cfg(n_layers=3, scan_layers=scan).model_copy(update={"ffn": "aux_test"})
-            model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+            model = nnx.eval_shape(lambda cfg=cfg: build(cfg, rngs=nnx.Rngs(0)))
             out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
             assert out.aux_loss.shape == () and out.metrics["ffn/density"].shape == ()
             assert set(out.metrics) == {"ffn/aux_loss", "ffn/density"}
@@ -201,9 +205,7 @@ def test_aux_from_parts_flows_through_scan():
 def test_hlo_size_independent_of_depth():
     def lowered_text(n_layers):
         cfg = ModelConfig(**(TINY | dict(n_layers=n_layers, remat="dots")))
-        graphdef, state = nnx.split(
-            nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param
-        )
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param)
         tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
         lowered = jax.jit(jax.value_and_grad(_loss_fn(graphdef))).lower(state, tokens)
         start = time.perf_counter()
@@ -212,6 +214,8 @@ def test_hlo_size_independent_of_depth():
 
     size2, t2 = lowered_text(2)
     size16, t16 = lowered_text(16)
-    print(f"\nHLO chars: 2 layers {size2}, 16 layers {size16} (ratio {size16 / size2:.3f}); "
-          f"compile s: 2 layers {t2:.2f}, 16 layers {t16:.2f}")
+    print(
+        f"\nHLO chars: 2 layers {size2}, 16 layers {size16} (ratio {size16 / size2:.3f}); "
+        f"compile s: 2 layers {t2:.2f}, 16 layers {t16:.2f}"
+    )
     assert size16 <= 1.2 * size2

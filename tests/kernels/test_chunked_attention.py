@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import IMPL, assert_matches, jit, random_qkv
+from kernel_testing import IMPL, assert_matches, random_qkv, ref_jit
 from menagerie.kernels import (
     BlockSizes,
     chunked_attention,
@@ -43,12 +43,12 @@ def naive_chunked(q, k, v, chunk, causal, scale):
 def test_reference_matches_naive(t, chunk, causal):
     q, k, v = random_qkv(0, 2, t, t, 4, 2, 8, 12)
     ref = functools.partial(chunked_attention_reference, chunk_size=chunk, causal=causal)
-    got = jit(lambda q, k, v: ref(q, k, v, scale=0.5))(q, k, v)
+    got = ref_jit(lambda q, k, v: ref(q, k, v, scale=0.5))(q, k, v)
     want = naive_chunked(q, k, v, chunk, causal, 0.5)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
     # The two references (per-chunk and dense-mask) agree as well.
     dense_ref = functools.partial(sparse_attention_reference, mask=masks.Chunked(chunk, causal))
-    dense = jit(lambda q, k, v: dense_ref(q, k, v, scale=0.5))(q, k, v)
+    dense = ref_jit(lambda q, k, v: dense_ref(q, k, v, scale=0.5))(q, k, v)
     np.testing.assert_allclose(np.asarray(dense), want, atol=1e-5, rtol=1e-5)
 
 
