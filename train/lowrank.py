@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -344,9 +344,11 @@ def scale_by_lowrank(
         if moments_on_refresh == "reproject":
             c = jnp.einsum("bkr,bks->brs", q_new, q_old)  # [B, r_new, r_old]
             if plan.side == "left":
-                mu_r, nu_r = jnp.einsum("brs,bsn->brn", c, mu), jnp.einsum("brs,bsn->brn", c * c, nu)
+                mu_r = jnp.einsum("brs,bsn->brn", c, mu)
+                nu_r = jnp.einsum("brs,bsn->brn", c * c, nu)
             else:
-                mu_r, nu_r = jnp.einsum("bms,brs->bmr", mu, c), jnp.einsum("bms,brs->bmr", nu, c * c)
+                mu_r = jnp.einsum("bms,brs->bmr", mu, c)
+                nu_r = jnp.einsum("bms,brs->bmr", nu, c * c)
             sel = do[:, None, None]
             mu, nu = jnp.where(sel, mu_r, mu), jnp.where(sel, nu_r, nu)
 
@@ -436,10 +438,9 @@ def scale_by_lowrank(
                 res = {**leaf, "d": mu / (jnp.sqrt(nu) + eps), "mu": mu, "nu": nu}
             for f in out:
                 out[f].append(res[f])
+        directions = zip(out.pop("d"), jax.tree.leaves(updates), strict=True)
         new_updates = jax.tree.unflatten(
-            treedef,
-            [(step_size * d).astype(g.dtype) for d, g in zip(out.pop("d"), jax.tree.leaves(updates))],
-        )
+            treedef, [(step_size * d).astype(g.dtype) for d, g in directions])
         new_state = LowRankState(
             count=optax.safe_increment(count),
             **{f: jax.tree.unflatten(treedef, v) for f, v in out.items()},

@@ -160,9 +160,9 @@ def opt_state_logical_names(
     if cfg.name == "adamw":
         return None
     kw = _lowrank_kwargs(cfg)
-    return lowrank.state_logical_names(
-        abstract_opt, abstract_params, logical_names, matrix_dims(logical_names, cfg.lowrank_params),
-        rank=kw["rank"], side=kw["side"])
+    dims = matrix_dims(logical_names, cfg.lowrank_params)
+    return lowrank.state_logical_names(abstract_opt, abstract_params, logical_names, dims,
+                                       rank=kw["rank"], side=kw["side"])
 
 
 def opt_state_shardings(cfg: OptimConfig, abstract_opt: Any, abstract_params: Any,
@@ -178,5 +178,6 @@ def opt_state_shardings(cfg: OptimConfig, abstract_opt: Any, abstract_params: An
     out = []
     for nm, x in zip(name_leaves, shape_leaves, strict=True):
         nm = tuple(nm) + (None,) * (len(x.shape) - len(nm))
-        out.append(jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(nm, tuple(x.shape), mesh)))
+        spec = mesh_lib.logical_to_spec(nm, tuple(x.shape), mesh)
+        out.append(jax.sharding.NamedSharding(mesh, spec))
     return jax.tree.unflatten(treedef, out)

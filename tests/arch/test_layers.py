@@ -19,16 +19,22 @@ def _reference_attention(q, k, v, segment_ids):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
 
 
+@pytest.mark.parametrize("q_block", [256, 5])  # one block; 3 uneven causal query blocks
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_attention_matches_reference(heads, kv_heads):
+def test_attention_matches_reference(heads, kv_heads, q_block):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     b, t, d = 2, 12, 8
     q = jax.random.normal(kq, (b, t, heads, d))
     k = jax.random.normal(kk, (b, t, kv_heads, d))
     v = jax.random.normal(kv, (b, t, kv_heads, d))
     seg = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
-    out = jax.jit(lambda *a: layers.attention(*a[:3], segment_ids_BT=a[3]))(q, k, v, seg)
-    np.testing.assert_allclose(out, jax.jit(_reference_attention)(q, k, v, seg), atol=1e-5)
+    attn = jax.jit(lambda *a: layers.attention(*a[:3], segment_ids_BT=a[3], q_block=q_block))
+    np.testing.assert_allclose(attn(q, k, v, seg), _reference_attention(q, k, v, seg), atol=1e-5)
+    ct = jax.random.normal(kq, q.shape)  # gradients too: the blocks slice k and v
+    grads = jax.grad(lambda *a: jnp.sum(attn(*a, seg) * ct), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: jnp.sum(_reference_attention(*a, seg) * ct), argnums=(0, 1, 2))
+    for got, want in zip(grads, ref(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_attention_bf16_keeps_dtype():

@@ -1,0 +1,173 @@
+"""Optimizer memory per GaLore preset, and the step-time overhead of the low-rank optimizers.
+
+    python bench/optimizer_memory.py [--steps-model configs/transformer/small.yaml] [--gap 50]
+
+1. For each `configs/galore/llama_*.yaml`: weights + optimizer state, counted in bf16 as the
+   GaLore paper counts them (2 bytes per stored element, int32 bookkeeping at 4 bytes, decimal
+   GB), for AdamW, GaLore (the preset) and APOLLO (same rank), beside the paper's Table 2.
+   Shapes come from `jax.eval_shape`: nothing is allocated. Also the compiled temporary memory
+   of the GaLore update (XLA's memory analysis, nothing run) with all-at-once and staggered
+   refresh: the staggered one SVDs one matrix at a time and adds no full-size buffer.
+2. Step time of the full jitted train step for a small model on this CPU, AdamW vs GaLore vs
+   APOLLO, in one process, averaged over whole refresh periods (the SVD amortised).
+Prints a table and one final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from menagerie import arch
+from menagerie.train import mesh as mesh_lib
+from menagerie.train.config import load_config
+from menagerie.train.optim import make_optimizer
+from menagerie.train.step import make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+# GaLore paper Table 2: weights + optimizer state in BF16 (GB).
+PAPER = {"60m": (0.36, 0.24), "130m": (0.76, 0.52), "350m": (2.06, 1.22), "1b": (7.80, 4.38)}
+
+
+def abstract_model(cfg):
+    model_cfg = cfg.model.with_vocab(cfg.model.vocab_size or 256)
+    model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, mesh_lib.logical_names(state), nnx.to_pure_dict(state)
+
+
+def bf16_bytes(tree) -> int:
+    """Bytes with every float leaf counted at 2 bytes per element (the paper's convention)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        size = math.prod(x.shape)
+        total += size * (2 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
+    return total
+
+
+def optimizer_cfg(cfg, name: str, **extra):
+    return cfg.optim.model_copy(update={"name": name, **extra})
+
+
+def memory_rows(presets: list[Path], compile_temp: bool) -> list[dict]:
+    rows = []
+    for path in presets:
+        cfg = load_config(path)
+        key = path.stem.split("_")[-1]
+        _, names, params = abstract_model(cfg)
+        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        row = {"preset": path.stem, "params": n_params, "rank": cfg.optim.rank,
+               "weights_gb": bf16_bytes(params) / 1e9}
+        for name in ("adamw", "galore", "apollo"):
+            tx, _ = make_optimizer(optimizer_cfg(cfg, name), cfg.train.steps, names)
+            state = jax.eval_shape(tx.init, params)
+            row[f"{name}_state_gb"] = bf16_bytes(state) / 1e9
+            row[f"{name}_total_gb"] = row["weights_gb"] + row[f"{name}_state_gb"]
+        stag_tx, _ = make_optimizer(optimizer_cfg(cfg, "galore", stagger_refresh=True),
+                                    cfg.train.steps, names)
+        row["galore_stagger_state_gb"] = bf16_bytes(jax.eval_shape(stag_tx.init, params)) / 1e9
+        if compile_temp and n_params < 2e8:  # XLA:CPU compiles big stacked SVDs slowly
+            for label, stagger in (("uniform", False), ("stagger", True)):
+                tx, _ = make_optimizer(optimizer_cfg(cfg, "galore", stagger_refresh=stagger),
+                                       cfg.train.steps, names)
+                state = jax.eval_shape(tx.init, params)
+                compiled = jax.jit(tx.update).lower(params, state, params).compile()
+                mem = compiled.memory_analysis()
+                row[f"update_temp_mb_{label}"] = (mem.temp_size_in_bytes / 1e6) if mem else None
+        row["paper_adamw_gb"], row["paper_galore_gb"] = PAPER.get(key, (None, None))
+        rows.append(row)
+    return rows
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+    return {
+        "tokens": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+        "segment_ids": jnp.ones((batch, seq), jnp.int32),
+        "loss_mask": jnp.ones((batch, seq), jnp.float32),
+    }
+
+
+def step_times(model_path: Path, gap: int, rank: int, periods: int) -> dict:
+    cfg = load_config(model_path)
+    graphdef, names, _ = abstract_model(cfg)
+    vocab = cfg.model.vocab_size or 256
+    model_cfg = cfg.model.with_vocab(vocab)
+    batch = synthetic_batch(cfg.train.batch_size, cfg.train.seq_len, 256, 0)
+    out = {"model": str(model_path.relative_to(ROOT)), "gap": gap, "rank": rank}
+    variants = {
+        "adamw": optimizer_cfg(cfg, "adamw"),
+        "galore": optimizer_cfg(cfg, "galore", rank=rank, update_proj_gap=gap),
+        "galore_stagger": optimizer_cfg(cfg, "galore", rank=rank, update_proj_gap=gap,
+                                        stagger_refresh=True),
+        "apollo": optimizer_cfg(cfg, "apollo", rank=rank, update_proj_gap=gap),
+    }
+    for label, ocfg in variants.items():
+        tx, schedule = make_optimizer(ocfg, 10_000, names)
+        params = nnx.to_pure_dict(nnx.split(arch.build(model_cfg, rngs=nnx.Rngs(0)))[1])
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params), "bad_steps": jnp.zeros((), jnp.int32),
+                 "skipped": jnp.zeros((), jnp.int32)}
+        step = jax.jit(make_train_step(graphdef, tx, schedule, microbatches=1, z_loss=0.0,
+                                       clip_norm=1.0), donate_argnums=0)
+        state, m = step(state, batch)  # compile + step 0 (a refresh for everyone)
+        for _ in range(gap - 1):  # finish the first period, so timing starts at a refresh
+            state, m = step(state, batch)
+        jax.block_until_ready(m["loss"])
+        t0 = time.perf_counter()
+        for _ in range(gap * periods):
+            state, m = step(state, batch)
+        jax.block_until_ready(m["loss"])
+        out[f"{label}_ms"] = 1e3 * (time.perf_counter() - t0) / (gap * periods)
+    for label in ("galore", "galore_stagger", "apollo"):
+        out[f"{label}_overhead"] = out[f"{label}_ms"] / out["adamw_ms"] - 1
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps-model", default=str(ROOT / "configs/transformer/small.yaml"))
+    ap.add_argument("--gap", type=int, default=50, help="refresh gap T for the timing")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--periods", type=int, default=1)
+    ap.add_argument("--no-compile-temp", action="store_true",
+                    help="skip compiling the update for XLA's temp-memory figure")
+    args = ap.parse_args(argv)
+
+    presets = sorted((ROOT / "configs/galore").glob("llama_*.yaml"),
+                     key=lambda p: float(p.stem.split("_")[-1][:-1]) *
+                     (1000 if p.stem.endswith("b") else 1))
+    rows = memory_rows(presets, compile_temp=not args.no_compile_temp)
+    print("weights + optimizer state, bf16, GB (paper: GaLore Table 2)")
+    hdr = (f"{'preset':<12}{'params':>8}{'rank':>6}{'AdamW':>8}{'paper':>7}{'GaLore':>8}"
+           f"{'paper':>7}{'APOLLO':>8}{'upd tmp MB all/stagger':>24}")
+    print(hdr)
+    for r in rows:
+        tmp = (f"{r.get('update_temp_mb_uniform') or float('nan'):>10.1f} /"
+               f"{r.get('update_temp_mb_stagger') or float('nan'):>9.1f}")
+        print(f"{r['preset']:<12}{r['params'] / 1e6:>7.0f}M{r['rank']:>6}"
+              f"{r['adamw_total_gb']:>8.2f}{r['paper_adamw_gb']:>7.2f}"
+              f"{r['galore_total_gb']:>8.2f}{r['paper_galore_gb']:>7.2f}"
+              f"{r['apollo_total_gb']:>8.2f}{tmp:>24}")
+    timing = step_times(Path(args.steps_model).resolve(), args.gap, args.rank, args.periods)
+    print(f"\nstep time, {timing['model']}, CPU ({jax.device_count()} device), averaged over "
+          f"{args.periods} refresh period(s) of T={args.gap}, rank {args.rank}")
+    for label in ("adamw", "galore", "galore_stagger", "apollo"):
+        extra = "" if label == "adamw" else f"  ({timing[label + '_overhead']:+.1%} vs AdamW)"
+        print(f"  {label:<16}{timing[label + '_ms']:8.1f} ms{extra}")
+    print(json.dumps({"bench": "optimizer_memory", "memory": rows, "step_time": timing}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
