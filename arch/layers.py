@@ -236,7 +236,7 @@ def _block_scores(lo, hi, causal, q_BKGTD, k_BKSD, segment_ids_BT):
 def _blocked_attention_fwd(bounds, causal, q_BKGTD, k_BKSD, v_BKSD, segment_ids_BT):
     b, kv, g, t, d = q_BKGTD.shape
     outs, lses = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         c, s = hi - lo, (hi if causal else t)
         s_BKGCS, _ = _block_scores(lo, hi, causal, q_BKGTD, k_BKSD, segment_ids_BT)
         m_BKGC = jnp.max(s_BKGCS, axis=-1)
@@ -261,7 +261,7 @@ def _blocked_attention_bwd(bounds, causal, res, do_BKGTD):
     dq_blocks = []
     dk_BKSD = jnp.zeros(k_BKSD.shape, jnp.float32)
     dv_BKSD = jnp.zeros(v_BKSD.shape, jnp.float32)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         c, s = hi - lo, (hi if causal else t)
         s_BKGCS, q_BKMD = _block_scores(lo, hi, causal, q_BKGTD, k_BKSD, segment_ids_BT)
         p_BKGCS = jnp.exp(s_BKGCS - lse_BKGT[:, :, :, lo:hi, None])

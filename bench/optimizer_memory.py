@@ -1,6 +1,6 @@
 """Optimizer memory per GaLore preset, and the step-time overhead of the low-rank optimizers.
 
-    python bench/optimizer_memory.py [--steps-model configs/transformer/small.yaml] [--gap 50]
+    python bench/optimizer_memory.py [--steps-model configs/transformer/tiny.yaml] [--gap 50]
 
 1. For each `configs/galore/llama_*.yaml`: weights + optimizer state, counted in bf16 as the
    GaLore paper counts them (2 bytes per stored element, int32 bookkeeping at 4 bytes, decimal
@@ -137,9 +137,9 @@ def step_times(model_path: Path, gap: int, rank: int, periods: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps-model", default=str(ROOT / "configs/transformer/small.yaml"))
+    ap.add_argument("--steps-model", default=str(ROOT / "configs/transformer/tiny.yaml"))
     ap.add_argument("--gap", type=int, default=50, help="refresh gap T for the timing")
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--periods", type=int, default=1)
     ap.add_argument("--no-compile-temp", action="store_true",
                     help="skip compiling the update for XLA's temp-memory figure")

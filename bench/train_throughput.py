@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from menagerie.data import measure_throughput
 from menagerie.train.config import load_config
 from menagerie.train.metrics import device_peak_flops, measure_matmul_peak
@@ -34,8 +33,13 @@ from menagerie.train.trainer import Trainer
 SIZES = {
     # name: overrides on top of the defaults
     "default": [],
-    "d512": ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "train.seq_len=1024",
-             "train.batch_size=4"],
+    "d512": [
+        "model.d_model=512",
+        "model.n_layers=8",
+        "model.n_heads=8",
+        "train.seq_len=1024",
+        "train.batch_size=4",
+    ],
 }
 
 
@@ -51,9 +55,17 @@ def peer_init(key, *, vocab: int, d: int, layers: int, heads: int, ffn: int) -> 
         return 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
 
     blocks = [
-        {"wq": normal((d, heads, hd)), "wk": normal((d, heads, hd)), "wv": normal((d, heads, hd)),
-         "wo": normal((heads, hd, d)), "w_gate": normal((d, ffn)), "w_up": normal((d, ffn)),
-         "w_down": normal((ffn, d)), "attn_norm": jnp.ones((d,)), "ffn_norm": jnp.ones((d,))}
+        {
+            "wq": normal((d, heads, hd)),
+            "wk": normal((d, heads, hd)),
+            "wv": normal((d, heads, hd)),
+            "wo": normal((heads, hd, d)),
+            "w_gate": normal((d, ffn)),
+            "w_up": normal((d, ffn)),
+            "w_down": normal((ffn, d)),
+            "attn_norm": jnp.ones((d,)),
+            "ffn_norm": jnp.ones((d,)),
+        }
         for _ in range(layers)
     ]
     return {"embed": normal((vocab, d)), "blocks": blocks, "final_norm": jnp.ones((d,))}
@@ -99,10 +111,13 @@ def peer_loss(params: dict, tokens_BT, targets_BT):
 def make_peer(cfg, key):
     """(jitted donated step, initial state) of the peer at cfg's model dims."""
     m = cfg.model
-    params = peer_init(key, vocab=m.padded_vocab, d=m.d_model, layers=m.n_layers,
-                       heads=m.n_heads, ffn=m.ffn_dim)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay))
+    params = peer_init(
+        key, vocab=m.padded_vocab, d=m.d_model, layers=m.n_layers, heads=m.n_heads, ffn=m.ffn_dim
+    )
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
+    )
 
     def step(state, batch):
         params, opt_state = state
@@ -123,8 +138,9 @@ def _timed(fn, state, batch):
     return state, out, time.perf_counter() - t0
 
 
-def bench_size(name: str, overrides: list[str], steps: int, n_peaks: int, peak0: float,
-               measured_peak: bool) -> dict:
+def bench_size(
+    name: str, overrides: list[str], steps: int, n_peaks: int, peak0: float, measured_peak: bool
+) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(None, [*overrides, f"run_dir={run_dir}", "log.tensorboard=false"])
         trainer = Trainer(cfg)
@@ -141,7 +157,7 @@ def bench_size(name: str, overrides: list[str], steps: int, n_peaks: int, peak0:
         peaks = [peak0]
         peak_at = {round(i * steps / max(n_peaks, 1)) for i in range(n_peaks)}
         with trainer.context():
-            for i, (b, pb) in enumerate(zip(batches, peer_batches)):
+            for i, (b, pb) in enumerate(zip(batches, peer_batches, strict=True)):
                 if measured_peak and i - 2 in peak_at:
                     peaks.append(measure_matmul_peak())
                 state, _, dt = _timed(step_fn, state, b)
@@ -155,33 +171,35 @@ def bench_size(name: str, overrides: list[str], steps: int, n_peaks: int, peak0:
         tokens = t.batch_size * t.seq_len
         fpt = cfg.model.flops_per_token(t.seq_len)
         n_dev = jax.device_count()
-        data_tps = measure_throughput(trainer.train_data.folder, seq_len=t.seq_len,
-                                      batch_size=t.batch_size, num_batches=100)["tokens_per_s"]
+        data_tps = measure_throughput(
+            trainer.train_data.folder, seq_len=t.seq_len, batch_size=t.batch_size, num_batches=100
+        )["tokens_per_s"]
         rows = []
         for who, ts in times.items():
             best, med = min(ts), statistics.median(ts)
-            rows.append({
-                "size": name,
-                "step": who,
-                "params_M": cfg.model.num_params() / 1e6,
-                "d_model": cfg.model.d_model,
-                "layers": cfg.model.n_layers,
-                "seq_len": t.seq_len,
-                "batch": t.batch_size,
-                "first_step_s": first[who],
-                "step_s_best": best,
-                "step_s_median": med,
-                "step_s_all": ts,
-                "tokens_per_s": tokens / med,
-                "mfu_best": tokens / best * fpt / (peak * n_dev),
-                "mfu_median": tokens / med * fpt / (peak * n_dev),
-                "peak_flops": peak,
-                "peak_samples": peaks,
-                "data_tokens_per_s": data_tps,
-                "data_headroom": data_tps * med / tokens,
-            })
-        rows[0]["vs_peer"] = rows[0]["step_s_median"] and (
-            rows[1]["step_s_median"] / rows[0]["step_s_median"])
+            rows.append(
+                {
+                    "size": name,
+                    "step": who,
+                    "params_M": cfg.model.num_params() / 1e6,
+                    "d_model": cfg.model.d_model,
+                    "layers": cfg.model.n_layers,
+                    "seq_len": t.seq_len,
+                    "batch": t.batch_size,
+                    "first_step_s": first[who],
+                    "step_s_best": best,
+                    "step_s_median": med,
+                    "step_s_all": ts,
+                    "tokens_per_s": tokens / med,
+                    "mfu_best": tokens / best * fpt / (peak * n_dev),
+                    "mfu_median": tokens / med * fpt / (peak * n_dev),
+                    "peak_flops": peak,
+                    "peak_samples": peaks,
+                    "data_tokens_per_s": data_tps,
+                    "data_headroom": data_tps * med / tokens,
+                }
+            )
+        rows[0]["vs_peer"] = rows[1]["step_s_median"] / rows[0]["step_s_median"]
         rows[1]["vs_peer"] = 1.0
         return rows
 
@@ -194,29 +212,45 @@ def main() -> None:
     args = ap.parse_args()
     peak, source = device_peak_flops()
     measured = source.startswith("measured")
-    rows = [r for n in args.sizes.split(",")
-            for r in bench_size(n, SIZES[n], args.steps, args.peaks, peak, measured)]
+    rows = [
+        r
+        for n in args.sizes.split(",")
+        for r in bench_size(n, SIZES[n], args.steps, args.peaks, peak, measured)
+    ]
     peak = max(r["peak_flops"] for r in rows)
     if measured:
         source = f"max of {len(rows[0]['peak_samples'])} float32 matmul runs interleaved w/ steps"
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
-    head = (f"{'size':8} {'step':5} {'params':>8} {'seq':>5} {'batch':>5} {'compile s':>9} "
-            f"{'best ms':>8} {'med ms':>8} {'tok/s':>8} {'MFU best':>8} {'MFU med':>8} "
-            f"{'vs peer':>7} {'data x':>7}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"peak {peak / 1e9:.1f} GFLOP/s ({source})"
+    )
+    head = (
+        f"{'size':8} {'step':5} {'params':>8} {'seq':>5} {'batch':>5} {'compile s':>9} "
+        f"{'best ms':>8} {'med ms':>8} {'tok/s':>8} {'MFU best':>8} {'MFU med':>8} "
+        f"{'vs peer':>7} {'data x':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['size']:8} {r['step']:5} {r['params_M']:7.2f}M {r['seq_len']:5d} "
-              f"{r['batch']:5d} {r['first_step_s']:9.1f} {r['step_s_best'] * 1e3:8.1f} "
-              f"{r['step_s_median'] * 1e3:8.1f} {r['tokens_per_s']:8.0f} "
-              f"{100 * r['mfu_best']:7.1f}% {100 * r['mfu_median']:7.1f}% "
-              f"{r['vs_peer']:6.2f}x {r['data_headroom']:6.0f}x")
-    print("peak samples (GFLOP/s): "
-          + "; ".join(f"{r['size']}: " + ", ".join(f"{p / 1e9:.0f}" for p in r["peak_samples"])
-                      for r in rows[::2]))
-    print(json.dumps({"bench": "train_throughput", "peak_flops": peak, "peak_source": source,
-                      "rows": rows}))
+        print(
+            f"{r['size']:8} {r['step']:5} {r['params_M']:7.2f}M {r['seq_len']:5d} "
+            f"{r['batch']:5d} {r['first_step_s']:9.1f} {r['step_s_best'] * 1e3:8.1f} "
+            f"{r['step_s_median'] * 1e3:8.1f} {r['tokens_per_s']:8.0f} "
+            f"{100 * r['mfu_best']:7.1f}% {100 * r['mfu_median']:7.1f}% "
+            f"{r['vs_peer']:6.2f}x {r['data_headroom']:6.0f}x"
+        )
+    print(
+        "peak samples (GFLOP/s): "
+        + "; ".join(
+            f"{r['size']}: " + ", ".join(f"{p / 1e9:.0f}" for p in r["peak_samples"])
+            for r in rows[::2]
+        )
+    )
+    print(
+        json.dumps(
+            {"bench": "train_throughput", "peak_flops": peak, "peak_source": source, "rows": rows}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -229,6 +229,8 @@ class Trainer:
 
         peak, peak_src = device_peak_flops()
         n_dev = jax.device_count()
+        # On CPU the measured peak is the whole host's (simulated devices share its cores).
+        peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else n_dev
         flops_per_token = cfg.model.flops_per_token(t.seq_len)
         console.print(
             f"model {cfg.model.family}: {cfg.model.num_params() / 1e6:.2f}M params, "
@@ -276,7 +278,7 @@ class Trainer:
                         if window_steps and dt > 0:
                             tps = window_tokens / dt
                             row.update(step_time=dt / window_steps, tokens_per_s=tps,
-                                       mfu=tps * flops_per_token / (peak * n_dev))
+                                       mfu=tps * flops_per_token / (peak * peak_units))
                         writer.write(step, row)
                         console.print(_format_row(step, t.steps, row))
                         window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0

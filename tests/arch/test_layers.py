@@ -33,7 +33,7 @@ def test_attention_matches_reference(heads, kv_heads, q_block):
     ct = jax.random.normal(kq, q.shape)  # gradients too: the blocks slice k and v
     grads = jax.grad(lambda *a: jnp.sum(attn(*a, seg) * ct), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: jnp.sum(_reference_attention(*a, seg) * ct), argnums=(0, 1, 2))
-    for got, want in zip(grads, ref(q, k, v)):
+    for got, want in zip(grads, ref(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
