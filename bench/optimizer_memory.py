@@ -111,6 +111,8 @@ def step_times(model_path: Path, gap: int, rank: int, periods: int) -> dict:
         "galore": optimizer_cfg(cfg, "galore", rank=rank, update_proj_gap=gap),
         "galore_stagger": optimizer_cfg(cfg, "galore", rank=rank, update_proj_gap=gap,
                                         stagger_refresh=True),
+        "galore_gram": optimizer_cfg(cfg, "galore", rank=rank, update_proj_gap=gap,
+                                     svd_method="gram"),
         "apollo": optimizer_cfg(cfg, "apollo", rank=rank, update_proj_gap=gap),
     }
     for label, ocfg in variants.items():
@@ -130,7 +132,7 @@ def step_times(model_path: Path, gap: int, rank: int, periods: int) -> dict:
             state, m = step(state, batch)
         jax.block_until_ready(m["loss"])
         out[f"{label}_ms"] = 1e3 * (time.perf_counter() - t0) / (gap * periods)
-    for label in ("galore", "galore_stagger", "apollo"):
+    for label in ("galore", "galore_stagger", "galore_gram", "apollo"):
         out[f"{label}_overhead"] = out[f"{label}_ms"] / out["adamw_ms"] - 1
     return out
 
@@ -163,7 +165,7 @@ def main(argv=None) -> None:
     timing = step_times(Path(args.steps_model).resolve(), args.gap, args.rank, args.periods)
     print(f"\nstep time, {timing['model']}, CPU ({jax.device_count()} device), averaged over "
           f"{args.periods} refresh period(s) of T={args.gap}, rank {args.rank}")
-    for label in ("adamw", "galore", "galore_stagger", "apollo"):
+    for label in ("adamw", "galore", "galore_stagger", "galore_gram", "apollo"):
         extra = "" if label == "adamw" else f"  ({timing[label + '_overhead']:+.1%} vs AdamW)"
         print(f"  {label:<16}{timing[label + '_ms']:8.1f} ms{extra}")
     print(json.dumps({"bench": "optimizer_memory", "memory": rows, "step_time": timing}))

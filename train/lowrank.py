@@ -203,6 +203,7 @@ def scale_by_lowrank(
     lazy_queue: int = 5,
     lazy_factor: int = 2,
     canonical_signs: bool = True,
+    svd_method: Literal["qr", "default", "gram"] = "qr",
     seed: int = 0,
 ) -> optax.GradientTransformation:
     """The low-rank direction D (see the module docstring), times √(1−β₂ᵗ)/(1−β₁ᵗ), unsigned
@@ -231,6 +232,11 @@ def scale_by_lowrank(
         `lazy_factor` (q_galore_projector.py; we use |cos| so the sign convention is moot).
       canonical_signs: fix singular-vector signs (see `_canonical_signs`); False uses raw
         `jnp.linalg.svd` output as optax.contrib does.
+      svd_method: "qr": `lax.linalg.svd(algorithm=QR)` (LAPACK gesvd; on XLA:CPU the default
+        divide-and-conquer path is ~25x slower on a 64x256 matrix); "default": `jnp.linalg.svd`
+        as optax.contrib calls it; "gram": top eigenvectors of the smaller Gram matrix
+        (GGᵀ or GᵀG, fp32) - a matmul that reduces over the sharded axis plus a k x k eigh,
+        ~50x cheaper than "qr" on CPU, less accurate for small singular-value gaps.
       seed: seeds random projections.
     """
     if not isinstance(rank, int) or rank <= 0:
@@ -287,8 +293,15 @@ def scale_by_lowrank(
 
     def svd_projector(g_mn: jax.Array, plan: _Plan) -> jax.Array:
         """[m, n] -> Q [k, r] in float32 (official: torch.linalg.svd of the fp32 gradient)."""
-        u, _, vh = jnp.linalg.svd(g_mn.astype(jnp.float32), full_matrices=False)
-        q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
+        g32 = g_mn.astype(jnp.float32)
+        if svd_method == "gram":
+            gram = g32 @ g32.T if plan.side == "left" else g32.T @ g32  # [k, k]
+            _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+            q = vecs[:, ::-1][:, : plan.rank]
+        else:
+            algorithm = jax.lax.linalg.SvdAlgorithm.QR if svd_method == "qr" else None
+            u, _, vh = jax.lax.linalg.svd(g32, full_matrices=False, algorithm=algorithm)
+            q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
         return _canonical_signs(q) if canonical_signs else q
 
     def random_projector(index: jax.Array, step: jax.Array, plan: _Plan) -> jax.Array:

@@ -121,7 +121,8 @@ def _lowrank_kwargs(cfg: OptimConfig) -> dict:
         return dict(common, scale=1.0 if cfg.scale is None else cfg.scale,
                     scaling=cfg.apollo_scaling, norm_growth_limit=cfg.norm_growth_limit)
     return dict(common, scale=0.25 if cfg.scale is None else cfg.scale,
-                projection=cfg.projection, fira=cfg.fira, lazy_refresh=cfg.lazy_refresh,
+                projection=cfg.projection, fira=cfg.fira, svd_method=cfg.svd_method,
+                lazy_refresh=cfg.lazy_refresh,
                 norm_growth_limit=cfg.norm_growth_limit if cfg.fira else None)
 
 

@@ -33,7 +33,7 @@ from .config import RunConfig, check_mesh_fits
 from .errors import ConfigError, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
-from .optim import make_optimizer
+from .optim import make_optimizer, opt_state_shardings
 from .step import make_eval_step, make_train_step
 
 
@@ -108,9 +108,13 @@ class Trainer:
     def _state_shardings(self, abstract_params: Any) -> dict:
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         repl = mesh_lib.replicated(self.mesh)
-        # Optimizer leaves that mirror a parameter take its sharding; the rest are replicated.
-        opt_shardings = _match_param_shardings(abstract_opt, abstract_params,
-                                               self.param_shardings, repl)
+        # Low-rank optimizers name their state's axes; otherwise leaves that mirror a parameter
+        # take its sharding and the rest are replicated.
+        opt_shardings = opt_state_shardings(self.cfg.optim, abstract_opt, abstract_params,
+                                            self.param_names, self.mesh)
+        if opt_shardings is None:
+            opt_shardings = _match_param_shardings(abstract_opt, abstract_params,
+                                                   self.param_shardings, repl)
         return {
             "step": repl,
             "params": self.param_shardings,

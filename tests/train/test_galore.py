@@ -124,7 +124,7 @@ def test_galore_matches_optax_contrib_on_the_same_side():
     # eps = 1e-12 that is below float32 rounding.
     ours = galore(lr, {"tall": MatrixDims(), "wide": MatrixDims(), "attn": MatrixDims(0, 1)},
                   rank=rank, update_proj_gap=gap, scale=0.25, eps=eps, side="reverse_std",
-                  canonical_signs=False)
+                  canonical_signs=False, svd_method="default")
     s_t, s_o = theirs.init(params), ours.init(params)
     p_t = p_o = params
     for t, g in enumerate(spectral_grads(rng, {"tall": (40, 16), "wide": (12, 36),
@@ -170,7 +170,8 @@ STACK = {"w": MatrixDims(1, 1)}
     dict(fira=True, norm_growth_limit=1.01),
     dict(lazy_refresh=True, lazy_queue=2),
     dict(projection="random"),
-], ids=["galore", "stagger", "reproject", "fira", "lazy", "random"])
+    dict(svd_method="gram"),
+], ids=["galore", "stagger", "reproject", "fira", "lazy", "random", "gram"])
 def test_every_variant_descends(options):
     first, last, state = quadratic_run(galore(0.05, STACK, rank=4, update_proj_gap=5,
                                               scale=1.0, **options))
