@@ -44,3 +44,18 @@ def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert os.path.isdir(tmp_path / "sharded" / "checkpoints" / "8")
+
+
+def test_galore_on_fsdp_and_tensor_sharded_params_matches_one_device(tmp_path):
+    """GaLore with refreshes inside the run (gap 3, staggered): its projected state is sharded
+    by its logical names on a data x fsdp x tensor mesh, and the losses equal one device's."""
+    galore = ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=3",
+              "optim.stagger_refresh=true", "optim.lr=0.01", "optim.scale=0.25"]
+    one = _train(tmp_path / "one", 1, *galore)
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = _train(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                     *galore)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "sharded")
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)],
+                               rtol=1e-4)
