@@ -129,9 +129,9 @@ class TrainConfig(BaseModel):
 
     model_config = _STRICT
 
-    steps: int = 250
+    steps: int = 240
     """Number of optimizer steps."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Global batch size in sequences per optimizer step (all processes together)."""
     seq_len: int = 256
     """Tokens per sequence; documents are packed to this length."""
