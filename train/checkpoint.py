@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -59,7 +60,9 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
     """
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"run_dir '{run_dir}' is a file, not a folder; choose another run_dir")
+        raise CheckpointError(
+            f"run_dir '{run_dir}' is a file, not a folder; choose another run_dir"
+        )
     saved_path = run_dir / CONFIG_FILE
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not saved_path.is_file():
@@ -76,7 +79,8 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
                 diffs = ["its config.yaml is unreadable"]
             if diffs and not start_over:
                 raise CheckpointError(
-                    f"run_dir '{run_dir}' holds a run of a different model ({'; '.join(diffs[:3])}); "
+                    f"run_dir '{run_dir}' holds a run of a different model "
+                    f"({'; '.join(diffs[:3])}); "
                     "choose another run_dir, or pass --start-over to move the old run aside"
                 )
             if not diffs:
@@ -103,8 +107,15 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
 class Checkpointer:
     """Orbax `CheckpointManager` with fall-back restore and the metadata we need to resume."""
 
-    def __init__(self, run_dir: Path, *, every: int, keep_last: int, keep_every: int | None,
-                 async_save: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        every: int,
+        keep_last: int,
+        keep_every: int | None,
+        async_save: bool = True,
+    ):
         self.every = every
         self.directory = Path(run_dir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
@@ -129,7 +140,9 @@ class Checkpointer:
         meta = {**meta, "format_version": FORMAT_VERSION, "step": step}
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             force=True,
         )
 
@@ -159,7 +172,9 @@ class Checkpointer:
                 jax.block_until_ready(state)
                 meta = dict(restored["meta"])
             except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
-                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                reason = (
+                    str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                )
                 failures.append(step)
                 warn(f"checkpoint at step {step} is unreadable ({reason}); trying an older one")
                 continue

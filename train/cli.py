@@ -28,8 +28,11 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a model")
     common(t)
-    t.add_argument("--start-over", action="store_true",
-                   help="if run_dir holds another run, move it aside and start afresh")
+    t.add_argument(
+        "--start-over",
+        action="store_true",
+        help="if run_dir holds another run, move it aside and start afresh",
+    )
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run on validation data")
     common(e)
     pr = sub.add_parser("prepare", help="tokenize a data source into ArrayRecord shards")
@@ -54,8 +57,10 @@ def cmd_train(args) -> int:
     if summary.preempted:
         return 0
     if summary.eval:
-        print(f"final eval: loss {summary.eval['loss']:.4f}, "
-              f"bits/byte {summary.eval['bits_per_byte']:.4f}")
+        print(
+            f"final eval: loss {summary.eval['loss']:.4f}, "
+            f"bits/byte {summary.eval['bits_per_byte']:.4f}"
+        )
     if summary.sample is not None:
         print("sample:\n" + summary.sample)
     return 0
@@ -70,12 +75,19 @@ def cmd_eval(args) -> int:
     cfg = _load(args)
     saved = Path(cfg.run_dir) / CONFIG_FILE
     if not saved.is_file():
-        raise CheckpointError(f"run_dir '{cfg.run_dir}' holds no run ({CONFIG_FILE} missing); "
-                              "pass the run_dir of a trained run (run_dir=...)")
+        raise CheckpointError(
+            f"run_dir '{cfg.run_dir}' holds no run ({CONFIG_FILE} missing); "
+            "pass the run_dir of a trained run (run_dir=...)"
+        )
     cfg = build_config(read_yaml(saved), args.overrides)
     trainer = Trainer(cfg)
-    ckpt = Checkpointer(trainer.run_dir, every=0, keep_last=cfg.checkpoint.keep_last,
-                        keep_every=cfg.checkpoint.keep_every, async_save=False)
+    ckpt = Checkpointer(
+        trainer.run_dir,
+        every=0,
+        keep_last=cfg.checkpoint.keep_last,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=False,
+    )
     try:
         restored = ckpt.restore_latest(trainer.abstract_state())
     finally:
@@ -86,8 +98,10 @@ def cmd_eval(args) -> int:
     eval_step = trainer.jit_eval_step()
     with trainer.context():
         ev = trainer.evaluate(state["params"], eval_step)
-    print(f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "
-          f"over {int(ev['tokens'])} tokens")
+    print(
+        f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "
+        f"over {int(ev['tokens'])} tokens"
+    )
     return 0
 
 

@@ -15,10 +15,9 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, model_validator
-
 from menagerie.arch import ModelConfig
 from menagerie.data import DataConfig
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import ConfigError
 
@@ -166,7 +165,9 @@ class TrainConfig(BaseModel):
                 f"train.batch_size={self.batch_size}; choose a divisor of the batch size"
             )
         if self.eval_every < 0 or self.eval_batches < 0 or self.sample_tokens < 0:
-            raise ValueError("train.eval_every, train.eval_batches and train.sample_tokens must be >= 0")
+            raise ValueError(
+                "train.eval_every, train.eval_batches and train.sample_tokens must be >= 0"
+            )
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss={self.z_loss} must be >= 0")
         return self
@@ -289,7 +290,9 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.steps=200)")
+        raise ConfigError(
+            f"override '{item}' is not of the form key.sub=value (e.g. train.steps=200)"
+        )
     key, text = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
@@ -340,17 +343,24 @@ def _format_validation_error(err: pydantic.ValidationError) -> str:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/transformer/tiny.yaml")
+        raise ConfigError(
+            f"config file '{path}' does not exist; "
+            "pass a YAML file such as configs/transformer/tiny.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML{where}; fix its syntax"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of sections (model:, train:, ...)"
+        )
     return raw
 
 

@@ -160,8 +160,9 @@ def _make_plans(params: Any, matrix_dims: Any, rank: int, side: Side) -> list[_P
                 )
             plans.append(_Plan(name, shape, p.dtype, lowrank=False))
             continue
-        plan = _Plan(name, shape, p.dtype, True, shape[:b], m, n, _pick_side(side, m, n), rank,
-                     first)
+        plan = _Plan(
+            name, shape, p.dtype, True, shape[:b], m, n, _pick_side(side, m, n), rank, first
+        )
         plans.append(plan)
         first += plan.batch
     return plans
@@ -267,22 +268,29 @@ def scale_by_lowrank(
                 fields["mu"].append(jnp.zeros(p.shape, jnp.float32))
                 fields["nu"].append(jnp.zeros(p.shape, jnp.float32))
                 for f in LowRankState._fields[3:]:
-                    fields[f].append(_empty(jnp.int32 if f in ("proj_step", "next_refresh", "gap")
-                                            else jnp.float32))
+                    fields[f].append(
+                        _empty(
+                            jnp.int32 if f in ("proj_step", "next_refresh", "gap") else jnp.float32
+                        )
+                    )
                 continue
             bs = plan.batch_shape
             fields["mu"].append(jnp.zeros(bs + plan.low_shape, jnp.float32))
             fields["nu"].append(jnp.zeros(bs + plan.low_shape, jnp.float32))
             fields["projector"].append(
-                jnp.zeros(bs + (plan.k, plan.rank), plan.dtype) if projection == "svd"
-                else _empty(plan.dtype))
+                jnp.zeros(bs + (plan.k, plan.rank), plan.dtype)
+                if projection == "svd"
+                else _empty(plan.dtype)
+            )
             fields["proj_step"].append(jnp.zeros(bs, jnp.int32))
             fields["next_refresh"].append(jnp.zeros(bs, jnp.int32))
             fields["gap"].append(jnp.full(bs, gap0, jnp.int32))
             fields["cos_history"].append(
-                jnp.full(bs + (lazy_queue,), jnp.nan, jnp.float32) if lazy_refresh else _empty())
+                jnp.full(bs + (lazy_queue,), jnp.nan, jnp.float32) if lazy_refresh else _empty()
+            )
             fields["top_vector"].append(
-                jnp.zeros(bs + (plan.k,), jnp.float32) if lazy_refresh else _empty())
+                jnp.zeros(bs + (plan.k,), jnp.float32) if lazy_refresh else _empty()
+            )
             fields["residual_norm"].append(jnp.zeros(bs, jnp.float32) if limiter else _empty())
         return LowRankState(
             count=jnp.zeros((), jnp.int32),
@@ -342,11 +350,13 @@ def scale_by_lowrank(
             q_old = proj.reshape(B, plan.k, plan.rank).astype(jnp.float32)
             if uniform:  # everyone refreshes together: one batched SVD under one cond
                 q_new = jax.lax.cond(
-                    do[0], lambda: jax.vmap(lambda x: svd_projector(x, plan))(g3), lambda: q_old)
+                    do[0], lambda: jax.vmap(lambda x: svd_projector(x, plan))(g3), lambda: q_old
+                )
             else:  # one matrix at a time, only those due
                 q_new = jax.lax.map(
                     lambda a: jax.lax.cond(a[0], lambda: svd_projector(a[1], plan), lambda: a[2]),
-                    (do, g3, q_old))
+                    (do, g3, q_old),
+                )
             # Stored, and used, in the parameter dtype (official: cast back after the SVD).
             q_store = q_new.astype(plan.dtype)
             q_new = q_store.astype(jnp.float32)
@@ -370,7 +380,8 @@ def scale_by_lowrank(
             hist, top = hist.reshape(B, lazy_queue), top.reshape(B, plan.k)
             top_new = q_new[:, :, 0]
             cos = jnp.abs(jnp.sum(top * top_new, -1)) / (
-                jnp.linalg.norm(top, axis=-1) * jnp.linalg.norm(top_new, axis=-1) + 1e-30)
+                jnp.linalg.norm(top, axis=-1) * jnp.linalg.norm(top_new, axis=-1) + 1e-30
+            )
             pushed = jnp.concatenate([hist[:, 1:], cos[:, None]], axis=1)
             hist_new = jnp.where((do & (count > 0))[:, None], pushed, hist)
             full = ~jnp.any(jnp.isnan(hist_new), axis=1)
@@ -391,10 +402,12 @@ def scale_by_lowrank(
         if apollo_scaling != "none":
             if apollo_scaling == "channel":
                 s = jnp.linalg.norm(nrm, axis=ax, keepdims=True) / (
-                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8)
+                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8
+                )
             else:
                 s = jnp.linalg.norm(nrm, axis=(1, 2), keepdims=True) / (
-                    jnp.linalg.norm(r, axis=(1, 2), keepdims=True) + 1e-8)
+                    jnp.linalg.norm(r, axis=(1, 2), keepdims=True) + 1e-8
+                )
             d = scale * g3 * s
             if limiter:
                 d, rnorm = _limit(d, rnorm.reshape(B), norm_growth_limit)
@@ -402,7 +415,8 @@ def scale_by_lowrank(
             d = scale * back(nrm, q_new, plan)
             if fira:
                 phi = jnp.linalg.norm(nrm, axis=ax, keepdims=True) / (
-                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8)
+                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8
+                )
                 resid = (g3 - back(r, q_new, plan)) * phi
                 if limiter:
                     resid, rnorm = _limit(resid, rnorm.reshape(B), norm_growth_limit)
@@ -439,11 +453,23 @@ def scale_by_lowrank(
             leaf = {f: flat[f][i] for f in flat}
             if plan.lowrank:
                 with jax.named_scope(f"lowrank/{plan.path}"):
-                    res = lowrank_leaf(plan, total, count, g, **{
-                        "mu": leaf["mu"], "nu": leaf["nu"], "proj": leaf["projector"],
-                        "pstep": leaf["proj_step"], "nxt": leaf["next_refresh"],
-                        "gap": leaf["gap"], "hist": leaf["cos_history"],
-                        "top": leaf["top_vector"], "rnorm": leaf["residual_norm"]})
+                    res = lowrank_leaf(
+                        plan,
+                        total,
+                        count,
+                        g,
+                        **{
+                            "mu": leaf["mu"],
+                            "nu": leaf["nu"],
+                            "proj": leaf["projector"],
+                            "pstep": leaf["proj_step"],
+                            "nxt": leaf["next_refresh"],
+                            "gap": leaf["gap"],
+                            "hist": leaf["cos_history"],
+                            "top": leaf["top_vector"],
+                            "rnorm": leaf["residual_norm"],
+                        },
+                    )
             else:
                 g32 = g.astype(jnp.float32)
                 mu = b1 * leaf["mu"] + (1 - b1) * g32
@@ -453,7 +479,8 @@ def scale_by_lowrank(
                 out[f].append(res[f])
         directions = zip(out.pop("d"), jax.tree.leaves(updates), strict=True)
         new_updates = jax.tree.unflatten(
-            treedef, [(step_size * d).astype(g.dtype) for d, g in directions])
+            treedef, [(step_size * d).astype(g.dtype) for d, g in directions]
+        )
         new_state = LowRankState(
             count=optax.safe_increment(count),
             **{f: jax.tree.unflatten(treedef, v) for f, v in out.items()},
@@ -483,8 +510,13 @@ def _learning_rate_and_decay(
 
     def update_fn(updates, state, params=None):
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        masks = (jax.tree.map(lambda _: True, updates) if mask is None
-                 else mask(updates) if callable(mask) else mask)
+        masks = (
+            jax.tree.map(lambda _: True, updates)
+            if mask is None
+            else mask(updates)
+            if callable(mask)
+            else mask
+        )
 
         def one(u, p, decay):
             step = -lr * u
@@ -523,8 +555,16 @@ def galore(
     `options` go to `scale_by_lowrank` (side, projection, moments_on_refresh, stagger, fira,
     lazy_refresh, ...). The state is a `LowRankState` (first) and the lr step count."""
     return optax.chain(
-        scale_by_lowrank(matrix_dims, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         b1=b1, b2=b2, eps=eps, **options),
+        scale_by_lowrank(
+            matrix_dims,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            **options,
+        ),
         _learning_rate_and_decay(learning_rate, weight_decay, weight_decay_mask),
     )
 
@@ -543,9 +583,18 @@ def apollo(
 ) -> optax.GradientTransformation:
     """APOLLO (Zhu et al. 2024): random projection, low-rank Adam used only to scale the raw
     gradient per channel (`scaling="tensor"` with rank 1 is APOLLO-Mini)."""
-    return galore(learning_rate, matrix_dims, rank=rank, update_proj_gap=update_proj_gap,
-                  scale=scale, projection="random", apollo_scaling=scaling,
-                  norm_growth_limit=norm_growth_limit, seed=seed, **kwargs)
+    return galore(
+        learning_rate,
+        matrix_dims,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        projection="random",
+        apollo_scaling=scaling,
+        norm_growth_limit=norm_growth_limit,
+        seed=seed,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -588,16 +637,25 @@ def state_logical_names(
             full, spanned = (cn, rn) if plan.side == "left" else (rn, cn)
             moment = bn + ((None, full[0]) if plan.side == "left" else (full[0], None))
             proj = bn + (spanned[0], None) if projection_stored(st, treedef, plan) else ()
-            per_field = {"mu": moment, "nu": moment, "projector": proj, "proj_step": bn,
-                         "next_refresh": bn, "gap": bn, "cos_history": bn + (None,),
-                         "top_vector": bn + (None,), "residual_norm": bn}
+            per_field = {
+                "mu": moment,
+                "nu": moment,
+                "projector": proj,
+                "proj_step": bn,
+                "next_refresh": bn,
+                "gap": bn,
+                "cos_history": bn + (None,),
+                "top_vector": bn + (None,),
+                "residual_norm": bn,
+            }
             for f in out:
                 out[f].append(per_field[f])
         fixed = {}
         for f, v in out.items():  # unused bookkeeping is a scalar placeholder
             leaves = treedef.flatten_up_to(getattr(st, f))
-            fixed[f] = jax.tree.unflatten(treedef, [
-                n if len(x.shape) else () for n, x in zip(v, leaves, strict=True)])
+            fixed[f] = jax.tree.unflatten(
+                treedef, [n if len(x.shape) else () for n, x in zip(v, leaves, strict=True)]
+            )
         return LowRankState(count=(), **fixed)
 
     def projection_stored(st, td, plan) -> bool:

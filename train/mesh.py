@@ -12,10 +12,11 @@ import warnings
 from typing import Any
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config import MeshConfig
 from .errors import ConfigError

@@ -85,8 +85,10 @@ def matrix_dims(logical_names: Any, patterns: list[str] | None = None) -> Any:
     With patterns, a parameter whose path ("blocks/mixer/q/kernel") matches any of them is
     projected; selecting a non-matrix raises ConfigError.
     """
-    paths = [lowrank._path_str(p) for p, _ in
-             jax.tree_util.tree_leaves_with_path(logical_names, is_leaf=_is_leaf)]
+    paths = [
+        lowrank._path_str(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(logical_names, is_leaf=_is_leaf)
+    ]
     leaves = jax.tree.leaves(logical_names, is_leaf=_is_leaf)
     out = []
     for path, names in zip(paths, leaves, strict=True):
@@ -113,17 +115,34 @@ def matrix_dims(logical_names: Any, patterns: list[str] | None = None) -> Any:
 
 
 def _lowrank_kwargs(cfg: OptimConfig) -> dict:
-    common = dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, b1=cfg.b1, b2=cfg.b2,
-                  eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  moments_on_refresh=cfg.moments_on_refresh, stagger=cfg.stagger_refresh,
-                  side=cfg.proj_side, seed=cfg.proj_seed)
+    common = dict(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        moments_on_refresh=cfg.moments_on_refresh,
+        stagger=cfg.stagger_refresh,
+        side=cfg.proj_side,
+        seed=cfg.proj_seed,
+    )
     if cfg.name == "apollo":
-        return dict(common, scale=1.0 if cfg.scale is None else cfg.scale,
-                    scaling=cfg.apollo_scaling, norm_growth_limit=cfg.norm_growth_limit)
-    return dict(common, scale=0.25 if cfg.scale is None else cfg.scale,
-                projection=cfg.projection, fira=cfg.fira, svd_method=cfg.svd_method,
-                lazy_refresh=cfg.lazy_refresh,
-                norm_growth_limit=cfg.norm_growth_limit if cfg.fira else None)
+        return dict(
+            common,
+            scale=1.0 if cfg.scale is None else cfg.scale,
+            scaling=cfg.apollo_scaling,
+            norm_growth_limit=cfg.norm_growth_limit,
+        )
+    return dict(
+        common,
+        scale=0.25 if cfg.scale is None else cfg.scale,
+        projection=cfg.projection,
+        fira=cfg.fira,
+        svd_method=cfg.svd_method,
+        lazy_refresh=cfg.lazy_refresh,
+        norm_growth_limit=cfg.norm_growth_limit if cfg.fira else None,
+    )
 
 
 def make_optimizer(
@@ -143,8 +162,12 @@ def make_optimizer(
         )
     elif cfg.name in ("galore", "apollo"):
         build = lowrank.galore if cfg.name == "galore" else lowrank.apollo
-        opt = build(schedule, matrix_dims(logical_names, cfg.lowrank_params),
-                    weight_decay_mask=decay_mask(logical_names), **_lowrank_kwargs(cfg))
+        opt = build(
+            schedule,
+            matrix_dims(logical_names, cfg.lowrank_params),
+            weight_decay_mask=decay_mask(logical_names),
+            **_lowrank_kwargs(cfg),
+        )
     else:  # pragma: no cover - config validation restricts the names
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     return opt, schedule
@@ -162,12 +185,14 @@ def opt_state_logical_names(
         return None
     kw = _lowrank_kwargs(cfg)
     dims = matrix_dims(logical_names, cfg.lowrank_params)
-    return lowrank.state_logical_names(abstract_opt, abstract_params, logical_names, dims,
-                                       rank=kw["rank"], side=kw["side"])
+    return lowrank.state_logical_names(
+        abstract_opt, abstract_params, logical_names, dims, rank=kw["rank"], side=kw["side"]
+    )
 
 
-def opt_state_shardings(cfg: OptimConfig, abstract_opt: Any, abstract_params: Any,
-                        logical_names: Any, mesh) -> Any | None:
+def opt_state_shardings(
+    cfg: OptimConfig, abstract_opt: Any, abstract_params: Any, logical_names: Any, mesh
+) -> Any | None:
     """NamedShardings for the optimizer state from `opt_state_logical_names`, or None (adamw)."""
     from . import mesh as mesh_lib
 

@@ -6,7 +6,8 @@ pure dict (what `nnx.State.to_pure_dict` gives), merged into the model inside th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from rich.console import Console
-
 from menagerie import arch
 from menagerie.data import PackedDataset, auto_prepare
+from rich.console import Console
 
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, prepare_run_dir
@@ -110,11 +109,13 @@ class Trainer:
         repl = mesh_lib.replicated(self.mesh)
         # Low-rank optimizers name their state's axes; otherwise leaves that mirror a parameter
         # take its sharding and the rest are replicated.
-        opt_shardings = opt_state_shardings(self.cfg.optim, abstract_opt, abstract_params,
-                                            self.param_names, self.mesh)
+        opt_shardings = opt_state_shardings(
+            self.cfg.optim, abstract_opt, abstract_params, self.param_names, self.mesh
+        )
         if opt_shardings is None:
-            opt_shardings = _match_param_shardings(abstract_opt, abstract_params,
-                                                   self.param_shardings, repl)
+            opt_shardings = _match_param_shardings(
+                abstract_opt, abstract_params, self.param_shardings, repl
+            )
         return {
             "step": repl,
             "params": self.param_shardings,
@@ -151,16 +152,27 @@ class Trainer:
     def jit_train_step(self):
         """The jitted, donated train step: (state, global batch) -> (state, metrics)."""
         t = self.cfg.train
-        step = make_train_step(self.graphdef, self.optimizer, self.schedule,
-                               microbatches=t.microbatches, z_loss=t.z_loss,
-                               clip_norm=self.cfg.optim.clip_norm)
-        return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+        step = make_train_step(
+            self.graphdef,
+            self.optimizer,
+            self.schedule,
+            microbatches=t.microbatches,
+            z_loss=t.z_loss,
+            clip_norm=self.cfg.optim.clip_norm,
+        )
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
 
     def jit_eval_step(self):
         token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
-        return jax.jit(make_eval_step(self.graphdef, token_bytes),
-                       in_shardings=(self.param_shardings, self.batch_sharding))
+        return jax.jit(
+            make_eval_step(self.graphdef, token_bytes),
+            in_shardings=(self.param_shardings, self.batch_sharding),
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -180,11 +192,18 @@ class Trainer:
     def _meta(self, step: int) -> dict:
         t = self.cfg.train
         return {
-            "data": {"next_batch": step, "seed": t.seed, "batch_size": t.batch_size,
-                     "seq_len": t.seq_len},
-            "layout": {"scan_layers": self.cfg.model.scan_layers,
-                       "param_dtype": self.cfg.model.param_dtype,
-                       "mesh": dict(self.mesh.shape), "process_count": jax.process_count()},
+            "data": {
+                "next_batch": step,
+                "seed": t.seed,
+                "batch_size": t.batch_size,
+                "seq_len": t.seq_len,
+            },
+            "layout": {
+                "scan_layers": self.cfg.model.scan_layers,
+                "param_dtype": self.cfg.model.param_dtype,
+                "mesh": dict(self.mesh.shape),
+                "process_count": jax.process_count(),
+            },
             "config": self.cfg.model_dump(mode="json"),
             "versions": {"jax": jax.__version__},
         }
@@ -193,8 +212,10 @@ class Trainer:
         t = self.cfg.train
         sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
         batches = self.val_data.eval_batches(
-            t.batch_size, t.eval_batches,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            t.batch_size,
+            t.eval_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         for local in batches:
             out = jax.device_get(eval_step(params, self._global_batch(local)))
@@ -209,11 +230,16 @@ class Trainer:
     def run(self) -> Summary:
         cfg, console = self.cfg, self.console
         t = cfg.train
-        ckpt = Checkpointer(self.run_dir, every=cfg.checkpoint.every,
-                            keep_last=cfg.checkpoint.keep_last,
-                            keep_every=cfg.checkpoint.keep_every,
-                            async_save=cfg.checkpoint.async_save)
-        restored = ckpt.restore_latest(self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}"))
+        ckpt = Checkpointer(
+            self.run_dir,
+            every=cfg.checkpoint.every,
+            keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
+            async_save=cfg.checkpoint.async_save,
+        )
+        restored = ckpt.restore_latest(
+            self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}")
+        )
         if restored is None:
             state = self.init_state()
             start = 0
@@ -222,10 +248,14 @@ class Trainer:
             start = int(jax.device_get(state["step"]))
             old = meta.get("data", {})
             if (old.get("batch_size"), old.get("seq_len"), old.get("seed")) != (
-                t.batch_size, t.seq_len, t.seed
+                t.batch_size,
+                t.seq_len,
+                t.seed,
             ):
-                console.print("[yellow]batch size, sequence length or seed changed since the "
-                              "checkpoint: the data order from here differs from the original run")
+                console.print(
+                    "[yellow]batch size, sequence length or seed changed since the "
+                    "checkpoint: the data order from here differs from the original run"
+                )
             console.print(f"resumed from {ckpt.directory / str(start)} (step {start})")
 
         train_step = self.jit_train_step()
@@ -246,8 +276,11 @@ class Trainer:
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard)
         summary = Summary(run_dir=self.run_dir, start_step=start, final_step=start)
         batches = self.train_data.batches(
-            t.batch_size, seed=t.seed, start_step=start,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            t.batch_size,
+            seed=t.seed,
+            start_step=start,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
         first_step_done = False
@@ -265,14 +298,16 @@ class Trainer:
                         first_step_done = True
                         window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
                     if not bool(m["finite"]):
-                        console.print(f"[yellow]step {step}: non-finite loss or gradient "
-                                      f"(loss={float(m['loss'])}); update skipped")
+                        console.print(
+                            f"[yellow]step {step}: non-finite loss or gradient "
+                            f"(loss={float(m['loss'])}); update skipped"
+                        )
                         if int(m["bad_steps"]) >= t.max_bad_steps:
                             ckpt.wait()
                             raise TrainingError(
-                                f"{int(m['bad_steps'])} non-finite steps in a row, the last at step "
-                                f"{step} (data batch {step - 1}); lower optim.lr or check the data; "
-                                f"the last good state is in {ckpt.directory}"
+                                f"{int(m['bad_steps'])} non-finite steps in a row, the last at "
+                                f"step {step} (data batch {step - 1}); lower optim.lr or check "
+                                f"the data; the last good state is in {ckpt.directory}"
                             )
                     summary.last_loss = float(m["loss"])
                     bar(step, summary.last_loss)
@@ -281,16 +316,21 @@ class Trainer:
                         row = {k: v for k, v in m.items() if k not in ("finite",)}
                         if window_steps and dt > 0:
                             tps = window_tokens / dt
-                            row.update(step_time=dt / window_steps, tokens_per_s=tps,
-                                       mfu=tps * flops_per_token / (peak * peak_units))
+                            row.update(
+                                step_time=dt / window_steps,
+                                tokens_per_s=tps,
+                                mfu=tps * flops_per_token / (peak * peak_units),
+                            )
                         writer.write(step, row)
                         console.print(_format_row(step, t.steps, row))
                         window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                         ev = self.evaluate(state["params"], eval_step)
                         writer.write(step, ev, kind="eval")
-                        console.print(f"eval  step {step}: loss {ev['loss']:.4f}  "
-                                      f"bits/byte {ev['bits_per_byte']:.4f}")
+                        console.print(
+                            f"eval  step {step}: loss {ev['loss']:.4f}  "
+                            f"bits/byte {ev['bits_per_byte']:.4f}"
+                        )
                         window_t0 = time.perf_counter()
                     ckpt.save(step, state, self._meta(step))
                     if preempt.requested:
@@ -307,8 +347,10 @@ class Trainer:
                     with self.context():
                         summary.eval = self.evaluate(state["params"], eval_step)
                     writer.write(step, summary.eval, kind="eval")
-                    console.print(f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
-                                  f"bits/byte {summary.eval['bits_per_byte']:.4f}")
+                    console.print(
+                        f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
+                        f"bits/byte {summary.eval['bits_per_byte']:.4f}"
+                    )
                 if t.sample_tokens:
                     summary.sample = self.sample(state["params"])
             ckpt.wait()
@@ -321,15 +363,22 @@ class Trainer:
         t = self.cfg.train
         prompt = self.tokenizer.encode(t.sample_prompt)
         with self.context():
-            ids = sample(self.graphdef, params, prompt, max_new_tokens=t.sample_tokens,
-                         window=min(t.seq_len, len(prompt) + t.sample_tokens),
-                         temperature=t.sample_temperature, seed=t.seed,
-                         stop_id=self.tokenizer.eos_id)
+            ids = sample(
+                self.graphdef,
+                params,
+                prompt,
+                max_new_tokens=t.sample_tokens,
+                window=min(t.seq_len, len(prompt) + t.sample_tokens),
+                temperature=t.sample_temperature,
+                seed=t.seed,
+                stop_id=self.tokenizer.eos_id,
+            )
         return t.sample_prompt + self.tokenizer.decode(ids)
 
 
-def _match_param_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any,
-                           default: Any) -> Any:
+def _match_param_shardings(
+    abstract_opt: Any, abstract_params: Any, param_shardings: Any, default: Any
+) -> Any:
     """Shard optimizer-state leaves like the parameter they mirror.
 
     optax states (Adam mu/nu, ...) hold subtrees with the parameters' structure; a leaf whose
@@ -337,8 +386,11 @@ def _match_param_shardings(abstract_opt: Any, abstract_params: Any, param_shardi
     """
     param_by_path = {
         _path_key(path): (x.shape, s)
-        for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
-                                jax.tree.leaves(param_shardings), strict=True)
+        for (path, x), s in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
     }
 
     def pick(path, x):
@@ -363,11 +415,18 @@ def _path_key(path) -> tuple:
 
 
 def _format_row(step: int, total: int, row: dict) -> str:
-    parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}", f"gnorm {row['grad_norm']:.3f}",
-             f"lr {row['lr']:.2e}"]
+    parts = [
+        f"step {step}/{total}",
+        f"loss {row['loss']:.4f}",
+        f"gnorm {row['grad_norm']:.3f}",
+        f"lr {row['lr']:.2e}",
+    ]
     if "tokens_per_s" in row:
-        parts += [f"tok/s {row['tokens_per_s']:,.0f}", f"step {row['step_time'] * 1e3:.0f}ms",
-                  f"MFU {100 * row['mfu']:.1f}%"]
+        parts += [
+            f"tok/s {row['tokens_per_s']:,.0f}",
+            f"step {row['step_time'] * 1e3:.0f}ms",
+            f"MFU {100 * row['mfu']:.1f}%",
+        ]
     return "  ".join(parts)
 
 
@@ -380,15 +439,27 @@ class _progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-            from rich.progress import TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-                                     console=self.console, transient=True)
+            self.progress = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.progress.__enter__()
-            self.task = self.progress.add_task("train", total=self.total, completed=self.start,
-                                               loss="")
+            self.task = self.progress.add_task(
+                "train", total=self.total, completed=self.start, loss=""
+            )
         return self
 
     def __call__(self, step: int, loss: float) -> None:

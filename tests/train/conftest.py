@@ -39,14 +39,22 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `menagerie ...` in a fresh process; returns the completed process."""
     return subprocess.run(
         [sys.executable, "-m", "menagerie.train.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        cwd=ROOT,
     )
 
 
 def cli_popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "menagerie.train.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
     )
 
 

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from menagerie.train.cli import main
 
 from .conftest import TINY, cli, snapshot
@@ -24,8 +23,9 @@ QUICK = ["train.steps=2", "train.eval_batches=0", "train.sample_tokens=0", "chec
 def finished_run(tmp_path_factory) -> Path:
     """A small finished run, trained once for the module and copied into each workspace."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    code = main(["train", "-c", str(TINY), f"run_dir={run}", *QUICK,
-                 "checkpoint.every=1", "train.steps=3"])
+    code = main(
+        ["train", "-c", str(TINY), f"run_dir={run}", *QUICK, "checkpoint.every=1", "train.steps=3"]
+    )
     assert code == 0
     return run
 
@@ -54,17 +54,22 @@ def _cases(ws: Path) -> dict[str, tuple[list[str], str]]:
         "unsupported data file": (t + [f"data.source={ws / 'table.csv'}"], ".csv"),
         "jsonl without the text field": (t + [f"data.source={ws / 'docs.jsonl'}"], "text"),
         "missing tokenizer file": (t + [f"data.tokenizer={ws / 'tok.json'}"], "tok.json"),
-        "vocab smaller than tokenizer": (t + ["model.vocab_size=100", f"run_dir={ws / 'v'}"],
-                                         "vocab_size"),
+        "vocab smaller than tokenizer": (
+            t + ["model.vocab_size=100", f"run_dir={ws / 'v'}"],
+            "vocab_size",
+        ),
         "run_dir is a file": (t + [f"run_dir={ws / 'notes.txt'}"], "is a file"),
-        "run_dir of another model": (t + [f"run_dir={run}", "model.d_model=128"],
-                                     "different model"),
+        "run_dir of another model": (
+            t + [f"run_dir={run}", "model.d_model=128"],
+            "different model",
+        ),
         "run_dir that is not a run": (t + [f"run_dir={ws / 'not_a_run'}"], "not a menagerie run"),
-        "mesh larger than the machine": (t + ["mesh.data=2", f"run_dir={ws / 'm'}"],
-                                         "devices"),
+        "mesh larger than the machine": (t + ["mesh.data=2", f"run_dir={ws / 'm'}"], "devices"),
         "eval of a folder with no run": (["eval", f"run_dir={ws / 'not_a_run'}"], "holds no run"),
-        "prepare into a non-empty folder": (["prepare", "--out", str(ws / "not_a_run")],
-                                            "not empty"),
+        "prepare into a non-empty folder": (
+            ["prepare", "--out", str(ws / "not_a_run")],
+            "not empty",
+        ),
     }
 
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from menagerie.train.config import RunConfig, build_config, load_config
 from menagerie.train.errors import ConfigError
 
@@ -23,8 +22,16 @@ def test_every_preset_loads(preset):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["train.steps=200", "optim.lr=1e-3", "model.tie_embeddings=false",
-                             "data.source=stdlib", "checkpoint.keep_every=null"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=200",
+            "optim.lr=1e-3",
+            "model.tie_embeddings=false",
+            "data.source=stdlib",
+            "checkpoint.keep_every=null",
+        ],
+    )
     assert cfg.train.steps == 200 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.model.tie_embeddings is False

@@ -79,9 +79,19 @@ def test_galore_matches_official_galore_torch(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = galore_torch.GaLoreAdamW(
-            [{"params": low, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
-              "proj_type": "std"}, {"params": [tp["vec"]]}],
-            lr=lr, weight_decay=wd)
+            [
+                {
+                    "params": low,
+                    "rank": rank,
+                    "update_proj_gap": gap,
+                    "scale": 0.25,
+                    "proj_type": "std",
+                },
+                {"params": [tp["vec"]]},
+            ],
+            lr=lr,
+            weight_decay=wd,
+        )
     dims = {"tall": MatrixDims(), "wide": MatrixDims(), "stack": MatrixDims(1, 1), "vec": None}
     tx = galore(lr, dims, rank=rank, update_proj_gap=gap, scale=0.25, weight_decay=wd)
     jp = {k: jnp.asarray(v) for k, v in params.items()}
@@ -97,10 +107,12 @@ def test_galore_matches_official_galore_torch(monkeypatch):
         jp = optax.apply_updates(jp, u)
         ref = {k: (tp[k].detach() - before[k]).numpy() for k in ("tall", "wide", "vec")}
         ref["stack"] = np.stack(
-            [(tp[f"stack{i}"].detach() - before[f"stack{i}"]).numpy() for i in range(2)])
+            [(tp[f"stack{i}"].detach() - before[f"stack{i}"]).numpy() for i in range(2)]
+        )
         for k in shapes:
-            np.testing.assert_allclose(np.asarray(u[k]), ref[k], atol=1e-5, rtol=0,
-                                       err_msg=f"{k} step {t}")
+            np.testing.assert_allclose(
+                np.asarray(u[k]), ref[k], atol=1e-5, rtol=0, err_msg=f"{k} step {t}"
+            )
             # And much tighter than the 1e-5 bar, relative to the update itself.
             assert np.abs(np.asarray(u[k]) - ref[k]).max() < 1e-3 * np.abs(ref[k]).max(), (k, t)
     # Projected moments really are low rank: [48, 24] tall -> right side, moments [48, r].
@@ -116,19 +128,32 @@ def test_galore_matches_optax_contrib_on_the_same_side():
     params = {k: jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
     GDN = optax.contrib.GaLoreDimensionNumbers
     theirs = optax.contrib.galore(
-        lr, rank=rank, update_proj_gap=gap, scale=0.25,
+        lr,
+        rank=rank,
+        update_proj_gap=gap,
+        scale=0.25,
         base_optimizer=optax.scale_by_adam(b1=0.9, b2=0.999, eps=eps),
-        weight_dimension_numbers={"tall": GDN(0, 1), "wide": GDN(0, 1), "attn": GDN(0, (1, 2))})
+        weight_dimension_numbers={"tall": GDN(0, 1), "wide": GDN(0, 1), "attn": GDN(0, (1, 2))},
+    )
     # optax.contrib projects the larger side = the official "reverse_std"; it keeps raw SVD
     # signs. Adam differs only in where eps sits (after vs before bias correction): with
     # eps = 1e-12 that is below float32 rounding.
-    ours = galore(lr, {"tall": MatrixDims(), "wide": MatrixDims(), "attn": MatrixDims(0, 1)},
-                  rank=rank, update_proj_gap=gap, scale=0.25, eps=eps, side="reverse_std",
-                  canonical_signs=False, svd_method="default")
+    ours = galore(
+        lr,
+        {"tall": MatrixDims(), "wide": MatrixDims(), "attn": MatrixDims(0, 1)},
+        rank=rank,
+        update_proj_gap=gap,
+        scale=0.25,
+        eps=eps,
+        side="reverse_std",
+        canonical_signs=False,
+        svd_method="default",
+    )
     s_t, s_o = theirs.init(params), ours.init(params)
     p_t = p_o = params
-    for t, g in enumerate(spectral_grads(rng, {"tall": (40, 16), "wide": (12, 36),
-                                              "attn": (16, 24)}, steps)):
+    for t, g in enumerate(
+        spectral_grads(rng, {"tall": (40, 16), "wide": (12, 36), "attn": (16, 24)}, steps)
+    ):
         g = {k: jnp.asarray(v).reshape(shapes[k]) for k, v in g.items()}
         u_t, s_t = theirs.update(g, s_t, p_t)
         u_o, s_o = ours.update(g, s_o, p_o)
@@ -163,18 +188,23 @@ def quadratic_run(tx, steps=30, shape=(4, 32, 24), seed=0):
 STACK = {"w": MatrixDims(1, 1)}
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(stagger=True),
-    dict(moments_on_refresh="reproject"),
-    dict(fira=True, norm_growth_limit=1.01),
-    dict(lazy_refresh=True, lazy_queue=2),
-    dict(projection="random"),
-    dict(svd_method="gram"),
-], ids=["galore", "stagger", "reproject", "fira", "lazy", "random", "gram"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(stagger=True),
+        dict(moments_on_refresh="reproject"),
+        dict(fira=True, norm_growth_limit=1.01),
+        dict(lazy_refresh=True, lazy_queue=2),
+        dict(projection="random"),
+        dict(svd_method="gram"),
+    ],
+    ids=["galore", "stagger", "reproject", "fira", "lazy", "random", "gram"],
+)
 def test_every_variant_descends(options):
-    first, last, state = quadratic_run(galore(0.05, STACK, rank=4, update_proj_gap=5,
-                                              scale=1.0, **options))
+    first, last, state = quadratic_run(
+        galore(0.05, STACK, rank=4, update_proj_gap=5, scale=1.0, **options)
+    )
     assert last < 0.7 * first, (options, first, last)
     assert state[0].mu["w"].shape == (4, 32, 4)  # [L, m, r]: 32x24 tall -> right side
 
@@ -206,8 +236,9 @@ def test_stagger_refreshes_one_layer_at_a_time():
 
 
 def test_lazy_refresh_doubles_the_gap_when_the_subspace_stops_moving():
-    tx = scale_by_lowrank({"w": MatrixDims()}, rank=2, update_proj_gap=2, lazy_refresh=True,
-                          lazy_queue=2)
+    tx = scale_by_lowrank(
+        {"w": MatrixDims()}, rank=2, update_proj_gap=2, lazy_refresh=True, lazy_queue=2
+    )
     g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((12, 8)), jnp.float32)}
     state = tx.init({"w": jnp.zeros((12, 8))})
     for _ in range(8):  # constant gradient: cos = 1 at every refresh
@@ -221,8 +252,9 @@ def test_reproject_rotates_moments_into_the_new_basis():
     g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((12, 8)), jnp.float32)}
     runs = []
     for mode in ("keep", "reproject"):
-        tx = scale_by_lowrank({"w": MatrixDims()}, rank=3, update_proj_gap=2,
-                              moments_on_refresh=mode)
+        tx = scale_by_lowrank(
+            {"w": MatrixDims()}, rank=3, update_proj_gap=2, moments_on_refresh=mode
+        )
         state = tx.init({"w": jnp.zeros((12, 8))})
         for _ in range(5):
             u, state = tx.update(g, state)
@@ -241,10 +273,13 @@ def test_fallback_to_full_rank_is_reported_once():
         tx.update({"w": jnp.ones((8, 6))}, state, {"w": jnp.zeros((8, 6))})
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.update_proj_gap=0", "optim.update_proj_gap=0 must be >= 1"),
-    ("optim.rank=-4", "optim.rank=-4 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.update_proj_gap=0", "optim.update_proj_gap=0 must be >= 1"),
+        ("optim.rank=-4", "optim.rank=-4 must be a positive integer"),
+    ],
+)
 def test_bad_lowrank_config_is_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(TINY, ["optim.name=galore", override])
@@ -293,14 +328,25 @@ def test_roles_and_state_names_follow_logical_axes():
 def test_galore_trains_within_3_percent_of_adamw(tmp_path):
     from menagerie.train.trainer import Trainer
 
-    common = ["train.steps=100", "train.eval_every=100", "train.eval_batches=4",
-              "train.sample_tokens=0", "checkpoint.every=50", "log.tensorboard=false",
-              "log.progress=false"]
+    common = [
+        "train.steps=100",
+        "train.eval_every=100",
+        "train.eval_batches=4",
+        "train.sample_tokens=0",
+        "checkpoint.every=50",
+        "log.tensorboard=false",
+        "log.progress=false",
+    ]
     adamw = Trainer(load_config(TINY, [f"run_dir={tmp_path / 'adamw'}", *common])).run()
     # The paper's GaLore hyperparameters (lr 0.01, alpha 0.25) at rank 16 = d_model / 4, as
     # 512 / 2048 at 1B; the AdamW baseline keeps the preset's tuned lr.
-    galore_args = ["optim.name=galore", "optim.lr=0.01", "optim.rank=16",
-                   "optim.update_proj_gap=25", "optim.stagger_refresh=true"]
+    galore_args = [
+        "optim.name=galore",
+        "optim.lr=0.01",
+        "optim.rank=16",
+        "optim.update_proj_gap=25",
+        "optim.stagger_refresh=true",
+    ]
     trainer = Trainer(load_config(TINY, [f"run_dir={tmp_path / 'galore'}", *common, *galore_args]))
     # GaLore is really active: every attention/MLP kernel has rank-16 moments (k, v: 64 x 32).
     state = jax.eval_shape(trainer.optimizer.init, trainer.abstract_state()["params"])
@@ -311,6 +357,7 @@ def test_galore_trains_within_3_percent_of_adamw(tmp_path):
     a, g = adamw.eval["loss"], galore_summary.eval["loss"]
     assert g <= 1.03 * a, (g, a)
     # The checkpointed low-rank state restores: a rerun resumes and goes on.
-    more = load_config(TINY, [f"run_dir={tmp_path / 'galore'}", *common, *galore_args,
-                              "train.steps=110"])
+    more = load_config(
+        TINY, [f"run_dir={tmp_path / 'galore'}", *common, *galore_args, "train.steps=110"]
+    )
     assert np.isfinite(Trainer(more).run().eval["loss"])

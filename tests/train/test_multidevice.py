@@ -18,10 +18,26 @@ from .conftest import ROOT, TINY, cli_env, train_losses
 def _train(run_dir, devices: int, *overrides: str) -> subprocess.CompletedProcess:
     env = cli_env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    args = ["train", "-c", str(TINY), f"run_dir={run_dir}", "train.steps=6", "log.every=1",
-            "train.eval_every=0", "train.sample_tokens=0", "checkpoint.every=3", *overrides]
-    return subprocess.run([sys.executable, "-m", "menagerie.train.cli", *args], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = [
+        "train",
+        "-c",
+        str(TINY),
+        f"run_dir={run_dir}",
+        "train.steps=6",
+        "log.every=1",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        "checkpoint.every=3",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "menagerie.train.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
@@ -31,8 +47,7 @@ def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "'data': 2, 'fsdp': 2, 'tensor': 2" in sharded.stdout
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "sharded")
-    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)],
-                               rtol=1e-4)
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-4)
     # The checkpoint records the layout it was saved with.
     meta = json.loads(
         (tmp_path / "sharded" / "checkpoints" / "6" / "meta" / "metadata").read_text()
@@ -49,13 +64,19 @@ def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
 def test_galore_on_fsdp_and_tensor_sharded_params_matches_one_device(tmp_path):
     """GaLore with refreshes inside the run (gap 3, staggered): its projected state is sharded
     by its logical names on a data x fsdp x tensor mesh, and the losses equal one device's."""
-    galore = ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=3",
-              "optim.stagger_refresh=true", "optim.lr=0.01", "optim.scale=0.25"]
+    galore = [
+        "optim.name=galore",
+        "optim.rank=8",
+        "optim.update_proj_gap=3",
+        "optim.stagger_refresh=true",
+        "optim.lr=0.01",
+        "optim.scale=0.25",
+    ]
     one = _train(tmp_path / "one", 1, *galore)
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = _train(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                     *galore)
+    sharded = _train(
+        tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *galore
+    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "sharded")
-    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)],
-                               rtol=1e-4)
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-4)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from menagerie.train.config import OptimConfig
 from menagerie.train.optim import decay_mask, make_schedule
 
@@ -22,8 +21,7 @@ def test_warmup_cosine():
 
 
 def test_warmup_stable_decay():
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd",
-                      decay_fraction=0.2)
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     lr = _lrs(cfg, 100)
     np.testing.assert_allclose(lr[10:81], 1.0, atol=1e-6)  # stable until the last 20%
     np.testing.assert_allclose(lr[80:], np.linspace(1, 0, 21), atol=1e-6)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from menagerie.data import ByteTokenizer, iter_documents
 from menagerie.train.config import load_config
 from menagerie.train.trainer import Trainer
@@ -48,8 +47,18 @@ def test_loss_falls_and_eval_beats_unigram_entropy(tmp_path):
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "-c", str(TINY), f"run_dir={run_dir}", "train.steps=40", "log.every=1",
-            "checkpoint.every=10", "train.sample_tokens=0", "train.eval_every=0", *extra]
+    return [
+        "train",
+        "-c",
+        str(TINY),
+        f"run_dir={run_dir}",
+        "train.steps=40",
+        "log.every=1",
+        "checkpoint.every=10",
+        "train.sample_tokens=0",
+        "train.eval_every=0",
+        *extra,
+    ]
 
 
 def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
@@ -99,8 +108,10 @@ def test_sigterm_saves_and_exits_0_and_truncated_checkpoint_falls_back(tmp_path)
     assert stopped >= 13 and 10 in steps
 
     # Truncate the biggest file of the newest checkpoint's state: it becomes unreadable.
-    files = sorted((run / "checkpoints" / str(stopped) / "state").rglob("*"),
-                   key=lambda p: p.stat().st_size if p.is_file() else -1)
+    files = sorted(
+        (run / "checkpoints" / str(stopped) / "state").rglob("*"),
+        key=lambda p: p.stat().st_size if p.is_file() else -1,
+    )
     victim = files[-1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
@@ -114,11 +125,19 @@ def test_sigterm_saves_and_exits_0_and_truncated_checkpoint_falls_back(tmp_path)
 @pytest.mark.parametrize("microbatches", [2])
 def test_gradient_accumulation_matches_full_batch(tmp_path, microbatches):
     """Same data, same init: accumulating over microbatches gives the same step (fp tolerance)."""
-    common = [f"train.steps=3", "train.eval_batches=0", "train.sample_tokens=0", "log.every=1",
-              "checkpoint.every=0"]
+    common = [
+        "train.steps=3",
+        "train.eval_batches=0",
+        "train.sample_tokens=0",
+        "log.every=1",
+        "checkpoint.every=0",
+    ]
     a = Trainer(load_config(TINY, [f"run_dir={tmp_path / 'a'}", *common])).run()
-    b = Trainer(load_config(TINY, [f"run_dir={tmp_path / 'b'}", *common,
-                                   f"train.microbatches={microbatches}"])).run()
+    b = Trainer(
+        load_config(
+            TINY, [f"run_dir={tmp_path / 'b'}", *common, f"train.microbatches={microbatches}"]
+        )
+    ).run()
     la, lb = train_losses(a.run_dir), train_losses(b.run_dir)
     np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lb[s] for s in (1, 2, 3)], rtol=2e-5)
 
@@ -128,9 +147,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     is non-finite, is skipped, and after max_bad_steps the run stops naming step and batch."""
     from menagerie.train.errors import TrainingError
 
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "optim.lr=1e38", "optim.clip_norm=null",
-                             "train.max_bad_steps=3", "log.every=1", "checkpoint.every=0",
-                             "optim.warmup_steps=0", "optim.schedule=constant"])
-    with pytest.raises(TrainingError, match=r"3 non-finite steps in a row, the last at step \d+ "
-                                            r"\(data batch \d+\)"):
+    cfg = load_config(
+        TINY,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "optim.lr=1e38",
+            "optim.clip_norm=null",
+            "train.max_bad_steps=3",
+            "log.every=1",
+            "checkpoint.every=0",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+        ],
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"3 non-finite steps in a row, the last at step \d+ "
+        r"\(data batch \d+\)",
+    ):
         Trainer(cfg).run()
