@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch  # the `test` extra pins it (see pyproject.toml)
 from menagerie.train import lowrank
 from menagerie.train.config import load_config
 from menagerie.train.errors import ConfigError
@@ -17,8 +18,6 @@ from menagerie.train.lowrank import MatrixDims, apollo, galore, scale_by_lowrank
 from menagerie.train.optim import make_optimizer, matrix_dims
 
 from .conftest import TINY
-
-torch = pytest.importorskip("torch")  # the `test` extra pins it; see pyproject.toml
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +65,8 @@ def canonical_torch_svd(orig):
 
 
 def test_galore_matches_official_galore_torch(monkeypatch):
-    galore_torch = pytest.importorskip("galore_torch")
+    import galore_torch  # the official GaLoreAdamW (test extra)
+
     monkeypatch.setattr(torch.linalg, "svd", canonical_torch_svd(torch.linalg.svd))
     rank, gap, lr, wd, steps = 6, 3, 0.01, 0.05, 8  # refreshes at 0, 3, 6: 2+ full periods
     shapes = {"tall": (48, 24), "wide": (20, 56), "stack": (2, 40, 24), "vec": (24,)}
