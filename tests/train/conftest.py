@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from menagerie.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "transformer" / "tiny.yaml"
@@ -60,12 +60,7 @@ def cli_popen(*args: str) -> subprocess.Popen:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Last logged training loss per step (a resumed run rewrites steps after its checkpoint)."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["kind"] == "train":
-            out[row["step"]] = row["loss"]
-    return out
+    return {step: row["loss"] for step, row in read_metrics(run_dir, "train").items()}
 
 
 def snapshot(root: Path) -> dict[str, str]:
