@@ -3,6 +3,9 @@
 # bench/kernels.py. One table at the end. Budget: under 8 minutes on one H100.
 # Needs only a CUDA JAX, numpy, pytest and hypothesis (no grain / pydantic): `menagerie.kernels`
 # imports nothing else, and the kernel tests load no conftest above tests/kernels.
+# Knobs (environment): TEST_K, a pytest -k expression selecting a subset of the kernel tests;
+# TUNE=1 runs `bench/kernels.py --tune` (tile sweep, then the best tiles against the baselines)
+# instead of the plain benchmark; TEST_TIMEOUT_S / BENCH_TIMEOUT_S / BENCH_BUDGET_S time boxes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -28,14 +31,16 @@ fi
 echo "== kernel tests, compiled on the GPU (MENAGERIE_KERNEL_IMPL=pallas)"
 set +e
 MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-260}" "$PY" -m pytest tests/kernels \
-  -q -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE
+  -q -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE \
+  ${TEST_K:+-k "$TEST_K"}
 test_rc=$?
 set -e
 [ "$test_rc" -eq 124 ] && echo "kernel tests: TIMED OUT (time box ${TEST_TIMEOUT_S:-260}s)"
 
 echo "== bench/kernels.py"
 set +e
-timeout -k 10 "${BENCH_TIMEOUT_S:-190}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-130}" ${BENCH_ARGS:-}
+timeout -k 10 "${BENCH_TIMEOUT_S:-190}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-130}" \
+  ${TUNE:+--tune} ${BENCH_ARGS:-}
 bench_rc=$?
 set -e
 

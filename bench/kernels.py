@@ -2,6 +2,7 @@
 
     python bench/kernels.py            # GPU: Megalodon-7B and Llama shapes; CPU: tiny smoke shapes
     python bench/kernels.py --small    # tiny shapes anywhere
+    python bench/kernels.py --tune     # sweep the Pallas tile sizes, then time the best
 
 Each op runs for every backend available here: our Pallas kernel (compiled on GPU, interpreted on
 CPU), the XLA reference (`impl="reference"`), and `jax.nn.dot_product_attention` (cuDNN on GPU,
@@ -88,6 +89,25 @@ def dpa_per_chunk(chunk, implementation):
     return attn
 
 
+def mgpu_per_chunk(chunk):
+    """JAX's own Mosaic GPU (Hopper, FA3-style) flash attention, per chunk: a peer data point
+    for what a Mosaic GPU kernel reaches here. Its API is private and moves between versions."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    cfg = mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2, causal=True)
+
+    def attn(q, k, v):
+        b, t = q.shape[:2]
+
+        def split(x):
+            return x.reshape(b * (t // chunk), chunk, *x.shape[2:])
+
+        o = mgpu.attention(split(q), split(k), split(v), cfg)
+        return o.reshape(b, t, *o.shape[2:])
+
+    return attn
+
+
 def configs(small: bool, on_gpu: bool):
     """(op, shape name, (B, T, Hq, Hkv, Dqk, Dv), mask, impls); mask is the visible-pair rule."""
     kernel = "pallas" if on_gpu else "interpret"
@@ -166,6 +186,8 @@ def make_attn(op, impl, mask, blocks=None):
             raise ValueError("dense dot_product_attention only for the Full mask")
         kind = "cudnn" if impl == "cudnn" else "xla"
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=kind)
+    if impl == "mgpu-per-chunk":
+        return mgpu_per_chunk(mask.chunk_size)
     if impl.endswith("-per-chunk"):
         return dpa_per_chunk(mask.chunk_size, "cudnn" if impl.startswith("cudnn") else "xla")
     if op == "chunked":
@@ -179,12 +201,161 @@ def make_attn(op, impl, mask, blocks=None):
     return functools.partial(sparse_attention, mask=mask, impl=impl, block_sizes=blocks)
 
 
+# --------------------------------------------------------------------------- tile sweep (--tune)
+# Candidates are tried forward first (forward time only), then backward with the best forward
+# (forward+backward time); each list starts with the current default.
+_B = BlockSizes
+
+
+def tune_candidates(small: bool, megalodon: bool):
+    """(forward candidates, backward candidates) as BlockSizes keyword dicts."""
+    if small:
+        fwd = [dict(q=16, k=16, dv=32), dict(q=32, k=16, dv=64)]
+        bwd = [dict(), dict(q_bwd=16, k_bwd=32, q_dq=32, k_dq=16, dv_bwd=64)]
+        return fwd, bwd
+    if megalodon:
+        fwd = [
+            dict(q=64, k=32, dv=256, num_warps=8, num_stages=2),
+            dict(q=64, k=64, dv=256, num_warps=8, num_stages=2),
+            dict(q=128, k=32, dv=256, num_warps=8, num_stages=2),
+            dict(q=128, k=64, dv=256, num_warps=8, num_stages=2),
+            dict(q=64, k=32, dv=128, num_warps=4, num_stages=3),
+            dict(q=64, k=64, dv=128, num_warps=4, num_stages=2),
+            dict(q=64, k=32, dv=512, num_warps=8, num_stages=2),
+        ]
+        bwd = [
+            dict(q_bwd=32, k_bwd=32, num_warps_bwd=8, num_stages_bwd=2),
+            dict(q_bwd=32, k_bwd=64, q_dq=64, k_dq=32, num_warps_bwd=8, num_stages_bwd=2),
+            dict(q_bwd=64, k_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
+            dict(
+                q_bwd=32, k_bwd=64, q_dq=64, k_dq=32, dv_bwd=128, num_warps_bwd=4, num_stages_bwd=2
+            ),
+            dict(q_bwd=16, k_bwd=64, q_dq=64, k_dq=16, num_warps_bwd=4, num_stages_bwd=2),
+            dict(q_bwd=32, k_bwd=32, dv_bwd=128, num_warps_bwd=4, num_stages_bwd=3),
+        ]
+        return fwd, bwd
+    fwd = [
+        dict(q=64, k=64, num_warps=8, num_stages=2),
+        dict(q=64, k=64, num_warps=4, num_stages=2),
+        dict(q=128, k=64, num_warps=8, num_stages=2),
+        dict(q=128, k=64, num_warps=8, num_stages=3),
+        dict(q=128, k=128, num_warps=8, num_stages=2),
+        dict(q=128, k=32, num_warps=4, num_stages=3),
+        dict(q=64, k=128, num_warps=8, num_stages=2),
+    ]
+    bwd = [
+        dict(q_bwd=64, k_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
+        dict(q_bwd=32, k_bwd=128, q_dq=128, k_dq=32, num_warps_bwd=4, num_stages_bwd=5),
+        dict(q_bwd=32, k_bwd=128, q_dq=128, k_dq=32, num_warps_bwd=8, num_stages_bwd=2),
+        dict(q_bwd=64, k_bwd=128, q_dq=128, k_dq=64, num_warps_bwd=8, num_stages_bwd=2),
+        dict(q_bwd=32, k_bwd=64, q_dq=64, k_dq=32, num_warps_bwd=4, num_stages_bwd=3),
+        dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
+        dict(q_bwd=16, k_bwd=64, q_dq=64, k_dq=16, num_warps_bwd=4, num_stages_bwd=2),
+    ]
+    return fwd, bwd
+
+
+def tune_shapes(small: bool, on_gpu: bool):
+    """(name, (B, T, Hq, Hkv, Dqk, Dv), tuning chunk, check chunk, baseline impl)."""
+    if small:
+        return [
+            ("llama-tiny", (1, 128, 2, 2, 32, 32), 64, 128, "xla-dpa-per-chunk"),
+            ("megalodon-tiny", (1, 128, 1, 1, 32, 128), 64, 128, "reference"),
+        ]
+    dpa = "cudnn-per-chunk" if on_gpu else "xla-dpa-per-chunk"
+    return [
+        ("llama-d128", (1, 8192, 32, 8, 128, 128), 2048, 4096, dpa),
+        ("megalodon7b", (1, 8192, 4, 4, 256, 2048), 2048, 4096, "reference"),
+    ]
+
+
+def tune(small: bool, on_gpu: bool, iters: int, budget_s: float, peak: float, name_filter: str):
+    kernel = "pallas" if on_gpu else "interpret"
+    start = time.perf_counter()
+    out = {}
+
+    def inputs(b, t, hq, hkv, dqk, dv):
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+        return (
+            jax.random.normal(kq, (b, t, hq, dqk), jnp.bfloat16),
+            jax.random.normal(kk, (b, t, hkv, dqk), jnp.bfloat16),
+            jax.random.normal(kv, (b, t, hkv, dv), jnp.bfloat16),
+        )
+
+    def run(impl, chunk, blocks, qkv, fwd_only):
+        fwd, fwd_bwd = fwd_and_grad(make_attn("chunked", impl, masks.Chunked(chunk), blocks))
+        try:
+            return timeit(fwd if fwd_only else fwd_bwd, *qkv, iters=iters)[1]
+        finally:
+            jax.clear_caches()
+
+    def trial(label, impl, chunk, blocks, qkv, fwd_only):
+        if time.perf_counter() - start > budget_s:
+            print(f"  {label:58} skipped: time budget", flush=True)
+            return None
+        try:
+            t = run(impl, chunk, blocks, qkv, fwd_only)
+        except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: a row, not a crash)
+            print(f"  {label:58} ERROR {str(e).splitlines()[0][:100]}", flush=True)
+            return None
+        print(f"  {label:58} {'fwd' if fwd_only else 'fwd+bwd'} {t * 1e3:9.3f} ms", flush=True)
+        return t
+
+    for name, (b, t, hq, hkv, dqk, dv), chunk, check_chunk, base in tune_shapes(small, on_gpu):
+        if name_filter not in name:
+            continue
+        print(f"\n== tune {name} (B={b} T={t} Hq={hq} Hkv={hkv} Dqk={dqk} Dv={dv}), chunk {chunk}")
+        qkv = inputs(b, t, hq, hkv, dqk, dv)
+        fwd_c, bwd_c = tune_candidates(small, megalodon=dv > dqk)
+        fwd_t = [(trial(f"fwd {c}", kernel, chunk, _B(**c), qkv, True), c) for c in fwd_c]
+        fwd_ok = [(x, c) for x, c in fwd_t if x is not None]
+        if not fwd_ok:
+            out[name] = dict(error="no forward candidate ran")
+            continue
+        best_fwd = min(fwd_ok, key=lambda xc: xc[0])[1]
+        bwd_t = [
+            (trial(f"bwd {c}", kernel, chunk, _B(**best_fwd, **c), qkv, False), c) for c in bwd_c
+        ]
+        bwd_ok = [(x, c) for x, c in bwd_t if x is not None]
+        best_bwd = min(bwd_ok, key=lambda xc: xc[0])[1] if bwd_ok else {}
+        best = {**best_fwd, **best_bwd}
+        res = dict(best=best, fwd_default_ms=None if fwd_t[0][0] is None else fwd_t[0][0] * 1e3)
+        if bwd_t and bwd_t[0][0] is not None:
+            res["fwd_bwd_default_bwd_ms"] = bwd_t[0][0] * 1e3
+        for c in (chunk, check_chunk):
+            ours = trial(f"best, chunk {c}", kernel, c, _B(**best), qkv, False)
+            theirs = trial(f"{base}, chunk {c}", base, c, None, qkv, False)
+            if on_gpu and dv == dqk:  # peer: JAX's Mosaic GPU kernel (dense causal per chunk)
+                peer = trial(f"mgpu-per-chunk, chunk {c}", "mgpu-per-chunk", c, None, qkv, False)
+                res[f"mgpu_c{c}_ms"] = None if peer is None else peer * 1e3
+            pairs = b * hq * visible_pairs(masks.Chunked(c), t)
+            flops = 3.5 * 2.0 * pairs * (dqk + dv)
+            res[f"c{c}"] = dict(
+                ours_ms=None if ours is None else ours * 1e3,
+                base=base,
+                base_ms=None if theirs is None else theirs * 1e3,
+                ratio=None if not (ours and theirs) else theirs / ours,
+                ours_pct_peak=None if not ours else 100 * flops / ours / peak,
+            )
+        out[name] = res
+        print(f"  best for {name}: BlockSizes(**{best})")
+        for c in (chunk, check_chunk):
+            r = res[f"c{c}"]
+            if r["ratio"] is not None:
+                print(
+                    f"  chunk {c}: ours {r['ours_ms']:.3f} ms ({r['ours_pct_peak']:.1f}% of peak), "
+                    f"{base} {r['base_ms']:.3f} ms: {r['ratio']:.2f}x"
+                )
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (default on CPU)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting configs after")
     parser.add_argument("--filter", default="", help="only shapes whose name contains this")
+    parser.add_argument("--tune", action="store_true", help="sweep Pallas tile sizes instead")
     args = parser.parse_args(argv)
     plat = platform()
     on_gpu = plat == "gpu"
@@ -195,6 +366,21 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}  device {dev.device_kind} ({plat})  small={small}", flush=True)
     peak = matmul_peak(1024 if small else 8192, iters=3 if small else 10)
     print(f"bf16 matmul peak measured: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    if args.tune:
+        res = tune(small, on_gpu, iters, args.budget_s, peak, args.filter)
+        print(
+            json.dumps(
+                dict(
+                    bench="kernels-tune",
+                    jax=jax.__version__,
+                    device=dev.device_kind,
+                    peak_tflops=peak / 1e12,
+                    tune=res,
+                    wall_s=time.perf_counter() - start,
+                )
+            )
+        )
+        return 0
 
     results = {}
     header = (

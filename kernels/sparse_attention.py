@@ -49,7 +49,15 @@ _LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes (powers of two >= 16). `dv` tiles the value head dim (Megalodon's Dv = 2048)."""
+    """Tile sizes (powers of two >= 16) and Triton launch parameters, per kernel.
+
+    Forward: `q` query rows per program, `k` key rows per inner step. dK/dV kernel: `k_bwd` key
+    rows per program, `q_bwd` query rows per inner step. dQ kernel: `q_dq` query rows per program,
+    `k_dq` key rows per inner step (default: `q_bwd`, `k_bwd`). `dv` tiles the value head dim
+    (Megalodon's Dv = 2048) in the forward, `dv_bwd` in the backward (default: `dv`).
+    `num_warps` / `num_stages` apply to the forward; the `_bwd` ones to both backward kernels
+    (default: the forward's).
+    """
 
     q: int = 64
     k: int = 64
@@ -58,6 +66,15 @@ class BlockSizes:
     dv: int = 256
     num_warps: int | None = None
     num_stages: int = 2
+    q_dq: int | None = None
+    k_dq: int | None = None
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
+    dv_bwd: int | None = None
+
+    @property
+    def dq_tiles(self) -> tuple[int, int]:
+        return (self.q_dq or self.q_bwd, self.k_dq or self.k_bwd)
 
     @classmethod
     def default(cls, dqk: int, dv: int) -> BlockSizes:
@@ -79,6 +96,8 @@ class _Static:
     group: int  # Hq // Hkv
     dv_tile: int
     n_dv: int  # number of dv tiles
+    dv_tile_bwd: int
+    n_dv_bwd: int
     has_seg: bool
     interpret: bool
     f32: bool  # f32 inputs: ask for IEEE dots (Triton would use TF32)
@@ -192,7 +211,7 @@ def _dv_slice(d, st: _Static):
 def _dq_kernel(*refs, st: _Static):
     cnt_ref, idx_ref, dense_ref, qseg_ref, kseg_ref, refs = _split_refs(st, refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    bq, bk = st.blocks.q_bwd, st.blocks.k_bwd
+    bq, bk = st.blocks.dq_tiles
     i = pl.program_id(2)
     q0 = i * bq
     q, lse, delta = q_ref[...], lse_ref[...], delta_ref[...]
@@ -273,17 +292,15 @@ def _dkv_kernel(*refs, st: _Static, want_dk: bool, want_dv: bool):
 # ----------------------------------------------------------------------------- pallas_call wiring
 
 
-def _compiler_params(st: _Static, head_dim: int):
+def _compiler_params(st: _Static, head_dim: int, bwd: bool = False):
     if st.interpret:
         return {}
     from jax.experimental.pallas import triton as pl_triton  # only needed when compiling
 
-    warps = st.blocks.num_warps or (4 if head_dim <= 64 else 8)
-    return {
-        "compiler_params": pl_triton.CompilerParams(
-            num_warps=warps, num_stages=st.blocks.num_stages
-        )
-    }
+    bs = st.blocks
+    warps = (bs.num_warps_bwd if bwd else None) or bs.num_warps or (4 if head_dim <= 64 else 8)
+    stages = (bs.num_stages_bwd if bwd else None) or bs.num_stages
+    return {"compiler_params": pl_triton.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
 def _common_specs(st: _Static, tables, dense, qseg, kseg):
@@ -342,32 +359,34 @@ def _forward(st: _Static, q, k, v, aux):
 
 
 def _backward(st: _Static, q, k, v, aux, o, lse, do):
+    st = dataclasses.replace(st, dv_tile=st.dv_tile_bwd, n_dv=st.n_dv_bwd)
     _, dq_tables, dkv_tables, dense, qseg, kseg = aux
     b, tq, hq, dqk = q.shape
     tk, hkv, dv_pad = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk, dvt = st.blocks.q_bwd, st.blocks.k_bwd, st.dv_tile
+    bk, dvt = st.blocks.k_bwd, st.dv_tile
     # delta = rowsum(dO * O) (FlashAttention-2, Alg. 2 line 4); a cheap fused XLA reduction.
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     kvh = functools.partial(_kv_head, st)
 
+    bq_dq = st.blocks.dq_tiles[0]
     ops, specs = _common_specs(st, dq_tables, dense, qseg, kseg)
     specs += [
-        pl.BlockSpec((None, bq, None, dqk), lambda b_, h, i: (b_, i, h, 0)),
+        pl.BlockSpec((None, bq_dq, None, dqk), lambda b_, h, i: (b_, i, h, 0)),
         pl.BlockSpec((None, tk, None, dqk), lambda b_, h, i: (b_, 0, kvh(h), 0)),
         pl.BlockSpec((None, tk, None, dv_pad), lambda b_, h, i: (b_, 0, kvh(h), 0)),
-        pl.BlockSpec((None, bq, None, dv_pad), lambda b_, h, i: (b_, i, h, 0)),
-        pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
-        pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+        pl.BlockSpec((None, bq_dq, None, dv_pad), lambda b_, h, i: (b_, i, h, 0)),
+        pl.BlockSpec((None, None, bq_dq), lambda b_, h, i: (b_, h, i)),
+        pl.BlockSpec((None, None, bq_dq), lambda b_, h, i: (b_, h, i)),
     ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
-        grid=(b, hq, tq // bq),
+        grid=(b, hq, tq // bq_dq),
         in_specs=specs,
-        out_specs=pl.BlockSpec((None, bq, None, dqk), lambda b_, h, i: (b_, i, h, 0)),
+        out_specs=pl.BlockSpec((None, bq_dq, None, dqk), lambda b_, h, i: (b_, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=st.interpret,
         name="sparse_attention_dq",
-        **_compiler_params(st, max(dqk, dvt)),
+        **_compiler_params(st, max(dqk, dvt), bwd=True),
     )(*ops, q, k, v, do, lse, delta)
 
     # dK/dV per query head ([B, Tk, Hq, .]); GQA groups are summed below in XLA.
@@ -405,7 +424,7 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
             out_shape=out_shape,
             interpret=st.interpret,
             name=f"sparse_attention_{'dk' if want_dk else ''}{'dv' if want_dv else ''}",
-            **_compiler_params(st, max(dqk, dvt)),
+            **_compiler_params(st, max(dqk, dvt), bwd=True),
         )(*ops)
 
     if st.n_dv == 1:
@@ -492,20 +511,25 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, interpret, block_si
     bs = block_sizes or BlockSizes.default(dqk, dv)
     # Short sequences: shrink tiles so padding stays under 2x.
     cap_q, cap_k = _pow2(tq), _pow2(tk)
+    q_dq, k_dq = bs.dq_tiles
     bs = dataclasses.replace(
         bs,
         q=min(bs.q, cap_q),
         q_bwd=min(bs.q_bwd, cap_q),
+        q_dq=min(q_dq, cap_q),
         k=min(bs.k, cap_k),
         k_bwd=min(bs.k_bwd, cap_k),
+        k_dq=min(k_dq, cap_k),
     )
-    for name in ("q", "k", "q_bwd", "k_bwd", "dv"):
-        n = getattr(bs, name)
+    for name in ("q", "k", "q_bwd", "k_bwd", "q_dq", "k_dq", "dv", "dv_bwd"):
+        n = getattr(bs, name) if name != "dv_bwd" else (bs.dv_bwd or bs.dv)
         if n < 16 or n & (n - 1):
             raise KernelUnsupportedError(f"block size {name}={n} must be a power of two >= 16")
-    tq_p, tk_p = _round_up(tq, max(bs.q, bs.q_bwd)), _round_up(tk, max(bs.k, bs.k_bwd))
+    # Powers of two: the largest tile of each axis is a multiple of the others.
+    tq_p = _round_up(tq, max(bs.q, bs.q_bwd, bs.q_dq))
+    tk_p = _round_up(tk, max(bs.k, bs.k_bwd, bs.k_dq))
     dqk_p, dv_p = _pow2(dqk), _pow2(dv)
-    dv_tile = min(dv_p, bs.dv)
+    dv_tile, dv_tile_bwd = min(dv_p, bs.dv), min(dv_p, bs.dv_bwd or bs.dv)
     qseg, kseg = _split_segments(segment_ids, b, tq, tk)
 
     dense = None
@@ -516,7 +540,7 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, interpret, block_si
         dense_np[:tq, :tk] = mask.dense(tq, tk)
         dense = jnp.asarray(dense_np)
     fwd_t = _tables(mask, tq, tk, bs.q, bs.k, tq_p // bs.q, tk_p // bs.k)
-    dq_t = _tables(mask, tq, tk, bs.q_bwd, bs.k_bwd, tq_p // bs.q_bwd, tk_p // bs.k_bwd)
+    dq_t = _tables(mask, tq, tk, bs.q_dq, bs.k_dq, tq_p // bs.q_dq, tk_p // bs.k_dq)
     dkv_t = _tables(mask, tq, tk, bs.q_bwd, bs.k_bwd, tq_p // bs.q_bwd, tk_p // bs.k_bwd, True)
     if qseg is not None:
         qseg = jnp.pad(qseg, ((0, 0), (0, tq_p - tq)), constant_values=-1)
@@ -530,6 +554,8 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, interpret, block_si
         group=group,
         dv_tile=dv_tile,
         n_dv=dv_p // dv_tile,
+        dv_tile_bwd=dv_tile_bwd,
+        n_dv_bwd=dv_p // dv_tile_bwd,
         has_seg=qseg is not None,
         interpret=interpret,
         f32=q.dtype == jnp.float32,

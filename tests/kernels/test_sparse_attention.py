@@ -20,6 +20,8 @@ from menagerie.kernels import (
 )
 
 SMALL = BlockSizes(q=16, k=16, q_bwd=16, k_bwd=16, dv=32)  # many tiles on tiny shapes
+# The dQ kernel's tiles differ from the dK/dV kernel's, and so do the dv tiles.
+SPLIT = BlockSizes(q=16, k=16, q_bwd=16, k_bwd=32, dv=16, q_dq=32, k_dq=16, dv_bwd=32)
 
 
 def naive_attention(q, k, v, keep_BTT, scale):
@@ -85,6 +87,7 @@ def test_kernel_matches_reference_every_mask(name, impl):
         (1, 96, 96, 4, 4, 64, 128, jnp.bfloat16, None),  # bf16
         (1, 50, 50, 2, 1, 24, 72, jnp.bfloat16, SMALL),  # bf16, ragged, several dv tiles
         (2, 40, 90, 2, 2, 16, 16, jnp.float32, BlockSizes(q=16, k=32, q_bwd=32, k_bwd=16)),
+        (1, 70, 70, 2, 1, 16, 48, jnp.float32, SPLIT),
     ],
 )
 def test_kernel_shapes_and_dtypes(b, tq, tk, hq, hkv, dqk, dv, dtype, blocks, impl):
