@@ -289,8 +289,11 @@ def tune(small: bool, on_gpu: bool, iters: int, budget_s: float, peak: float, na
         finally:
             jax.clear_caches()
 
-    def trial(label, impl, chunk, blocks, qkv, fwd_only):
-        if time.perf_counter() - start > budget_s:
+    shapes = [x for x in tune_shapes(small, on_gpu) if name_filter in x[0]]
+    deadline = start
+
+    def trial(label, impl, chunk, blocks, qkv, fwd_only, force=False):
+        if not force and time.perf_counter() > deadline:
             print(f"  {label:58} skipped: time budget", flush=True)
             return None
         try:
@@ -301,20 +304,26 @@ def tune(small: bool, on_gpu: bool, iters: int, budget_s: float, peak: float, na
         print(f"  {label:58} {'fwd' if fwd_only else 'fwd+bwd'} {t * 1e3:9.3f} ms", flush=True)
         return t
 
-    for name, (b, t, hq, hkv, dqk, dv), chunk, check_chunk, base in tune_shapes(small, on_gpu):
-        if name_filter not in name:
-            continue
+    for n_done, (name, (b, t, hq, hkv, dqk, dv), chunk, check_chunk, base) in enumerate(shapes):
+        # Each shape's sweep gets an equal share of what is left; the final checks always run.
+        deadline = time.perf_counter() + (start + budget_s - time.perf_counter()) / (
+            len(shapes) - n_done
+        )
         print(f"\n== tune {name} (B={b} T={t} Hq={hq} Hkv={hkv} Dqk={dqk} Dv={dv}), chunk {chunk}")
         qkv = inputs(b, t, hq, hkv, dqk, dv)
         fwd_c, bwd_c = tune_candidates(small, megalodon=dv > dqk)
-        fwd_t = [(trial(f"fwd {c}", kernel, chunk, _B(**c), qkv, True), c) for c in fwd_c]
+        fwd_t = [
+            (trial(f"fwd {c}", kernel, chunk, _B(**c), qkv, True, force=i == 0), c)
+            for i, c in enumerate(fwd_c)
+        ]
         fwd_ok = [(x, c) for x, c in fwd_t if x is not None]
         if not fwd_ok:
             out[name] = dict(error="no forward candidate ran")
             continue
         best_fwd = min(fwd_ok, key=lambda xc: xc[0])[1]
         bwd_t = [
-            (trial(f"bwd {c}", kernel, chunk, _B(**best_fwd, **c), qkv, False), c) for c in bwd_c
+            (trial(f"bwd {c}", kernel, chunk, _B(**best_fwd, **c), qkv, False, force=i == 0), c)
+            for i, c in enumerate(bwd_c)
         ]
         bwd_ok = [(x, c) for x, c in bwd_t if x is not None]
         best_bwd = min(bwd_ok, key=lambda xc: xc[0])[1] if bwd_ok else {}
@@ -323,10 +332,12 @@ def tune(small: bool, on_gpu: bool, iters: int, budget_s: float, peak: float, na
         if bwd_t and bwd_t[0][0] is not None:
             res["fwd_bwd_default_bwd_ms"] = bwd_t[0][0] * 1e3
         for c in (chunk, check_chunk):
-            ours = trial(f"best, chunk {c}", kernel, c, _B(**best), qkv, False)
-            theirs = trial(f"{base}, chunk {c}", base, c, None, qkv, False)
+            ours = trial(f"best, chunk {c}", kernel, c, _B(**best), qkv, False, force=True)
+            theirs = trial(f"{base}, chunk {c}", base, c, None, qkv, False, force=True)
             if on_gpu and dv == dqk:  # peer: JAX's Mosaic GPU kernel (dense causal per chunk)
-                peer = trial(f"mgpu-per-chunk, chunk {c}", "mgpu-per-chunk", c, None, qkv, False)
+                peer = trial(
+                    f"mgpu-per-chunk, chunk {c}", "mgpu-per-chunk", c, None, qkv, False, True
+                )
                 res[f"mgpu_c{c}_ms"] = None if peer is None else peer * 1e3
             pairs = b * hq * visible_pairs(masks.Chunked(c), t)
             flops = 3.5 * 2.0 * pairs * (dqk + dv)
