@@ -30,7 +30,8 @@ fi
 
 echo "== kernel tests, compiled on the GPU (MENAGERIE_KERNEL_IMPL=pallas)"
 set +e
-MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-260}" "$PY" -m pytest tests/kernels \
+# No XLA autotuning for the tests: they compile many small programs once each.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-260}" "$PY" -m pytest tests/kernels \
   -q -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE \
   ${TEST_K:+-k "$TEST_K"}
 test_rc=$?
