@@ -109,10 +109,10 @@ def mgpu_per_chunk(chunk):
     return attn
 
 
-def configs(small: bool, on_gpu: bool):
+def configs(small: bool, plat: str):
     """(op, shape name, (B, T, Hq, Hkv, Dqk, Dv), mask, impls); mask is the visible-pair rule."""
-    kernel = "pallas" if on_gpu else "interpret"
-    xla_dpa = "cudnn" if on_gpu else "xla-dpa"
+    kernel = "interpret" if plat == "cpu" else "pallas"  # TPU: splash attention
+    xla_dpa = "cudnn" if plat == "gpu" else "xla-dpa"
     out = []
     if small:
         shapes = [
@@ -120,7 +120,7 @@ def configs(small: bool, on_gpu: bool):
             ("megalodon-tiny", (1, 256, 1, 1, 64, 256), 128),
         ]
         for name, shape, chunk in shapes:
-            impls = [kernel, "reference"] + (
+            impls = [kernel, *(["interpret_tpu"] if plat == "cpu" else []), "reference"] + (
                 [xla_dpa + "-per-chunk"] if shape[4] == shape[5] else []
             )
             out.append(("chunked", name, shape, masks.Chunked(chunk), impls))
@@ -153,7 +153,7 @@ def configs(small: bool, on_gpu: bool):
                 f"llama-d128-c{chunk}",
                 (1, 8192, 32, 8, 128, 128),
                 masks.Chunked(chunk),
-                [kernel, "cudnn-per-chunk"],  # XLA reference skipped: 30 s compile each
+                [kernel, f"{xla_dpa}-per-chunk"],  # XLA reference skipped: 30 s compile each
             )
         )
     t = 8192
@@ -369,7 +369,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     plat = platform()
     on_gpu = plat == "gpu"
-    small = args.small or not on_gpu
+    small = args.small or plat == "cpu"
+    if args.tune and plat == "tpu":
+        parser.error("--tune sweeps the GPU kernel's tiles; on TPU the kernel is splash attention")
     iters = args.iters or (5 if on_gpu else 2)
     start = time.perf_counter()
     dev = jax.devices()[0]
@@ -398,7 +400,7 @@ def main(argv=None) -> int:
         f"{'TFLOP/s':>8} {'%peak':>6} {'compile s':>9}"
     )
     print(header, flush=True)
-    for op, name, (b, t, hq, hkv, dqk, dv), mask, impls in configs(small, on_gpu):
+    for op, name, (b, t, hq, hkv, dqk, dv), mask, impls in configs(small, plat):
         if args.filter not in name:
             continue
         pairs = visible_pairs(mask, t)
@@ -450,7 +452,7 @@ def main(argv=None) -> int:
             finally:
                 jax.clear_caches()
 
-    kernel = "pallas" if on_gpu else "interpret"
+    kernel = "interpret" if plat == "cpu" else "pallas"
     ratios = {}
 
     def ratio(label, num_key, den_key, scale=1.0):
@@ -458,7 +460,7 @@ def main(argv=None) -> int:
         if "fwd_bwd_ms" in num and "fwd_bwd_ms" in den:
             ratios[label] = den["fwd_bwd_ms"] * scale / num["fwd_bwd_ms"]
 
-    for op, name, *_ in configs(small, on_gpu):
+    for op, name, *_ in configs(small, plat):
         ratio(
             f"{name}: speedup vs XLA reference (target >= 2 at Megalodon)",
             f"{op}/{name}/{kernel}",
@@ -470,7 +472,7 @@ def main(argv=None) -> int:
                 f"{op}/{name}/{kernel}",
                 f"{op}/{name}/{dpa}",
             )
-    sparse = [c for c in configs(small, on_gpu) if c[0] == "sparse"]
+    sparse = [c for c in configs(small, plat) if c[0] == "sparse"]
     if len(sparse) == 2:
         (_, sname, (_, t, *_), smask, _), (_, dname, *_) = sparse
         kinds = smask.block_kinds(t, t, 64, 64)

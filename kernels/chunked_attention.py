@@ -71,7 +71,8 @@ def chunked_attention(
         (the last chunk is shorter) nor of the tile size. bf16 / f16 / f32.
       chunk_size: tokens per chunk; causal: causal inside each chunk.
       scale: default 1 / sqrt(Dqk). segment_ids: int [B, T], attention stays within a segment.
-      impl: "auto" | "pallas" | "interpret" | "reference" (see `kernels.dispatch`).
+      impl: "auto" | "pallas" | "interpret" | "interpret_tpu" | "reference" (see
+        `kernels.dispatch`).
       block_sizes: optional `sparse_attention.BlockSizes` for the Pallas path.
     Returns:
       [B, T, Hq, Dv] in q's dtype. Differentiable in q, k, v (custom_vjp on the Pallas path).
@@ -94,6 +95,6 @@ def chunked_attention(
         mask,
         scale=scale,
         segment_ids=segment_ids,
-        interpret=impl == "interpret",
+        impl=impl,
         block_sizes=block_sizes,
     )

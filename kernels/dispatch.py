@@ -1,9 +1,12 @@
 """The one dispatcher: which implementation of a kernel op runs.
 
 `impl` is one of:
-- "auto": "pallas" on GPU, "reference" elsewhere (CPU, and TPU until the TPU kernel is tested).
-- "pallas": the Pallas kernel compiled for the default device (GPU: Triton lowering).
-- "interpret": the same Pallas kernel body run by the Pallas interpreter (any device; CPU CI).
+- "auto": "pallas" on GPU, "reference" elsewhere (CPU; and TPU, whose kernel has been run only
+  in the interpreter so far).
+- "pallas": the Pallas kernel compiled for the default device: on GPU our kernel (Triton
+  lowering), on TPU JAX's splash attention (Mosaic TPU; see `kernels.tpu`).
+- "interpret": our GPU kernel's body run by the Pallas interpreter (any device; CPU CI).
+- "interpret_tpu": the TPU kernel (splash attention) run by the Pallas interpreter.
 - "reference": the pure-jnp twin that defines what the op computes.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import jax
 
-IMPLS = ("auto", "pallas", "interpret", "reference")
+IMPLS = ("auto", "pallas", "interpret", "interpret_tpu", "reference")
 
 
 class KernelUnsupportedError(ValueError):
@@ -34,12 +37,15 @@ def resolve_impl(impl: str) -> str:
     if impl == "pallas" and plat == "cpu":
         raise KernelUnsupportedError(
             "impl='pallas' needs a GPU or TPU; on CPU use impl='interpret' (the Pallas kernel in "
-            "the interpreter) or impl='reference'"
-        )
-    if impl == "pallas" and plat == "tpu":
-        raise KernelUnsupportedError(
-            "impl='pallas' is not implemented for TPU yet (the kernel is written for the Triton "
-            "lowering); use impl='reference', or for sparse masks JAX's splash attention "
-            "(jax.experimental.pallas.ops.tpu.splash_attention)"
+            "the interpreter), impl='interpret_tpu' (the TPU kernel) or impl='reference'"
         )
     return impl
+
+
+def kernel_family(impl: str) -> tuple[str, bool]:
+    """("gpu" | "tpu", interpret?) for a resolved Pallas impl: which kernel runs, and how."""
+    if impl == "interpret_tpu":
+        return "tpu", True
+    if impl == "interpret":
+        return "gpu", True
+    return ("tpu" if platform() == "tpu" else "gpu"), False

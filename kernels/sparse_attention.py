@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from menagerie.kernels import masks as masks_lib
-from menagerie.kernels.dispatch import KernelUnsupportedError, resolve_impl
+from menagerie.kernels.dispatch import KernelUnsupportedError, kernel_family, resolve_impl
 
 # A finite "minus infinity": exp2(MASK_VALUE - m) underflows to 0 without inf - inf NaNs.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -522,11 +522,27 @@ def check_shapes(q, k, v) -> int:
     return q.shape[2] // k.shape[2]
 
 
-def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, interpret, block_sizes=None):
-    """The Pallas path behind `sparse_attention` and `chunked_attention` (padding + custom_vjp)."""
+def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, impl, block_sizes=None):
+    """The Pallas path behind `sparse_attention` and `chunked_attention` (padding + custom_vjp);
+    `impl` is "pallas", "interpret" or "interpret_tpu". The TPU kernel is in `kernels.tpu`."""
     group = check_shapes(q, k, v)
     b, tq, _, dqk = q.shape
     tk, dv = k.shape[1], v.shape[-1]
+    family, interpret = kernel_family(impl)
+    if family == "tpu":
+        from menagerie.kernels.tpu import splash_flash
+
+        seg = _split_segments(segment_ids, b, tq, tk)
+        return splash_flash(
+            q,
+            k,
+            v,
+            mask,
+            scale=scale,
+            group=group,
+            interpret=interpret,
+            segment_ids=None if seg[0] is None else seg,
+        )
     bs = block_sizes or BlockSizes.default(dqk, dv)
     # Short sequences: shrink tiles so padding stays under 2x.
     cap_q, cap_k = _pow2(tq), _pow2(tk)
@@ -625,8 +641,9 @@ def sparse_attention(
       scale: multiplies q k^T; default 1 / sqrt(Dqk).
       segment_ids: int [B, T] (Tq == Tk), or a pair (q [B, Tq], kv [B, Tk]): tokens attend only
         within their segment (packed documents).
-      impl: "auto" | "pallas" | "interpret" | "reference" (see `kernels.dispatch`).
-      block_sizes: optional `BlockSizes` for the Pallas path.
+      impl: "auto" | "pallas" | "interpret" | "interpret_tpu" | "reference" (see
+        `kernels.dispatch`).
+      block_sizes: optional `BlockSizes` for the GPU Pallas kernel.
     Returns:
       [B, Tq, Hq, Dv] in q's dtype; rows with no visible key are zeros.
     """
@@ -643,6 +660,6 @@ def sparse_attention(
         mask,
         scale=scale,
         segment_ids=segment_ids,
-        interpret=impl == "interpret",
+        impl=impl,
         block_sizes=block_sizes,
     )
