@@ -74,9 +74,10 @@ class OptimConfig(BaseModel):
     stagger_refresh: bool = False
     """galore/apollo: spread refreshes over the gap (matrix j at step j*T/J mod T), one SVD at
     a time, instead of all matrices at the same step."""
-    svd_method: Literal["qr", "default", "gram"] = "qr"
-    """galore: how the projector is computed: fp32 SVD via LAPACK gesvd (qr), jnp's default SVD,
-    or the top eigenvectors of the smaller Gram matrix (gram: cheapest, sharding-friendly)."""
+    svd_method: Literal["qr", "default", "gram"] = "default"
+    """galore: how the projector is computed: fp32 SVD by jnp's default (divide and conquer,
+    LAPACK gesdd, as torch uses: 4.6x faster than gesvd on CPU here), by LAPACK gesvd (qr), or
+    as the top eigenvectors of the smaller Gram matrix (gram: cheapest, sharding-friendly)."""
     fira: bool = False
     """galore: add Fira's norm-scaled residual (the part of the gradient outside the subspace)."""
     lazy_refresh: bool = False

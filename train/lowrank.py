@@ -11,7 +11,7 @@ others get Adam in full space. For a matrix, with k its projected side and r the
                                              or a seeded Gaussian (APOLLO, SVD-free)
   project:      R = Qᵀ G  [r, n]  (side "left", k = m)   or   R = G Q  [m, r]  (side "right")
   Adam on R:    M, V in the projected space; N = M / (√V + ε)
-  back:         GaLore: D = α · Q N (or N Qᵀ);  Fira adds the column-scaled residual G − Q Qᵀ G;
+  back:         GaLore: D = α · Q N (or N Qᵀ);  Fira adds the column-scaled residual G − α Q Qᵀ G;
                 APOLLO: D = α · G ∘ s, s = ‖N‖/‖R‖ per channel (or per tensor)
   update:       −lr · √(1−β₂ᵗ)/(1−β₁ᵗ) · D, then decoupled weight decay on the updated weight.
 
@@ -23,6 +23,7 @@ selected elementwise by the trainer's skip-on-non-finite logic, and Orbax saves 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import warnings
@@ -173,6 +174,53 @@ def _empty(dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((), dtype)
 
 
+# Entry points, in the LAPACK build that jaxlib's CPU kernels use (scipy's), that set its thread
+# count: scipy's bundled OpenBLAS, a system OpenBLAS, BLIS.
+_LAPACK_THREAD_SETTERS = (
+    "scipy_openblas_set_num_threads",
+    "scipy_openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "bli_thread_set_num_threads",
+)
+_lapack_threads: list[int | None] = [None]  # what we last set, so it is done once per process
+
+
+def limit_cpu_lapack_threads(threads: int = 1) -> bool:
+    """Sets the thread count of the LAPACK/BLAS that jaxlib's CPU linear-algebra kernels call
+    (`scipy.linalg.cython_lapack`), process-wide. Returns False where it cannot be found.
+
+    Why: XLA:CPU already runs on every core (and runs a batched SVD's matrices in parallel);
+    OpenBLAS then wakes its own pool on top of it, and its workers spin for ~0.1 s after each
+    call. On a 2-core host that makes a batched [4, 256, 768] SVD 2.3x slower, sometimes 200x
+    (64 x 256: 1.1 s instead of 5 ms under load), and slows the next ~0.1 s of XLA work (the
+    train steps after a refresh: +70% on the tiny model's first six). One LAPACK thread per XLA
+    thread has none of it."""
+    if _lapack_threads[0] == threads:
+        return True
+    try:
+        import scipy.linalg.cython_lapack as cython_lapack
+
+        lib = ctypes.CDLL(cython_lapack.__file__)  # dlsym also searches its dependencies
+    except (ImportError, OSError):
+        return False
+    for name in _LAPACK_THREAD_SETTERS:
+        setter = getattr(lib, name, None)
+        if setter is not None:
+            setter(ctypes.c_int(threads))
+            _lapack_threads[0] = threads
+            return True
+    return False
+
+
+def random_projection(seed: int, index, step, k: int, rank: int) -> jax.Array:
+    """The random projector (APOLLO, `projection="random"`) of matrix `index` (global order of
+    the projected matrices) refreshed at `step`: N(0, 1/r) entries, float32 [k, r]. A pure
+    function of its arguments, so it is regenerated rather than stored."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), step)
+    return jax.random.normal(key, (k, rank), jnp.float32) / math.sqrt(rank)
+
+
 def _canonical_signs(q_kr: jax.Array) -> jax.Array:
     """Flip each column so its largest-magnitude entry is positive. Singular vectors are defined
     up to sign and LAPACK builds disagree (MKL vs OpenBLAS flip ~1/3 of them); the official code
@@ -204,7 +252,8 @@ def scale_by_lowrank(
     lazy_queue: int = 5,
     lazy_factor: int = 2,
     canonical_signs: bool = True,
-    svd_method: Literal["qr", "default", "gram"] = "qr",
+    svd_method: Literal["qr", "default", "gram"] = "default",
+    cpu_lapack_threads: int | None = 1,
     seed: int = 0,
 ) -> optax.GradientTransformation:
     """The low-rank direction D (see the module docstring), times √(1−β₂ᵗ)/(1−β₁ᵗ), unsigned
@@ -222,9 +271,12 @@ def scale_by_lowrank(
       moments_on_refresh: "keep" (official) or "reproject" into the new basis (GaLore issue #54):
         M ← (QₙₑᵥᵀQₒₗd) M, V ← (QₙₑᵥᵀQₒₗd)∘² V (a nonnegative approximation for V).
       stagger: matrix j of J refreshes at steps ≡ ⌊jT/J⌋ (mod T) instead of all at once
-        (all at step 0), one SVD at a time (`lax.map` + `lax.cond`): the SVD cost and its
+        (all at step 0), one SVD at a time (`lax.map` + `lax.cond`, under one `lax.cond` per
+        parameter that skips it when none of its matrices is due): the SVD cost and its
         workspace are spread and no stacked SVD buffer exists.
-      fira: add the residual G − Q Qᵀ G scaled per channel by ‖N‖/‖R‖ (Fira, arXiv 2410.01623).
+      fira: add the residual G − α Q Qᵀ G scaled per channel by ‖N‖/‖R‖ (Fira, arXiv 2410.01623).
+        The α is the official code's (`fira.AdamW` subtracts `project_back(R)`, which includes
+        α); the paper's Alg. 1 writes G − Q Qᵀ G. They agree at Fira's default α = 1.
       apollo_scaling: "channel"/"tensor": D = α G ∘ ‖N‖/‖R‖ (APOLLO, arXiv 2412.05270).
       norm_growth_limit: γ of the norm-growth limiter on the Fira residual / APOLLO update
         (both papers: 1.01); None disables it.
@@ -233,11 +285,18 @@ def scale_by_lowrank(
         `lazy_factor` (q_galore_projector.py; we use |cos| so the sign convention is moot).
       canonical_signs: fix singular-vector signs (see `_canonical_signs`); False uses raw
         `jnp.linalg.svd` output as optax.contrib does.
-      svd_method: "qr": `lax.linalg.svd(algorithm=QR)` (LAPACK gesvd; on XLA:CPU the default
-        divide-and-conquer path is ~25x slower on a 64x256 matrix); "default": `jnp.linalg.svd`
-        as optax.contrib calls it; "gram": top eigenvectors of the smaller Gram matrix
-        (GGᵀ or GᵀG, fp32) - a matmul that reduces over the sharded axis plus a k x k eigh,
-        ~50x cheaper than "qr" on CPU, less accurate for small singular-value gaps.
+      svd_method: "qr": `lax.linalg.svd(algorithm=QR)` (LAPACK gesvd); "default":
+        `jnp.linalg.svd`'s divide-and-conquer (gesdd), as optax.contrib and torch call it; both
+        exact, equal up to rounding. On XLA:CPU with one LAPACK thread (see
+        `cpu_lapack_threads`) gesdd is the faster: 0.44 s vs 2.0 s per refresh of the small
+        transformer's 28 matrices, 19 vs 25 ms on the tiny one's 14 (2 cores). "gram": top
+        eigenvectors of the smaller Gram matrix (GGᵀ or GᵀG, fp32) - a matmul that reduces over
+        the sharded axis plus a k x k eigh (0.2 s on the small one), less accurate for small
+        singular-value gaps.
+      cpu_lapack_threads: when the SVD runs on XLA:CPU (default backend "cpu"), set the
+        LAPACK library's own thread count to this, process-wide, the first time the update is
+        traced (`limit_cpu_lapack_threads`); None leaves it alone. Not done for random
+        projections, which call no LAPACK.
       seed: seeds random projections.
     """
     if not isinstance(rank, int) or rank <= 0:
@@ -312,9 +371,41 @@ def scale_by_lowrank(
             q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
         return _canonical_signs(q) if canonical_signs else q
 
-    def random_projector(index: jax.Array, step: jax.Array, plan: _Plan) -> jax.Array:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), step)
-        return jax.random.normal(key, (plan.k, plan.rank), jnp.float32) / math.sqrt(plan.rank)
+    def random_projector(index: jax.Array, step: jax.Array, k: int) -> jax.Array:
+        return random_projection(seed, index, step, k, rank)
+
+    def random_projectors(plans, count, flat) -> dict:
+        """Every random projector of this step, {plan index: (Q at this step's proj_step, Q at
+        the last one or None)} [B, k, r]: one vmapped generation per projector size k for all
+        matrices of all parameters, not one per parameter (XLA:CPU runs each threefry as a
+        rolled loop; per parameter, that was 5% of the tiny model's step). vmap gives each
+        matrix the numbers it gets alone."""
+        groups: dict[int, list] = {}
+        for i, plan in enumerate(plans):
+            if plan.lowrank:
+                groups.setdefault(plan.k, []).append(i)
+        out = {}
+        for k, members in groups.items():
+            index, new_step, old_step = [], [], []
+            for i in members:
+                plan = plans[i]
+                pstep = flat["proj_step"][i].reshape(plan.batch)
+                do = count == flat["next_refresh"][i].reshape(plan.batch)
+                index.append(plan.first + jnp.arange(plan.batch))
+                new_step.append(jnp.where(do, count, pstep))
+                old_step.append(pstep)
+            index, steps = jnp.concatenate(index), jnp.concatenate(new_step)
+            reproject = moments_on_refresh == "reproject"
+            if reproject:  # both at once: [new; old]
+                index, steps = jnp.concatenate([index, index]), jnp.concatenate([steps, *old_step])
+            q = jax.vmap(lambda i, s, k=k: random_projector(i, s, k))(index, steps)
+            n = q.shape[0] // 2 if reproject else q.shape[0]
+            start = 0
+            for i in members:
+                b = plans[i].batch
+                out[i] = (q[start : start + b], q[n + start : n + start + b] if reproject else None)
+                start += b
+        return out
 
     def project(g, q, plan):  # g [B, m, n], q [B, k, r] -> [B, *low_shape]
         if plan.side == "left":
@@ -331,20 +422,19 @@ def scale_by_lowrank(
 
     # ------------------------------------------------------------------ one projected leaf
 
-    def lowrank_leaf(plan, total, count, g, mu, nu, proj, pstep, nxt, gap, hist, top, rnorm):
+    def lowrank_leaf(
+        plan, total, count, g, mu, nu, proj, pstep, nxt, gap, hist, top, rnorm, q_random
+    ):
         B, bs = plan.batch, plan.batch_shape
         g3 = g.reshape(B, plan.m, plan.n).astype(jnp.float32)
         mu, nu = mu.reshape(B, *plan.low_shape), nu.reshape(B, *plan.low_shape)
         nxt, gap, pstep = nxt.reshape(B), gap.reshape(B), pstep.reshape(B)
         do = count == nxt  # [B] which matrices refresh now
-        index = plan.first + jnp.arange(B)
 
         # --- the projector before and after this step's refresh
         if projection == "random":
             new_pstep = jnp.where(do, count, pstep)
-            gen = jax.vmap(lambda i, s: random_projector(i, s, plan))
-            q_new = gen(index, new_pstep)
-            q_old = gen(index, pstep) if moments_on_refresh == "reproject" else None
+            q_new, q_old = q_random  # see random_projectors
             proj_out = proj
         else:
             q_old = proj.reshape(B, plan.k, plan.rank).astype(jnp.float32)
@@ -352,10 +442,16 @@ def scale_by_lowrank(
                 q_new = jax.lax.cond(
                     do[0], lambda: jax.vmap(lambda x: svd_projector(x, plan))(g3), lambda: q_old
                 )
-            else:  # one matrix at a time, only those due
-                q_new = jax.lax.map(
-                    lambda a: jax.lax.cond(a[0], lambda: svd_projector(a[1], plan), lambda: a[2]),
-                    (do, g3, q_old),
+            else:  # one matrix at a time, only those due; nothing at all on most steps
+                q_new = jax.lax.cond(
+                    jnp.any(do),
+                    lambda: jax.lax.map(
+                        lambda a: jax.lax.cond(
+                            a[0], lambda: svd_projector(a[1], plan), lambda: a[2]
+                        ),
+                        (do, g3, q_old),
+                    ),
+                    lambda: q_old,
                 )
             # Stored, and used, in the parameter dtype (official: cast back after the SVD).
             q_store = q_new.astype(plan.dtype)
@@ -417,7 +513,7 @@ def scale_by_lowrank(
                 phi = jnp.linalg.norm(nrm, axis=ax, keepdims=True) / (
                     jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8
                 )
-                resid = (g3 - back(r, q_new, plan)) * phi
+                resid = (g3 - scale * back(r, q_new, plan)) * phi
                 if limiter:
                     resid, rnorm = _limit(resid, rnorm.reshape(B), norm_growth_limit)
                 d = d + resid
@@ -440,6 +536,8 @@ def scale_by_lowrank(
 
     def update_fn(updates, state, params=None):
         del params
+        if projection == "svd" and cpu_lapack_threads and jax.default_backend() == "cpu":
+            limit_cpu_lapack_threads(cpu_lapack_threads)
         plans = plans_for(updates)
         total = sum(p.batch for p in plans if p.lowrank)
         treedef = jax.tree.structure(updates)
@@ -448,6 +546,7 @@ def scale_by_lowrank(
         step_size = jnp.sqrt(1 - b2**t) / (1 - b1**t)  # official: folded into the step size
 
         flat = {f: treedef.flatten_up_to(getattr(state, f)) for f in LowRankState._fields[1:]}
+        q_random = random_projectors(plans, count, flat) if projection == "random" else {}
         out = {f: [] for f in ("d",) + LowRankState._fields[1:]}
         for i, (plan, g) in enumerate(zip(plans, jax.tree.leaves(updates), strict=True)):
             leaf = {f: flat[f][i] for f in flat}
@@ -468,6 +567,7 @@ def scale_by_lowrank(
                             "hist": leaf["cos_history"],
                             "top": leaf["top_vector"],
                             "rnorm": leaf["residual_norm"],
+                            "q_random": q_random.get(i),
                         },
                     )
             else:

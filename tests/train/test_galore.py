@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch  # the `test` extra pins it (see pyproject.toml)
 from menagerie.train import lowrank
 from menagerie.train.config import load_config
 from menagerie.train.errors import ConfigError
@@ -18,106 +17,13 @@ from menagerie.train.lowrank import MatrixDims, apollo, galore, scale_by_lowrank
 from menagerie.train.optim import make_optimizer, matrix_dims
 
 from .conftest import TINY
+from .lowrank_testing import spectral_grads
 
 
 @pytest.fixture(autouse=True)
 def _highest_matmul_precision():
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def spectral_grads(rng, shapes, steps):
-    """Gradients with a decaying spectrum (rank-8 signal + noise), so the top-r singular
-    vectors are well separated and every SVD implementation finds the same subspace."""
-    out = []
-    for _ in range(steps):
-        g = {}
-        for k, s in shapes.items():
-            if len(s) >= 2:
-                m, n = s[-2], s[-1]
-                lead = s[:-2]
-                a = rng.standard_normal((*lead, m, 8))
-                b = rng.standard_normal((*lead, 8, n)) * (0.5 ** np.arange(8))[:, None]
-                g[k] = (a @ b + 0.05 * rng.standard_normal(s)).astype(np.float32)
-            else:
-                g[k] = rng.standard_normal(s).astype(np.float32)
-        out.append(g)
-    return out
-
-
-def canonical_torch_svd(orig):
-    """torch.linalg.svd with our sign convention (largest-|entry| of each kept singular vector
-    positive). Still a valid SVD, so the official code runs unchanged; without it MKL and
-    jnp (OpenBLAS-style LAPACK) disagree on ~1/3 of the signs, and the official algorithm keeps
-    moments across refreshes, so the trajectory depends on the LAPACK build."""
-
-    def svd(a, full_matrices=True, **kw):
-        u, s, vh = orig(a, full_matrices=full_matrices, **kw)
-        m, n = a.shape[-2:]
-        if m >= n:  # std keeps Vh rows
-            sign = torch.sign(vh.gather(-1, vh.abs().argmax(-1)[..., None]))[..., 0]
-        else:  # std keeps U columns
-            sign = torch.sign(u.gather(-2, u.abs().argmax(-2)[..., None, :]))[..., 0, :]
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        return u * sign[..., None, :], s, vh * sign[..., :, None]
-
-    return svd
-
-
-def test_galore_matches_official_galore_torch(monkeypatch):
-    import galore_torch  # the official GaLoreAdamW (test extra)
-
-    monkeypatch.setattr(torch.linalg, "svd", canonical_torch_svd(torch.linalg.svd))
-    rank, gap, lr, wd, steps = 6, 3, 0.01, 0.05, 8  # refreshes at 0, 3, 6: 2+ full periods
-    shapes = {"tall": (48, 24), "wide": (20, 56), "stack": (2, 40, 24), "vec": (24,)}
-    rng = np.random.default_rng(0)
-    params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-    # Official: one torch parameter per matrix; our stacked [2, m, n] has one projector per layer.
-    tp = {k: torch.nn.Parameter(torch.tensor(params[k])) for k in ("tall", "wide", "vec")}
-    tp.update({f"stack{i}": torch.nn.Parameter(torch.tensor(params["stack"][i])) for i in range(2)})
-    low = [tp["tall"], tp["wide"], tp["stack0"], tp["stack1"]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = galore_torch.GaLoreAdamW(
-            [
-                {
-                    "params": low,
-                    "rank": rank,
-                    "update_proj_gap": gap,
-                    "scale": 0.25,
-                    "proj_type": "std",
-                },
-                {"params": [tp["vec"]]},
-            ],
-            lr=lr,
-            weight_decay=wd,
-        )
-    dims = {"tall": MatrixDims(), "wide": MatrixDims(), "stack": MatrixDims(1, 1), "vec": None}
-    tx = galore(lr, dims, rank=rank, update_proj_gap=gap, scale=0.25, weight_decay=wd)
-    jp = {k: jnp.asarray(v) for k, v in params.items()}
-    state, update = tx.init(jp), jax.jit(tx.update)
-    for t, g in enumerate(spectral_grads(rng, shapes, steps)):
-        before = {k: p.detach().clone() for k, p in tp.items()}
-        for k in ("tall", "wide", "vec"):
-            tp[k].grad = torch.tensor(g[k])
-        for i in range(2):
-            tp[f"stack{i}"].grad = torch.tensor(g["stack"][i])
-        opt.step()
-        u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, jp)
-        jp = optax.apply_updates(jp, u)
-        ref = {k: (tp[k].detach() - before[k]).numpy() for k in ("tall", "wide", "vec")}
-        ref["stack"] = np.stack(
-            [(tp[f"stack{i}"].detach() - before[f"stack{i}"]).numpy() for i in range(2)]
-        )
-        for k in shapes:
-            np.testing.assert_allclose(
-                np.asarray(u[k]), ref[k], atol=1e-5, rtol=0, err_msg=f"{k} step {t}"
-            )
-            # And much tighter than the 1e-5 bar, relative to the update itself.
-            assert np.abs(np.asarray(u[k]) - ref[k]).max() < 1e-3 * np.abs(ref[k]).max(), (k, t)
-    # Projected moments really are low rank: [48, 24] tall -> right side, moments [48, r].
-    assert state[0].mu["tall"].shape == (48, rank) and state[0].mu["wide"].shape == (rank, 56)
-    assert state[0].mu["stack"].shape == (2, 40, rank)
 
 
 def test_galore_matches_optax_contrib_on_the_same_side():
@@ -215,6 +121,46 @@ def test_apollo_descends_and_stores_no_projector():
     assert state[0].projector["w"].shape == ()  # regenerated from (seed, matrix, step)
     first_m, last_m, _ = quadratic_run(apollo(0.05, STACK, rank=1, scaling="tensor", scale=4.0))
     assert last_m < 0.7 * first_m
+
+
+def test_apollo_projection_of_a_matrix_is_independent_of_the_others():
+    # Projectors of all parameters with the same k are generated in one vmapped call; each
+    # matrix must still get the numbers of (seed, its index, its step) alone.
+    shapes = {"a": (2, 16, 40), "b": (40, 16)}  # a: left, k = 16; b: right, k = 16
+    dims = {"a": MatrixDims(1, 1), "b": MatrixDims()}
+    runs = []
+    for keys in (("a",), ("a", "b")):
+        tx = apollo(0.01, {k: dims[k] for k in keys}, rank=4, update_proj_gap=2)
+        params = {k: jnp.zeros(shapes[k]) for k in keys}
+        state, out = tx.init(params), []
+        for g in spectral_grads(np.random.default_rng(1), shapes, 5):
+            u, state = tx.update({k: jnp.asarray(g[k]) for k in keys}, state, params)
+            out.append(np.asarray(u["a"]))
+        runs.append(out)
+    np.testing.assert_array_equal(np.stack(runs[0]), np.stack(runs[1]))
+
+
+def test_svd_on_cpu_runs_lapack_single_threaded():
+    # XLA:CPU already uses every core; OpenBLAS threads on top of it made refreshes 2-200x
+    # slower and slowed the steps after them (see `limit_cpu_lapack_threads`).
+    import ctypes
+
+    import scipy.linalg.cython_lapack as cython_lapack
+
+    assert jax.default_backend() == "cpu"
+    lib = ctypes.CDLL(cython_lapack.__file__)
+    lib.scipy_openblas_set_num_threads(2)
+    lowrank._lapack_threads[0] = None
+    tx = scale_by_lowrank({"w": MatrixDims()}, rank=2, update_proj_gap=2)
+    tx.update({"w": jnp.ones((8, 6))}, tx.init({"w": jnp.zeros((8, 6))}))
+    assert lib.scipy_openblas_get_num_threads() == 1
+    lib.scipy_openblas_set_num_threads(2)
+    lowrank._lapack_threads[0] = None
+    tx = scale_by_lowrank({"w": MatrixDims()}, rank=2, cpu_lapack_threads=None)
+    tx.update({"w": jnp.ones((8, 6))}, tx.init({"w": jnp.zeros((8, 6))}))
+    assert lib.scipy_openblas_get_num_threads() == 2  # None leaves it alone
+    assert lowrank.limit_cpu_lapack_threads(1)
+    assert lib.scipy_openblas_get_num_threads() == 1
 
 
 def test_stagger_refreshes_one_layer_at_a_time():
