@@ -61,7 +61,8 @@ class OptimConfig(BaseModel):
     """galore/apollo: T, steps between projector refreshes."""
     scale: float | None = None
     """galore/apollo: alpha, scale of the low-rank update; null: 0.25 (GaLore paper) for
-    galore, 1.0 for apollo."""
+    galore, 1.0 for apollo. The official APOLLO code's `scale` is alpha squared (it multiplies
+    by its square root): its APOLLO-Mini scale 128 is 11.31 here."""
     proj_side: Literal["std", "reverse_std", "left", "right"] = "std"
     """galore: which side is compressed. std: the smaller (official); reverse_std: the larger
     (optax.contrib.galore)."""

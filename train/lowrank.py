@@ -682,7 +682,10 @@ def apollo(
     **kwargs: Any,
 ) -> optax.GradientTransformation:
     """APOLLO (Zhu et al. 2024): random projection, low-rank Adam used only to scale the raw
-    gradient per channel (`scaling="tensor"` with rank 1 is APOLLO-Mini)."""
+    gradient per channel (`scaling="tensor"` with rank 1 is APOLLO-Mini). Matches the official
+    `apollo_torch.APOLLOAdamW` (tests/train/test_lowrank_parity.py) with one convention change:
+    `scale` here is the factor α itself; the official `scale` argument is α² (its code
+    multiplies by √scale), so its APOLLO-Mini `scale=128` is `scale=128 ** 0.5` here."""
     return galore(
         learning_rate,
         matrix_dims,
