@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from .config import RunConfig
+from .distributed import barrier
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -85,14 +86,18 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
                 )
             if not diffs:
                 start_over = False  # same model: resume, keep everything
-        if start_over:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            backup = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-            if jax.process_index() == 0:
+    move_aside = bool(start_over and run_dir.is_dir() and any(run_dir.iterdir()))
+    # Multi-process: every process has checked the folder before process 0 changes it, and
+    # only process 0 changes it.
+    barrier("run_dir checked")
+    try:
+        if jax.process_index() == 0:
+            if move_aside:
+                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                backup = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
                 os.replace(run_dir, backup)
                 print(f"moved the previous run to {backup}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0 and not saved_path.exists():
             tmp = saved_path.with_suffix(".yaml.tmp")
             tmp.write_text(cfg.to_yaml())
@@ -101,6 +106,7 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
         raise CheckpointError(
             f"cannot write to run_dir '{run_dir}' ({e.strerror}); choose a writable folder"
         ) from None
+    barrier("run_dir ready")
     return run_dir
 
 

@@ -5,7 +5,9 @@
     menagerie prepare [--config FILE] --out DIR [--force] [key.sub=value ...]
 
 Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
-with status 2; `--debug` shows the traceback instead.
+with status 2; `--debug` shows the traceback instead. Multi-process (multi-host) runs start one
+such command per process with MENAGERIE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID set (see
+`train.distributed`).
 """
 
 from __future__ import annotations
@@ -114,9 +116,23 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _distributed(handler):
+    def run(args) -> int:
+        from .distributed import initialize
+
+        initialize()  # before anything touches a JAX backend
+        return handler(args)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare}[args.command]
+    handler = {
+        "train": _distributed(cmd_train),
+        "eval": _distributed(cmd_eval),
+        "prepare": cmd_prepare,
+    }[args.command]
     if args.debug:
         return handler(args)
     try:

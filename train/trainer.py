@@ -351,7 +351,7 @@ class Trainer:
                         f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
                         f"bits/byte {summary.eval['bits_per_byte']:.4f}"
                     )
-                if t.sample_tokens:
+                if t.sample_tokens and jax.process_count() == 1:  # single-process sampler
                     summary.sample = self.sample(state["params"])
             ckpt.wait()
         finally:
