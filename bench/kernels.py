@@ -359,6 +359,13 @@ def tune(small: bool, on_gpu: bool, iters: int, budget_s: float, peak: float, na
     return out
 
 
+def print_json(bench: str, dev, peak: float, start: float, **fields) -> None:
+    """The final JSON line: what ran where, the measured peak, and the results."""
+    head = dict(bench=bench, jax=jax.__version__, device=dev.device_kind)
+    tail = dict(peak_tflops=peak / 1e12, **fields, wall_s=time.perf_counter() - start)
+    print(json.dumps({**head, **tail}))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (default on CPU)")
@@ -380,18 +387,7 @@ def main(argv=None) -> int:
     print(f"bf16 matmul peak measured: {peak / 1e12:.1f} TFLOP/s", flush=True)
     if args.tune:
         res = tune(small, on_gpu, iters, args.budget_s, peak, args.filter)
-        print(
-            json.dumps(
-                dict(
-                    bench="kernels-tune",
-                    jax=jax.__version__,
-                    device=dev.device_kind,
-                    peak_tflops=peak / 1e12,
-                    tune=res,
-                    wall_s=time.perf_counter() - start,
-                )
-            )
-        )
+        print_json("kernels-tune", dev, peak, start, tune=res)
         return 0
 
     results = {}
@@ -486,19 +482,7 @@ def main(argv=None) -> int:
     print("\ntarget ratios (fwd+bwd time; > 1 means ours is faster):")
     for label, r in ratios.items():
         print(f"  {r:6.2f}  {label}")
-    print(
-        json.dumps(
-            dict(
-                bench="kernels",
-                jax=jax.__version__,
-                device=dev.device_kind,
-                peak_tflops=peak / 1e12,
-                results=results,
-                ratios=ratios,
-                wall_s=time.perf_counter() - start,
-            )
-        )
-    )
+    print_json("kernels", dev, peak, start, results=results, ratios=ratios)
     return 0
 
 

@@ -80,28 +80,10 @@ class BlockSizes:
     def default(cls, dqk: int, dv: int) -> BlockSizes:
         """The fastest of `python bench/kernels.py --tune` on an H100 (JAX 0.11.2, bf16): at
         Megalodon-7B shapes (Dqk 256, Dv 2048) and at Llama shapes (head dim 128)."""
+        bwd = dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
         if max(dqk, min(dv, 256)) > 128:
-            return cls(
-                q=128,
-                k=64,
-                q_bwd=64,
-                k_bwd=64,
-                dv=256,
-                num_warps=8,
-                num_stages=2,
-                num_warps_bwd=4,
-                num_stages_bwd=2,
-            )
-        return cls(
-            q=128,
-            k=128,
-            q_bwd=64,
-            k_bwd=64,
-            num_warps=8,
-            num_stages=3,
-            num_warps_bwd=4,
-            num_stages_bwd=2,
-        )
+            return cls(q=128, k=64, dv=256, num_warps=8, num_stages=2, **bwd)
+        return cls(q=128, k=128, num_warps=8, num_stages=3, **bwd)
 
 
 @dataclasses.dataclass(frozen=True)

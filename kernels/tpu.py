@@ -71,14 +71,23 @@ def _native(mask: masks_lib.Mask, shape: tuple[int, int]):
     return None
 
 
+def _sees_itself(mask: masks_lib.Mask, t: int) -> bool:
+    """Every query q < t may attend to key q."""
+    if not mask.computable:
+        return bool(np.all(np.diagonal(mask.dense(t, t))))
+    pos = np.arange(t)
+    return bool(np.all(mask(pos, pos)))
+
+
 @functools.lru_cache(maxsize=64)
 def _plan(mask: masks_lib.Mask, tq: int, tk: int, has_seg: bool):
     """(splash mask [tq_p, tk_p (+ LANES)], tq_p, tk_p, extra key block?) for this shape."""
     _, sm = _splash()
     tq_p, tk_p = _round_up(tq, LANES), _round_up(tk, LANES)
-    dense = mask.dense(tq, tk)
-    empty_rows = ~dense.any(axis=1)
-    if has_seg and (tq != tk or not np.all(np.diagonal(dense))):
+    # Row facts without a dense [tq, tk] array (block kinds of one-row tiles: O(tq) for the
+    # interval masks), so the native path stays O(T) on the host.
+    empty_rows = mask.block_kinds(tq, tk, 1, tk)[:, 0] == masks_lib.EMPTY
+    if has_seg and (tq != tk or not _sees_itself(mask, tq)):
         raise KernelUnsupportedError(
             "the TPU kernel (splash attention) needs every query to see itself when segment_ids "
             f"are given (a segment's first token must not be left with no key); {mask!r} does "
@@ -90,7 +99,7 @@ def _plan(mask: masks_lib.Mask, tq: int, tk: int, has_seg: bool):
             return native, tq_p, tk_p, False
     extra = bool(empty_rows.any() or tq_p > tq)
     full = np.zeros((tq_p, tk_p + (LANES if extra else 0)), bool)
-    full[:tq, :tk] = dense
+    full[:tq, :tk] = mask.dense(tq, tk)
     if extra:  # rows with no key (and padded rows) see the first extra key, an all-zero one
         full[:tq, tk_p] = empty_rows
         full[tq:, tk_p] = True

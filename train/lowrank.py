@@ -371,9 +371,6 @@ def scale_by_lowrank(
             q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
         return _canonical_signs(q) if canonical_signs else q
 
-    def random_projector(index: jax.Array, step: jax.Array, k: int) -> jax.Array:
-        return random_projection(seed, index, step, k, rank)
-
     def random_projectors(plans, count, flat) -> dict:
         """Every random projector of this step, {plan index: (Q at this step's proj_step, Q at
         the last one or None)} [B, k, r]: one vmapped generation per projector size k for all
@@ -398,7 +395,7 @@ def scale_by_lowrank(
             reproject = moments_on_refresh == "reproject"
             if reproject:  # both at once: [new; old]
                 index, steps = jnp.concatenate([index, index]), jnp.concatenate([steps, *old_step])
-            q = jax.vmap(lambda i, s, k=k: random_projector(i, s, k))(index, steps)
+            q = jax.vmap(lambda i, s, k=k: random_projection(seed, i, s, k, rank))(index, steps)
             n = q.shape[0] // 2 if reproject else q.shape[0]
             start = 0
             for i in members:
