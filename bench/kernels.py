@@ -224,9 +224,9 @@ def tune_candidates(small: bool, megalodon: bool):
             dict(q=128, k=64, dv=256, num_warps=4, num_stages=2),
         ]
         bwd = [
+            dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
             dict(q_bwd=64, k_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
             dict(q_bwd=64, k_bwd=64, num_warps_bwd=8, num_stages_bwd=3),
-            dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
             dict(q_bwd=64, k_bwd=128, q_dq=128, k_dq=64, num_warps_bwd=8, num_stages_bwd=2),
             dict(q_bwd=64, k_bwd=64, dv_bwd=128, num_warps_bwd=8, num_stages_bwd=2),
             dict(q_bwd=64, k_bwd=64, dv_bwd=512, num_warps_bwd=8, num_stages_bwd=2),
@@ -234,22 +234,26 @@ def tune_candidates(small: bool, megalodon: bool):
         ]
         return fwd, bwd
     fwd = [
+        dict(q=128, k=128, num_warps=8, num_stages=3),
         dict(q=128, k=64, num_warps=8, num_stages=3),
         dict(q=128, k=64, num_warps=8, num_stages=4),
-        dict(q=128, k=128, num_warps=8, num_stages=3),
         dict(q=128, k=64, num_warps=4, num_stages=3),
         dict(q=256, k=64, num_warps=8, num_stages=3),
         dict(q=128, k=32, num_warps=8, num_stages=4),
     ]
+    # Backward: the default (whose dK/dV kernel now sums the 4 query heads of a kv head in one
+    # program, gqa_split 1 at this shape), the same tiles with one program per query head (the
+    # previous kernel's layout), FlashAttention-2's Triton tutorial tiles (dK/dV: 128 keys per
+    # program, 32 queries per step; dQ: 128 queries, 32 keys), and neighbours.
     bwd = [
         dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
+        dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2, gqa_split=4),
+        dict(q_bwd=32, k_bwd=128, q_dq=128, k_dq=32, num_warps_bwd=4, num_stages_bwd=3),
+        dict(q_bwd=32, k_bwd=128, q_dq=128, k_dq=32, num_warps_bwd=8, num_stages_bwd=2),
+        dict(q_bwd=64, k_bwd=128, q_dq=128, k_dq=64, num_warps_bwd=8, num_stages_bwd=2),
         dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=3),
-        dict(q_bwd=64, k_bwd=64, num_warps_bwd=4, num_stages_bwd=1),
         dict(q_bwd=64, k_bwd=64, q_dq=128, k_dq=64, num_warps_bwd=4, num_stages_bwd=2),
         dict(q_bwd=32, k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
-        dict(q_bwd=64, k_bwd=128, q_dq=64, k_dq=64, num_warps_bwd=8, num_stages_bwd=2),
-        dict(q_bwd=64, k_bwd=64, q_dq=64, k_dq=32, num_warps_bwd=4, num_stages_bwd=2),
-        dict(q_bwd=128, k_bwd=64, q_dq=64, k_dq=64, num_warps_bwd=8, num_stages_bwd=2),
     ]
     return fwd, bwd
 

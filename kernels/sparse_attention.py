@@ -4,7 +4,10 @@
 a `kernels.masks.Mask`. The kernels follow FlashAttention-2 (Dao, 2023, Alg. 1 and 2): online
 softmax in float32 over key tiles, the log-sum-exp saved for the backward, which recomputes the
 probabilities in a dQ pass (loop over key tiles) and a dK/dV pass (loop over query tiles) using
-delta = rowsum(dO * O). Nothing of size [Tq, Tk] is written to HBM.
+delta = rowsum(dO * O). Nothing of size [Tq, Tk] is written to HBM. The dK/dV pass works on the
+transposed scores S^T = K Q^T, as FlashAttention-2's Triton backward does, and with GQA one
+program serves a key block of one kv head for all the query heads that share it, summing their
+dK/dV on chip (`BlockSizes.gqa_split` trades that against parallelism).
 
 Block sparsity (as in splash attention's `MaskInfo`): at trace time numpy labels every tile
 EMPTY / PARTIAL / FULL and builds, per query block (per key block for dK/dV), the list of
@@ -16,8 +19,9 @@ dynamic loop bounds read from memory and arbitrary block-sparse index tables wit
 body, and it runs on Ampere as well as Hopper. Mosaic GPU (the default GPU lowering since JAX
 0.9, Triton deprecated in 0.11) would be faster on Hopper but needs warp-specialised pipelines
 with static shapes per tile; that is future work. The interpreter (`impl="interpret"`) runs the
-very same kernel functions on CPU. TPU is not implemented (the kernels index whole-sequence
-refs, which Mosaic TPU would place in VMEM); `dispatch.resolve_impl` says so.
+very same kernel functions on CPU. On TPU, `block_sparse_flash` hands over to JAX's splash
+attention (`kernels.tpu`): these kernels index whole-sequence refs, which Mosaic TPU would place
+in VMEM.
 
 Contracts (all kernels):
 - q [B, Tq, Hq, Dqk], k [B, Tk, Hkv, Dqk], v [B, Tk, Hkv, Dv]; Hq % Hkv == 0 (GQA: query head
@@ -57,6 +61,12 @@ class BlockSizes:
     (Megalodon's Dv = 2048) in the forward, `dv_bwd` in the backward (default: `dv`).
     `num_warps` / `num_stages` apply to the forward; the `_bwd` ones to both backward kernels
     (default: the forward's).
+
+    `gqa_split` (GQA only): the dK/dV kernel runs `gqa_split` programs per key/value head, each
+    summing the dK/dV of `group // gqa_split` query heads in registers; XLA adds the partial
+    sums when `gqa_split > 1`. 1 writes no per-query-head dK/dV to HBM at all; `group` is one
+    program per query head. None picks the smallest split that still launches
+    `MIN_DKV_PROGRAMS` programs (`dkv_gqa_split`).
     """
 
     q: int = 64
@@ -71,6 +81,7 @@ class BlockSizes:
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
     dv_bwd: int | None = None
+    gqa_split: int | None = None
 
     @property
     def dq_tiles(self) -> tuple[int, int]:
@@ -95,6 +106,7 @@ class _Static:
     tk: int  # true key length; keys >= tk are padding
     blocks: BlockSizes
     group: int  # Hq // Hkv
+    split: int  # dK/dV programs per kv head (gqa_split); each sums group // split query heads
     dv_tile: int
     n_dv: int  # number of dv tiles
     dv_tile_bwd: int
@@ -132,18 +144,27 @@ def _split_refs(st: _Static, refs):
     return cnt, idx, dense, qseg, kseg, refs
 
 
-def _keep(st, q0, k0, bq, bk, dense_ref, qseg_ref, kseg_ref, partial):
-    """bool [bq, bk] of visible pairs in the tile at (q0, k0), or None when all are visible."""
+def _keep(st, q0, k0, bq, bk, dense_ref, qseg_ref, kseg_ref, partial, transposed=False):
+    """bool [bq, bk] of visible pairs in the tile at (q0, k0) ([bk, bq] when `transposed`; then
+    `dense_ref` is the transposed mask), or None when all are visible."""
     keep = None
     if partial:
         if dense_ref is not None:
-            keep = dense_ref[pl.ds(q0, bq), pl.ds(k0, bk)] != 0
+            rows, cols = (
+                (pl.ds(k0, bk), pl.ds(q0, bq)) if transposed else (pl.ds(q0, bq), pl.ds(k0, bk))
+            )
+            keep = dense_ref[rows, cols] != 0
         else:
-            q_pos = q0 + jnp.arange(bq, dtype=jnp.int32)[:, None]
-            k_pos = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
+            q_pos = q0 + jnp.arange(bq, dtype=jnp.int32)
+            k_pos = k0 + jnp.arange(bk, dtype=jnp.int32)
+            if transposed:
+                q_pos, k_pos = q_pos[None, :], k_pos[:, None]
+            else:
+                q_pos, k_pos = q_pos[:, None], k_pos[None, :]
             keep = st.mask(q_pos, k_pos) & (k_pos < st.tk)
     if st.has_seg:
-        same = qseg_ref[pl.ds(q0, bq)][:, None] == kseg_ref[pl.ds(k0, bk)][None, :]
+        qs, ks = qseg_ref[pl.ds(q0, bq)], kseg_ref[pl.ds(k0, bk)]
+        same = (ks[:, None] == qs[None, :]) if transposed else (qs[:, None] == ks[None, :])
         keep = same if keep is None else keep & same
     return keep
 
@@ -191,22 +212,25 @@ def _fwd_kernel(*refs, st: _Static):
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_sum))
 
 
-def _dp(do_at, v_at, st: _Static, shape):
-    """dP = dO @ V^T [bq, bk], summed over the dv tiles (tiles loaded by the callbacks). A
-    fori_loop, not a Python loop, so only one dO / V tile is live at a time (shared memory)."""
+def _dp(a_at, b_at, st: _Static, shape):
+    """sum over the dv tiles d of a(d) @ b(d)^T (dP = dO V^T, or its transpose V dO^T), tiles
+    loaded by the callbacks. A fori_loop, not a Python loop, so only one pair of tiles is live
+    at a time (shared memory)."""
     if st.n_dv == 1:
-        return _dot_nt(do_at(0), v_at(0), st)
+        return _dot_nt(a_at(0), b_at(0), st)
 
-    def step(d, dp):
-        return dp + _dot_nt(do_at(d), v_at(d), st)
+    def step(d, acc):
+        return acc + _dot_nt(a_at(d), b_at(d), st)
 
     return lax.fori_loop(0, st.n_dv, step, jnp.zeros(shape, jnp.float32))
 
 
-def _dv_slice(d, st: _Static):
-    if isinstance(d, int):  # static: the Triton lowering cannot put multiple_of on a literal
-        return pl.ds(d * st.dv_tile, st.dv_tile)
-    return pl.ds(pl.multiple_of(d * st.dv_tile, st.dv_tile), st.dv_tile)
+def _cols(start, width: int):
+    """pl.ds(start, width) for a column offset that is a multiple of `width` (static or not:
+    the Triton lowering cannot put multiple_of on a literal)."""
+    if isinstance(start, int):
+        return pl.ds(start, width)
+    return pl.ds(pl.multiple_of(start, width), width)
 
 
 def _dq_kernel(*refs, st: _Static):
@@ -228,8 +252,10 @@ def _dq_kernel(*refs, st: _Static):
             s = jnp.where(keep, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         dp = _dp(
-            lambda d: do_full if do_full is not None else do_ref[:, _dv_slice(d, st)],
-            lambda d: v_ref[pl.ds(k0, bk), _dv_slice(d, st)],
+            lambda d: (
+                do_full if do_full is not None else do_ref[:, _cols(d * st.dv_tile, st.dv_tile)]
+            ),
+            lambda d: v_ref[pl.ds(k0, bk), _cols(d * st.dv_tile, st.dv_tile)],
             st,
             (bq, bk),
         )
@@ -241,9 +267,15 @@ def _dq_kernel(*refs, st: _Static):
 
 
 def _dkv_kernel(*refs, st: _Static, want_dk: bool, want_dv: bool):
-    """Per key block: loops over the query blocks that see it. dK needs all of dP (every dv
-    tile); dV is per dv tile. With one dv tile both come from one pass; otherwise the wrapper
-    runs a dV pass over a dv-tile grid axis and a dK pass."""
+    """Per key block (of one kv head): loops over the `group // split` query heads it serves
+    and, per head, over the query blocks that see the key block, summing dK / dV in registers.
+
+    It works with S^T = K Q^T [bk, bq] (as FlashAttention-2's Triton backward does), so P^T and
+    dS^T come out of their matmuls in the layout the next matmul (P^T dO, dS^T Q) consumes: no
+    transpose of a register tile. Refs per program: q [Tq, gs * Dqk] and dO [Tq, gs * Dv] (the
+    gs query heads side by side), lse / delta [gs * Tq]. dK needs all of dP (every dv tile); dV
+    is per dv tile. With one dv tile both come from one pass; otherwise the wrapper runs a dV
+    pass over a dv-tile grid axis and a dK pass."""
     cnt_ref, idx_ref, dense_ref, qseg_ref, kseg_ref, refs = _split_refs(st, refs)
     refs = list(refs)
     q_ref, k_ref = refs.pop(0), refs.pop(0)
@@ -253,37 +285,51 @@ def _dkv_kernel(*refs, st: _Static, want_dk: bool, want_dv: bool):
     dk_ref = refs.pop(0) if want_dk else None
     dv_ref = refs.pop(0) if want_dv else None
     bq, bk, dvt = st.blocks.q_bwd, st.blocks.k_bwd, st.dv_tile
+    gs = st.group // st.split
+    dqk = k_ref.shape[-1]
+    dv_w = do_ref.shape[-1] // gs  # one head's (padded) value width
+    tq = lse_ref.shape[0] // gs
     j = pl.program_id(2)
+    d0 = pl.program_id(3) * dvt if (want_dv and not want_dk) else 0  # this program's dv tile
     k0 = j * bk
     k = k_ref[...]
     c = st.scale * _LOG2E
 
-    def body(t, carry, partial):
-        dk, dv = carry
-        q0 = pl.multiple_of(idx_ref[j, t] * bq, bq)
-        q = q_ref[pl.ds(q0, bq), :]
-        s = _dot_nt(q, k, st) * c
-        keep = _keep(st, q0, k0, bq, bk, dense_ref, qseg_ref, kseg_ref, partial)
-        if keep is not None:
-            s = jnp.where(keep, s, MASK_VALUE)
-        p = jnp.exp2(s - lse_ref[pl.ds(q0, bq)][:, None])
-        do = do_ref[pl.ds(q0, bq), :] if want_dv or st.n_dv == 1 else None
-        if want_dv:
-            dv = dv + _dot_tn(p.astype(do.dtype), do, st)
-        if want_dk:
-            dp = _dp(
-                lambda d: do if do is not None else do_ref[pl.ds(q0, bq), _dv_slice(d, st)],
-                lambda d: v_ref[:, _dv_slice(d, st)],
-                st,
-                (bq, bk),
-            )
-            ds = p * (dp - delta_ref[pl.ds(q0, bq)][:, None])
-            dk = dk + _dot_tn(ds.astype(q.dtype), q, st)
-        return dk, dv
+    def head(g, carry):
+        q_cols = _cols(g * dqk, dqk)
+
+        def body(t, carry, partial):
+            dk, dv = carry
+            q0 = pl.multiple_of(idx_ref[j, t] * bq, bq)
+            rows = pl.ds(q0, bq)
+            stats = pl.ds(pl.multiple_of(g * tq + q0, bq), bq)  # head g's lse / delta
+            q = q_ref[rows, q_cols]
+            s_t = _dot_nt(k, q, st) * c
+            keep = _keep(st, q0, k0, bq, bk, dense_ref, qseg_ref, kseg_ref, partial, True)
+            if keep is not None:
+                s_t = jnp.where(keep, s_t, MASK_VALUE)
+            p_t = jnp.exp2(s_t - lse_ref[stats][None, :])
+            do = do_ref[rows, _cols(g * dv_w + d0, dvt)] if want_dv or st.n_dv == 1 else None
+            if want_dv:
+                dv = dv + _dot(p_t.astype(do.dtype), do, st)
+            if want_dk:
+                dp_t = _dp(
+                    lambda d: v_ref[:, _cols(d * dvt, dvt)],
+                    lambda d: (
+                        do if do is not None else do_ref[rows, _cols(g * dv_w + d * dvt, dvt)]
+                    ),
+                    st,
+                    (bk, bq),
+                )
+                ds_t = p_t * (dp_t - delta_ref[stats][None, :])
+                dk = dk + _dot(ds_t.astype(q.dtype), q, st)
+            return dk, dv
+
+        return _two_loops(cnt_ref, j, body, carry)
 
     dk = jnp.zeros(k.shape, jnp.float32) if want_dk else None
     dv = jnp.zeros((bk, dvt), jnp.float32) if want_dv else None
-    dk, dv = _two_loops(cnt_ref, j, body, (dk, dv))
+    dk, dv = head(0, (dk, dv)) if gs == 1 else lax.fori_loop(0, gs, head, (dk, dv))
     if want_dk:
         dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     if want_dv:
@@ -329,7 +375,7 @@ def _kv_head(st: _Static, h):
 
 
 def _forward(st: _Static, q, k, v, aux):
-    fwd_tables, _, _, dense, qseg, kseg = aux
+    fwd_tables, _, _, dense, _, qseg, kseg = aux
     b, tq, hq, dqk = q.shape
     tk = k.shape[1]
     bq, dvt = st.blocks.q, st.dv_tile
@@ -361,7 +407,7 @@ def _forward(st: _Static, q, k, v, aux):
 
 def _backward(st: _Static, q, k, v, aux, o, lse, do):
     st = dataclasses.replace(st, dv_tile=st.dv_tile_bwd, n_dv=st.n_dv_bwd)
-    _, dq_tables, dkv_tables, dense, qseg, kseg = aux
+    _, dq_tables, dkv_tables, dense, dense_t, qseg, kseg = aux
     b, tq, hq, dqk = q.shape
     tk, hkv, dv_pad = k.shape[1], k.shape[2], v.shape[-1]
     bk, dvt = st.blocks.k_bwd, st.dv_tile
@@ -390,36 +436,48 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
         **_compiler_params(st, max(dqk, dvt), bwd=True),
     )(*ops, q, k, v, do, lse, delta)
 
-    # dK/dV per query head ([B, Tk, Hq, .]); GQA groups are summed below in XLA.
+    # dK/dV: grid over (batch, kv head x split, key block, dv tile). Each program sums the dK/dV
+    # of gs = group // split query heads; the reshapes below only regroup contiguous heads
+    # (query head h serves kv head h // group), so they are free.
+    split, gs = st.split, st.group // st.split
+    hp = hkv * split
+    q_g = q.reshape(b, tq, hp, gs * dqk)
+    do_g = do.reshape(b, tq, hp, gs * dv_pad)
+    lse_g, delta_g = lse.reshape(b, hp, gs * tq), delta.reshape(b, hp, gs * tq)
+
+    def kv_of(h):
+        return h if split == 1 else lax.div(h, split)
+
     def dkv_call(want_dk, want_dv):
-        ops, specs = _common_specs(st, dkv_tables, dense, qseg, kseg)
+        ops, specs = _common_specs(st, dkv_tables, dense_t, qseg, kseg)
         n_dv = st.n_dv if (want_dv and not want_dk) else 1
-        do_w = dvt if n_dv > 1 else dv_pad
-        specs.append(pl.BlockSpec((None, tq, None, dqk), lambda b_, h, j, d: (b_, 0, h, 0)))
-        specs.append(pl.BlockSpec((None, bk, None, dqk), lambda b_, h, j, d: (b_, j, kvh(h), 0)))
-        ops += [q, k]
+        specs.append(pl.BlockSpec((None, tq, None, gs * dqk), lambda b_, h, j, d: (b_, 0, h, 0)))
+        specs.append(pl.BlockSpec((None, bk, None, dqk), lambda b_, h, j, d: (b_, j, kv_of(h), 0)))
+        ops += [q_g, k]
         if want_dk:
             specs.append(
-                pl.BlockSpec((None, bk, None, dv_pad), lambda b_, h, j, d: (b_, j, kvh(h), 0))
+                pl.BlockSpec((None, bk, None, dv_pad), lambda b_, h, j, d: (b_, j, kv_of(h), 0))
             )
             ops.append(v)
-        specs.append(pl.BlockSpec((None, tq, None, do_w), lambda b_, h, j, d: (b_, 0, h, d)))
-        specs.append(pl.BlockSpec((None, None, tq), lambda b_, h, j, d: (b_, h, 0)))
-        ops += [do, lse]
+        stats_spec = pl.BlockSpec((None, None, gs * tq), lambda b_, h, j, d: (b_, h, 0))
+        specs += [pl.BlockSpec((None, tq, None, gs * dv_pad), lambda b_, h, j, d: (b_, 0, h, 0))]
+        specs += [stats_spec]
+        ops += [do_g, lse_g]
         out_specs, out_shape = [], []
         if want_dk:
-            specs.append(pl.BlockSpec((None, None, tq), lambda b_, h, j, d: (b_, h, 0)))
-            ops.append(delta)
+            specs.append(stats_spec)
+            ops.append(delta_g)
             out_specs.append(pl.BlockSpec((None, bk, None, dqk), lambda b_, h, j, d: (b_, j, h, 0)))
-            out_shape.append(jax.ShapeDtypeStruct((b, tk, hq, dqk), k.dtype))
+            out_shape.append(jax.ShapeDtypeStruct((b, tk, hp, dqk), k.dtype))
         if want_dv:
+            dvt_out = dvt if n_dv > 1 else dv_pad
             out_specs.append(
-                pl.BlockSpec((None, bk, None, do_w), lambda b_, h, j, d: (b_, j, h, d))
+                pl.BlockSpec((None, bk, None, dvt_out), lambda b_, h, j, d: (b_, j, h, d))
             )
-            out_shape.append(jax.ShapeDtypeStruct((b, tk, hq, dv_pad), v.dtype))
+            out_shape.append(jax.ShapeDtypeStruct((b, tk, hp, dv_pad), v.dtype))
         return pl.pallas_call(
             functools.partial(_dkv_kernel, st=st, want_dk=want_dk, want_dv=want_dv),
-            grid=(b, hq, tk // bk, n_dv),
+            grid=(b, hp, tk // bk, n_dv),
             in_specs=specs,
             out_specs=out_specs,
             out_shape=out_shape,
@@ -433,9 +491,9 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
     else:
         (dv,) = dkv_call(False, True)
         (dk,) = dkv_call(True, False)
-    if st.group > 1:
-        dk = dk.astype(jnp.float32).reshape(b, tk, hkv, st.group, dqk).sum(3).astype(k.dtype)
-        dv = dv.astype(jnp.float32).reshape(b, tk, hkv, st.group, dv_pad).sum(3).astype(v.dtype)
+    if split > 1:  # partial sums over query heads, per kv head
+        dk = dk.astype(jnp.float32).reshape(b, tk, hkv, split, dqk).sum(3).astype(k.dtype)
+        dv = dv.astype(jnp.float32).reshape(b, tk, hkv, split, dv_pad).sum(3).astype(v.dtype)
     return dq, dk, dv
 
 
@@ -504,6 +562,24 @@ def check_shapes(q, k, v) -> int:
     return q.shape[2] // k.shape[2]
 
 
+# The dK/dV kernel's GQA split (`BlockSizes.gqa_split=None`) keeps at least this many programs:
+# about four per SM of an H100 (132 SMs). Not tuned by measurement yet.
+MIN_DKV_PROGRAMS = 512
+
+
+def dkv_gqa_split(blocks: BlockSizes, group: int, programs_per_split: int) -> int:
+    """dK/dV programs per kv head: `blocks.gqa_split`, or (None) the smallest divisor of
+    `group` with `programs_per_split * split >= MIN_DKV_PROGRAMS`."""
+    if blocks.gqa_split is not None:
+        if blocks.gqa_split < 1 or group % blocks.gqa_split:
+            raise KernelUnsupportedError(
+                f"gqa_split={blocks.gqa_split} must divide the GQA group size {group}"
+            )
+        return blocks.gqa_split
+    divisors = [s for s in range(1, group + 1) if group % s == 0]
+    return next((s for s in divisors if programs_per_split * s >= MIN_DKV_PROGRAMS), group)
+
+
 def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, impl, block_sizes=None):
     """The Pallas path behind `sparse_attention` and `chunked_attention` (padding + custom_vjp);
     `impl` is "pallas", "interpret" or "interpret_tpu". The TPU kernel is in `kernels.tpu`."""
@@ -549,13 +625,13 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, impl, block_sizes=N
     dv_tile, dv_tile_bwd = min(dv_p, bs.dv), min(dv_p, bs.dv_bwd or bs.dv)
     qseg, kseg = _split_segments(segment_ids, b, tq, tk)
 
-    dense = None
+    dense = dense_t = None
     kernel_mask = mask
     if not mask.computable:
         kernel_mask = None
         dense_np = np.zeros((tq_p, tk_p), np.int8)
         dense_np[:tq, :tk] = mask.dense(tq, tk)
-        dense = jnp.asarray(dense_np)
+        dense, dense_t = jnp.asarray(dense_np), jnp.asarray(np.ascontiguousarray(dense_np.T))
     fwd_t = _tables(mask, tq, tk, bs.q, bs.k, tq_p // bs.q, tk_p // bs.k)
     dq_t = _tables(mask, tq, tk, bs.q_dq, bs.k_dq, tq_p // bs.q_dq, tk_p // bs.k_dq)
     dkv_t = _tables(mask, tq, tk, bs.q_bwd, bs.k_bwd, tq_p // bs.q_bwd, tk_p // bs.k_bwd, True)
@@ -569,6 +645,7 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, impl, block_sizes=N
         tk=tk,
         blocks=bs,
         group=group,
+        split=dkv_gqa_split(bs, group, b * k.shape[2] * (tk_p // bs.k_bwd)),
         dv_tile=dv_tile,
         n_dv=dv_p // dv_tile,
         dv_tile_bwd=dv_tile_bwd,
@@ -580,7 +657,7 @@ def block_sparse_flash(q, k, v, mask, *, scale, segment_ids, impl, block_sizes=N
     qp = jnp.pad(q, ((0, 0), (0, tq_p - tq), (0, 0), (0, dqk_p - dqk)))
     kp = jnp.pad(k, ((0, 0), (0, tk_p - tk), (0, 0), (0, dqk_p - dqk)))
     vp = jnp.pad(v, ((0, 0), (0, tk_p - tk), (0, 0), (0, dv_p - dv)))
-    aux = (fwd_t, dq_t, dkv_t, dense, qseg, kseg)
+    aux = (fwd_t, dq_t, dkv_t, dense, dense_t, qseg, kseg)
     return _flash(st, qp, kp, vp, aux)[:, :tq, :, :dv]
 
 

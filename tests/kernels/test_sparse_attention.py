@@ -1,6 +1,7 @@
 """sparse_attention: the Pallas kernel (interpreted on CPU) against the jnp reference, and the
 reference against a naive numpy softmax(QK^T)V."""
 
+import dataclasses
 import functools
 
 import jax
@@ -18,6 +19,7 @@ from menagerie.kernels import (
     sparse_attention,
     sparse_attention_reference,
 )
+from menagerie.kernels.sparse_attention import MIN_DKV_PROGRAMS, dkv_gqa_split
 
 SMALL = BlockSizes(q=16, k=16, q_bwd=16, k_bwd=16, dv=32)  # many tiles on tiny shapes
 # The dQ kernel's tiles differ from the dK/dV kernel's, and so do the dv tiles.
@@ -110,6 +112,41 @@ def test_segment_ids(impl):
     assert_matches(fn, ref, q, k, v)
 
 
+@pytest.mark.parametrize(
+    "split,mask,dv",
+    [
+        # All 4 query heads of a kv head summed in one program; a dense (numpy) mask, read
+        # transposed by the dK/dV kernel; several dv tiles (separate dV and dK passes).
+        (1, MASKS["numpy_and_causal"], 40),
+        (2, masks.LocalWindow(9, 4), 16),  # 2 programs per kv head, partial sums added in XLA
+    ],
+)
+def test_gqa_split_sums_query_heads_in_the_dkv_kernel(split, mask, dv, impl):
+    q, k, v = random_qkv(8, 1, 70, 70, 8, 2, 16, dv)
+    seg = jnp.asarray(np.sort(RNG.integers(0, 3, (1, 70)), axis=1), jnp.int32)
+    blocks = dataclasses.replace(SMALL, gqa_split=split)
+    kw = dict(mask=mask, segment_ids=seg)
+    fn = functools.partial(sparse_attention, **kw, impl=impl, block_sizes=blocks)
+    assert_matches(fn, functools.partial(sparse_attention, **kw, impl="reference"), q, k, v)
+
+
+def test_gqa_split_choice():
+    # None: the smallest divisor of the group that keeps MIN_DKV_PROGRAMS programs.
+    n = MIN_DKV_PROGRAMS
+    assert dkv_gqa_split(BlockSizes(), 4, 2 * n) == 1
+    assert dkv_gqa_split(BlockSizes(), 4, n // 2) == 2
+    assert dkv_gqa_split(BlockSizes(), 6, n // 5) == 6  # 1, 2, 3 are too few
+    assert dkv_gqa_split(BlockSizes(), 1, 1) == 1
+    assert dkv_gqa_split(BlockSizes(gqa_split=2), 4, 2 * n) == 2
+    q, k, v = random_qkv(9, 1, 16, 16, 4, 1, 8, 8)
+    with pytest.raises(
+        KernelUnsupportedError, match="gqa_split=3 must divide the GQA group size 4"
+    ):
+        sparse_attention(
+            q, k, v, mask=masks.Causal(), impl="interpret", block_sizes=BlockSizes(gqa_split=3)
+        )
+
+
 def test_empty_rows_give_zeros_and_finite_gradients(impl):
     # Row 0 of a strictly-causal mask sees nothing; so do rows 20..39 of this numpy mask.
     dense = np.tril(np.ones((48, 48), bool), -1)
@@ -140,21 +177,22 @@ def block_sparse_case(draw):
     hkv = draw(st.integers(1, 2))
     group = draw(st.integers(1, 2))
     dqk, dv = draw(st.sampled_from([8, 16, 32])), draw(st.sampled_from([8, 16, 48]))
+    split = draw(st.sampled_from([None, 1]))  # None: one program per query head here
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     tiles = rng.integers(0, 3, (-(-tq // bq), -(-tk // bk)))
     dense = np.kron(tiles, np.ones((bq, bk), int))[:tq, :tk]
     dense = (dense == 2) | ((dense == 1) & (rng.random((tq, tk)) < 0.5))
-    return (bq, bk, tq, tk, hkv, group, dqk, dv, seed, dense)
+    return (bq, bk, tq, tk, hkv, group, dqk, dv, split, seed, dense)
 
 
 @settings(max_examples=5, deadline=None, derandomize=True)
 @given(block_sparse_case())
 def test_property_random_block_masks(case):
-    bq, bk, tq, tk, hkv, group, dqk, dv, seed, dense = case
+    bq, bk, tq, tk, hkv, group, dqk, dv, split, seed, dense = case
     q, k, v = random_qkv(seed, 1, tq, tk, hkv * group, hkv, dqk, dv)
     mask = masks.NumpyMask(dense)
-    blocks = BlockSizes(q=bq, k=bk, q_bwd=bk, k_bwd=bq, dv=32)
+    blocks = BlockSizes(q=bq, k=bk, q_bwd=bk, k_bwd=bq, dv=32, gqa_split=split)
     fn = functools.partial(sparse_attention, mask=mask, impl=IMPL, block_sizes=blocks)
     assert_matches(fn, functools.partial(sparse_attention_reference, mask=mask), q, k, v)
 
