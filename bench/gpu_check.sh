@@ -4,6 +4,7 @@
 # Needs only a CUDA JAX, numpy, pytest and hypothesis (no grain / pydantic): `menagerie.kernels`
 # imports nothing else, and the kernel tests load no conftest above tests/kernels.
 # Knobs (environment): TEST_K, a pytest -k expression selecting a subset of the kernel tests;
+# TEST_SHARDS, the number of pytest processes (default 6);
 # TUNE=1 runs `bench/kernels.py --tune` (tile sweep, then the best tiles against the baselines)
 # instead of the plain benchmark; TEST_TIMEOUT_S / BENCH_TIMEOUT_S / BENCH_BUDGET_S time boxes.
 set -euo pipefail
@@ -28,15 +29,38 @@ if ! "$PY" -c "import menagerie.kernels" 2>/dev/null; then
 fi
 "$PY" -c "import menagerie.kernels as k; print('menagerie.kernels from', k.__file__)"
 
-echo "== kernel tests, compiled on the GPU (MENAGERIE_KERNEL_IMPL=pallas)"
-set +e
-# No XLA autotuning for the tests: they compile many small programs once each.
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-260}" "$PY" -m pytest tests/kernels \
-  -q -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE \
-  ${TEST_K:+-k "$TEST_K"}
-test_rc=$?
-set -e
-[ "$test_rc" -eq 124 ] && echo "kernel tests: TIMED OUT (time box ${TEST_TIMEOUT_S:-260}s)"
+echo "== kernel tests, compiled on the GPU (MENAGERIE_KERNEL_IMPL=pallas), ${TEST_SHARDS:-6} processes"
+# Compiling (Triton, XLA) is most of the time and runs on the CPU: split the tests round-robin
+# over several pytest processes. No XLA autotuning: they compile many small programs once each.
+# No preallocation: the processes share the GPU's memory.
+shards="${TEST_SHARDS:-6}"
+logs="$(mktemp -d)"
+mapfile -t ids < <("$PY" -m pytest tests/kernels --collect-only -q -p no:cacheprovider \
+  --rootdir . --confcutdir tests/kernels -o addopts="" ${TEST_K:+-k "$TEST_K"} | grep '::')
+echo "${#ids[@]} tests"
+pids=()
+for ((s = 0; s < shards; s++)); do
+  mine=()
+  for ((i = s; i < ${#ids[@]}; i += shards)); do mine+=("${ids[$i]}"); done
+  [ "${#mine[@]}" -eq 0 ] && continue
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    MENAGERIE_KERNEL_IMPL=pallas timeout -k 10 "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q \
+    -p no:cacheprovider --rootdir . --confcutdir tests/kernels -o addopts="" -rfE "${mine[@]}" \
+    >"$logs/$s.log" 2>&1 &
+  pids+=("$!")
+done
+test_rc=0
+for ((s = 0; s < ${#pids[@]}; s++)); do
+  set +e
+  wait "${pids[$s]}"
+  rc=$?
+  set -e
+  [ "$rc" -ne 0 ] && test_rc=$rc
+  [ "$rc" -eq 124 ] && echo "shard $s: TIMED OUT (time box ${TEST_TIMEOUT_S:-240}s)"
+  # failures and errors (-rfE), then the shard's summary line
+  grep -E "^(FAILED|ERROR) " "$logs/$s.log" || true
+  echo "shard $s (rc=$rc): $(tail -n 1 "$logs/$s.log")"
+done
 
 echo "== bench/kernels.py"
 set +e
