@@ -47,15 +47,26 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def cli_popen(*args: str) -> subprocess.Popen:
+def cli_popen(*args: str, env: dict[str, str] | None = None, split_stderr: bool = False):
+    """Start `menagerie ...`; stderr goes into stdout unless `split_stderr`."""
     return subprocess.Popen(
         [sys.executable, "-m", "menagerie.train.cli", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT,
         text=True,
-        env=cli_env(),
+        env=env or cli_env(),
         cwd=ROOT,
     )
+
+
+def cli_wait(*procs: subprocess.Popen, timeout: float = 600):
+    """Waits for runs started together with `cli_popen(..., split_stderr=True)` (independent runs
+    overlap their imports and compiles on the CPU); one CompletedProcess per run, in order."""
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

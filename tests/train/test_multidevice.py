@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
-from .conftest import ROOT, TINY, cli_env, train_losses
+from .conftest import TINY, cli_env, cli_popen, cli_wait, train_losses
 
 
-def _train(run_dir, devices: int, *overrides: str) -> subprocess.CompletedProcess:
-    env = cli_env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    args = [
+def _args(run_dir, *overrides: str) -> tuple[str, ...]:
+    return (
         "train",
         "-c",
         str(TINY),
@@ -29,21 +25,31 @@ def _train(run_dir, devices: int, *overrides: str) -> subprocess.CompletedProces
         "train.sample_tokens=0",
         "checkpoint.every=3",
         *overrides,
-    ]
-    return subprocess.run(
-        [sys.executable, "-m", "menagerie.train.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    )
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = cli_env()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _start(run_dir, devices: int, *overrides: str):
+    return cli_popen(*_args(run_dir, *overrides), env=_env(devices), split_stderr=True)
+
+
+def _one_and_sharded(tmp_path, *overrides: str):
+    """The same run on 1 device and on a data x fsdp x tensor mesh of 8, side by side."""
+    mesh = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    return cli_wait(
+        _start(tmp_path / "one", 1, *overrides),
+        _start(tmp_path / "sharded", 8, *mesh, *overrides),
     )
 
 
 def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
-    one = _train(tmp_path / "one", 1)
+    one, sharded = _one_and_sharded(tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = _train(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "'data': 2, 'fsdp': 2, 'tensor': 2" in sharded.stdout
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "sharded")
@@ -55,7 +61,7 @@ def test_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
     assert meta["layout"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
 
     # A checkpoint saved on 8 devices resumes on 1 (Orbax reshards on restore).
-    resumed = _train(tmp_path / "sharded", 1, "train.steps=8")
+    [resumed] = cli_wait(_start(tmp_path / "sharded", 1, "train.steps=8"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert os.path.isdir(tmp_path / "sharded" / "checkpoints" / "8")
@@ -72,11 +78,8 @@ def test_galore_on_fsdp_and_tensor_sharded_params_matches_one_device(tmp_path):
         "optim.lr=0.01",
         "optim.scale=0.25",
     ]
-    one = _train(tmp_path / "one", 1, *galore)
+    one, sharded = _one_and_sharded(tmp_path, *galore)
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = _train(
-        tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *galore
-    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "sharded")
     np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-4)

@@ -45,7 +45,8 @@ def _launch(run_dir, devices: int, env_extra: dict, *overrides: str) -> subproce
     )
 
 
-def _two_processes(run_dir, *overrides: str) -> list[tuple[int, str]]:
+def _two_processes(run_dir, *overrides: str, alongside=()) -> list[tuple[int, str]]:
+    """Runs the two processes (and any `alongside` already started) to the end."""
     port = _free_port()
     procs = [
         _launch(
@@ -60,6 +61,7 @@ def _two_processes(run_dir, *overrides: str) -> list[tuple[int, str]]:
         )
         for i in range(2)
     ]
+    procs = [*procs, *alongside]
     out = []
     for p in procs:
         try:
@@ -73,11 +75,9 @@ def _two_processes(run_dir, *overrides: str) -> list[tuple[int, str]]:
 
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
-    one = _launch(tmp_path / "one", 2, {})
-    text, _ = one.communicate(timeout=400)
-    assert one.returncode == 0, text[-3000:]
-
-    results = _two_processes(tmp_path / "multi")
+    one = _launch(tmp_path / "one", 2, {})  # runs alongside the two processes
+    *results, (rc, text) = _two_processes(tmp_path / "multi", alongside=[one])
+    assert rc == 0, text[-3000:]
     for rc, text in results:
         assert rc == 0, text[-3000:]
     # Process 0 alone logs and evaluates to the console; both ran all steps.

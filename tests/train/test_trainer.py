@@ -14,7 +14,7 @@ from menagerie.data import ByteTokenizer, iter_documents
 from menagerie.train.config import load_config
 from menagerie.train.trainer import Trainer
 
-from .conftest import TINY, cli, cli_popen, train_losses
+from .conftest import TINY, cli, cli_popen, cli_wait, train_losses
 
 
 def unigram_entropy_nats(cfg) -> float:
@@ -76,14 +76,14 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None
 
 
 def test_kill_9_then_rerun_resumes_bitwise(tmp_path):
-    full = cli(*_args(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
-
+    full = cli_popen(*_args(tmp_path / "full"), split_stderr=True)  # runs alongside
     killed = tmp_path / "killed"
     proc = cli_popen(*_args(killed))
     _wait_for_step(killed, 25, proc)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
+    [full] = cli_wait(full)
+    assert full.returncode == 0, full.stderr[-2000:]
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and max(steps) < 40
 

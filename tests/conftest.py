@@ -1,0 +1,36 @@
+"""Session-wide test settings (bench/gpu_check.sh runs tests/kernels without this file).
+
+One JAX persistent compilation cache per test session, shared with the `menagerie` processes the
+tests start (they inherit the environment). Many tests train the same tiny model in a fresh
+process, and compiling it was half of each run's time; with the cache, the first run compiles
+and the others load the executable. The cache starts empty in every session, so every program
+is still compiled once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("jax-compilation-cache"))
+    settings = {
+        "jax_compilation_cache_dir": cache,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+    }
+    old_env = {name: os.environ.get(name.upper()) for name in settings}
+    old_config = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+    yield cache
+    for name in settings:
+        jax.config.update(name, old_config[name])
+        if old_env[name] is None:
+            os.environ.pop(name.upper(), None)
+        else:
+            os.environ[name.upper()] = old_env[name]
