@@ -1,10 +1,10 @@
 """Session-wide test settings (bench/gpu_check.sh runs tests/kernels without this file).
 
-One JAX persistent compilation cache per test session, shared with the `menagerie` processes the
-tests start (they inherit the environment). Many tests train the same tiny model in a fresh
-process, and compiling it was half of each run's time; with the cache, the first run compiles
-and the others load the executable. The cache starts empty in every session, so every program
-is still compiled once per session.
+One JAX persistent compilation cache per test session, shared by the pytest-xdist workers and
+the `menagerie` processes the tests start (they inherit the environment). Many tests train the
+same tiny model in a fresh process, and compiling it was half of each run's time; with the
+cache, the first run compiles and the others load the executable. The cache starts empty in
+every session, so every program is still compiled once per session.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("jax-compilation-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own folder under the session's
+        root = root.parent
+    cache = root / "jax-compilation-cache"
+    cache.mkdir(exist_ok=True)
+    cache = str(cache)
     settings = {
         "jax_compilation_cache_dir": cache,
         "jax_persistent_cache_min_compile_time_secs": 0.0,
