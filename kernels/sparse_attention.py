@@ -130,10 +130,6 @@ def _dot_nt(a, b, st):  # a @ b.T
     return _dot(a, b, st, ((1,), (1,)))
 
 
-def _dot_tn(a, b, st):  # a.T @ b
-    return _dot(a, b, st, ((0,), (0,)))
-
-
 def _split_refs(st: _Static, refs):
     """(cnt, idx, dense | None, qseg | None, kseg | None, rest): the common leading refs."""
     cnt, idx, *refs = refs
