@@ -70,8 +70,9 @@ CASES = {
         BlockSizes(q=128, k=128, q_bwd=64, k_bwd=64, gqa_split=2),
     ),
     "megalodon": ((1, 1024, 2, 2, 256, 2048), masks.Chunked(512), None),  # several dv tiles
-    # Ragged length, odd head dims (padded), a numpy mask, segments, GQA 6:2 (group of 3).
-    "ragged_numpy_segments": ((2, 300, 6, 2, 48, 80), SPARSE, None),
+    # Ragged length, odd head dims (padded), a numpy mask, segments, GQA 6:2: a group of 3 query
+    # heads summed in one dK/dV program, whose q / dO blocks are 3 heads wide (not a power of 2).
+    "ragged_numpy_segments": ((2, 300, 6, 2, 48, 80), SPARSE, BlockSizes(gqa_split=1)),
     "strictly_causal": ((1, 200, 2, 2, 64, 64), masks.StrictlyCausal(), None),
 }
 
@@ -87,6 +88,8 @@ def test_gpu_kernels_lower_to_triton(name):
     if name == "llama_d128":  # gqa_split 1 (auto): dK / dV come out per kv head, nothing to sum
         assert len(dkdv) == 1
         assert "-> (tensor<1x8192x8x128xbf16>, tensor<1x8192x8x128xbf16>)" in dkdv[0]
+    if name == "ragged_numpy_segments":
+        assert "-> (tensor<2x320x2x64xbf16>, tensor<2x320x2x128xbf16>)" in dkdv[0]
     if name == "llama_d128_split2":  # two partial sums per kv head
         assert "-> (tensor<1x2048x4x128xbf16>, tensor<1x2048x4x128xbf16>)" in dkdv[0]
 
