@@ -113,16 +113,16 @@ def test_segment_ids(impl):
 
 
 @pytest.mark.parametrize(
-    "split,mask,dv",
+    "hq,split,mask,dv",
     [
-        # All 4 query heads of a kv head summed in one program; a dense (numpy) mask, read
+        # All 3 query heads of a kv head summed in one program; a dense (numpy) mask, read
         # transposed by the dK/dV kernel; several dv tiles (separate dV and dK passes).
-        (1, MASKS["numpy_and_causal"], 40),
-        (2, masks.LocalWindow(9, 4), 16),  # 2 programs per kv head, partial sums added in XLA
+        (6, 1, MASKS["numpy_and_causal"], 40),
+        (8, 2, masks.LocalWindow(9, 4), 16),  # 2 programs per kv head, partial sums added in XLA
     ],
 )
-def test_gqa_split_sums_query_heads_in_the_dkv_kernel(split, mask, dv, impl):
-    q, k, v = random_qkv(8, 1, 70, 70, 8, 2, 16, dv)
+def test_gqa_split_sums_query_heads_in_the_dkv_kernel(hq, split, mask, dv, impl):
+    q, k, v = random_qkv(8, 1, 70, 70, hq, 2, 16, dv)
     seg = jnp.asarray(np.sort(RNG.integers(0, 3, (1, 70)), axis=1), jnp.int32)
     blocks = dataclasses.replace(SMALL, gqa_split=split)
     kw = dict(mask=mask, segment_ids=seg)
