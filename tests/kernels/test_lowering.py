@@ -74,6 +74,8 @@ CASES = {
     # heads summed in one dK/dV program, whose q / dO blocks are 3 heads wide (not a power of 2).
     "ragged_numpy_segments": ((2, 300, 6, 2, 48, 80), SPARSE, BlockSizes(gqa_split=1)),
     "strictly_causal": ((1, 200, 2, 2, 64, 64), masks.StrictlyCausal(), None),
+    # GQA summed on chip with several dv tiles: a dV pass over dv tiles, then a dK pass.
+    "gqa_dv_tiles": ((1, 512, 4, 2, 64, 256), masks.Causal(), BlockSizes(dv=64, gqa_split=1)),
 }
 
 
@@ -83,7 +85,7 @@ def test_gpu_kernels_lower_to_triton(name):
     text = lowered_text("cuda", *shape, mask, blocks, segments=name.endswith("segments"))
     # forward, dQ and dK/dV (dV and dK separately when there are several dv tiles)
     n_calls = text.count("__gpu$xla.gpu.triton")
-    assert n_calls == (4 if name == "megalodon" else 3), n_calls
+    assert n_calls == (4 if name in ("megalodon", "gqa_dv_tiles") else 3), n_calls
     dkdv = [line for line in text.splitlines() if 'name = "sparse_attention_dkdv"' in line]
     if name == "llama_d128":  # gqa_split 1 (auto): dK / dV come out per kv head, nothing to sum
         assert len(dkdv) == 1
