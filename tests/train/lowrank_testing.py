@@ -57,6 +57,13 @@ DIMS = {"tall": MatrixDims(), "wide": MatrixDims(), "stack": MatrixDims(1, 1), "
 LOW = ("stack0", "stack1", "tall", "wide")
 
 
+def random_params(seed):
+    """(our float32 parameters over SHAPES, the official optimizers' torch parameters)."""
+    rng = np.random.default_rng(seed)
+    params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    return params, torch_params(params)
+
+
 def torch_params(params):
     """One torch parameter per matrix: our stacked [2, m, n] is two official parameters."""
     tp = {k: torch.nn.Parameter(torch.tensor(params[k])) for k in ("tall", "wide", "vec")}

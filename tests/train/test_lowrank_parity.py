@@ -14,7 +14,7 @@ import torch  # the `test` extra pins it (see pyproject.toml)
 from menagerie.train import lowrank
 from menagerie.train.lowrank import apollo, galore
 
-from .lowrank_testing import DIMS, LOW, SHAPES, canonical_torch_svd, run_both, torch_params
+from .lowrank_testing import DIMS, LOW, canonical_torch_svd, random_params, run_both
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +28,7 @@ def test_galore_matches_official_galore_torch(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "svd", canonical_torch_svd(torch.linalg.svd))
     rank, gap, lr, wd, steps = 6, 3, 0.01, 0.05, 8  # refreshes at 0, 3, 6: 2+ full periods
-    rng = np.random.default_rng(0)
-    params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-    tp = torch_params(params)
+    params, tp = random_params(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = galore_torch.GaLoreAdamW(
@@ -60,9 +58,7 @@ def test_fira_matches_official_fira(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", canonical_torch_svd(torch.linalg.svd))
     # alpha != 1 exercises the official residual G - alpha Q Q^T G (see train/lowrank.py).
     rank, gap, lr, wd, alpha, steps = 6, 3, 0.01, 0.05, 0.25, 8
-    rng = np.random.default_rng(2)
-    params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-    tp = torch_params(params)
+    params, tp = random_params(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = FiraAdamW(
@@ -114,9 +110,7 @@ def test_apollo_matches_official_apollo(monkeypatch, scaling):
         return torch.tensor(q if type == "left" else q.T)
 
     monkeypatch.setattr(random_projector.GradientProjector, "get_orthogonal_matrix", ours)
-    rng = np.random.default_rng(4)
-    params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-    tp = torch_params(params)
+    params, tp = random_params(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = apollo_torch.APOLLOAdamW(
