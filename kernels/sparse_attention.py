@@ -366,8 +366,9 @@ def _common_specs(st: _Static, tables, dense, qseg, kseg):
     return ops, specs
 
 
-def _kv_head(st: _Static, h):
-    return h if st.group == 1 else lax.div(h, st.group)
+def _kv_head(h, per_kv: int):
+    """The kv head of grid head index h when `per_kv` consecutive indices share one."""
+    return h if per_kv == 1 else lax.div(h, per_kv)
 
 
 def _forward(st: _Static, q, k, v, aux):
@@ -378,8 +379,8 @@ def _forward(st: _Static, q, k, v, aux):
     ops, specs = _common_specs(st, fwd_tables, dense, qseg, kseg)
     specs += [
         pl.BlockSpec((None, bq, None, dqk), lambda b_, h, i, d: (b_, i, h, 0)),
-        pl.BlockSpec((None, tk, None, dqk), lambda b_, h, i, d: (b_, 0, _kv_head(st, h), 0)),
-        pl.BlockSpec((None, tk, None, dvt), lambda b_, h, i, d: (b_, 0, _kv_head(st, h), d)),
+        pl.BlockSpec((None, tk, None, dqk), lambda b_, h, i, d: (b_, 0, _kv_head(h, st.group), 0)),
+        pl.BlockSpec((None, tk, None, dvt), lambda b_, h, i, d: (b_, 0, _kv_head(h, st.group), d)),
     ]
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
@@ -409,7 +410,7 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
     bk, dvt = st.blocks.k_bwd, st.dv_tile
     # delta = rowsum(dO * O) (FlashAttention-2, Alg. 2 line 4); a cheap fused XLA reduction.
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
-    kvh = functools.partial(_kv_head, st)
+    kvh = functools.partial(_kv_head, per_kv=st.group)
 
     bq_dq = st.blocks.dq_tiles[0]
     ops, specs = _common_specs(st, dq_tables, dense, qseg, kseg)
@@ -441,8 +442,7 @@ def _backward(st: _Static, q, k, v, aux, o, lse, do):
     do_g = do.reshape(b, tq, hp, gs * dv_pad)
     lse_g, delta_g = lse.reshape(b, hp, gs * tq), delta.reshape(b, hp, gs * tq)
 
-    def kv_of(h):
-        return h if split == 1 else lax.div(h, split)
+    kv_of = functools.partial(_kv_head, per_kv=split)
 
     def dkv_call(want_dk, want_dv):
         ops, specs = _common_specs(st, dkv_tables, dense_t, qseg, kseg)
