@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Literal, NamedTuple
@@ -45,6 +46,103 @@ class MatrixDims(NamedTuple):
 
     batch: int = 0
     rows: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankOptions:
+    """Every option of `scale_by_lowrank`, validated once. The defaults are GaLore's: the
+    official code's (eps 1e-6, betas (0.9, 0.999)) and the paper's (r = 128, α = 0.25, T = 200).
+
+    Attributes:
+      rank: r. A matrix with min(m, n) <= r gets full-rank Adam instead (warned once).
+      update_proj_gap: T, steps between refreshes (refresh at step 0, T, 2T, ...).
+      scale: α, multiplies the back-projected update (paper: 0.25; APOLLO: 1).
+      b1, b2, eps: Adam's β₁, β₂ and ε (ε is added to √V, as the official code does).
+      side: "std" (official default: compress the smaller side), "reverse_std" (the larger;
+        optax.contrib.galore's choice), "left" or "right".
+      projection: "svd" (GaLore) or "random" (seeded Gaussian N(0, 1/r), APOLLO; not stored).
+      moments_on_refresh: "keep" (official) or "reproject" into the new basis (GaLore issue #54):
+        M ← (QₙₑᵥᵀQₒₗd) M, V ← (QₙₑᵥᵀQₒₗd)∘² V (a nonnegative approximation for V).
+      stagger: matrix j of J refreshes at steps ≡ ⌊jT/J⌋ (mod T) instead of all at once
+        (all at step 0), one SVD at a time (`lax.map` + `lax.cond`, under one `lax.cond` per
+        parameter that skips it when none of its matrices is due): the SVD cost and its
+        workspace are spread and no stacked SVD buffer exists.
+      fira: add the residual G − α Q Qᵀ G scaled per channel by ‖N‖/‖R‖ (Fira, arXiv 2410.01623).
+        The α is the official code's (`fira.AdamW` subtracts `project_back(R)`, which includes
+        α); the paper's Alg. 1 writes G − Q Qᵀ G. They agree at Fira's default α = 1.
+      apollo_scaling: "channel"/"tensor": D = α G ∘ ‖N‖/‖R‖ (APOLLO, arXiv 2412.05270).
+      norm_growth_limit: γ of the norm-growth limiter on the Fira residual / APOLLO update
+        (both papers: 1.01); None disables it.
+      lazy_refresh: Q-GaLore's adaptive gap: when the mean |cos| of the top singular vector
+        over the last `lazy_queue` refreshes is >= `lazy_threshold`, the gap is multiplied by
+        `lazy_factor` (q_galore_projector.py; we use |cos| so the sign convention is moot).
+      lazy_threshold, lazy_queue, lazy_factor: see `lazy_refresh`.
+      canonical_signs: fix singular-vector signs (see `_canonical_signs`); False uses raw
+        `jnp.linalg.svd` output as optax.contrib does.
+      svd_method: "qr": `lax.linalg.svd(algorithm=QR)` (LAPACK gesvd); "default":
+        `jnp.linalg.svd`'s divide-and-conquer (gesdd), as optax.contrib and torch call it; both
+        exact, equal up to rounding, and gesdd is the faster on one LAPACK thread (see
+        `limit_cpu_lapack_threads`; timings: `bench/optimizer_memory.py`). "gram": top
+        eigenvectors of the smaller Gram matrix (GGᵀ or GᵀG, fp32) - a matmul that reduces over
+        the sharded axis plus a k x k eigh, less accurate for small singular-value gaps.
+      seed: seeds random projections.
+    """
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    side: Side = "std"
+    projection: Literal["svd", "random"] = "svd"
+    moments_on_refresh: Literal["keep", "reproject"] = "keep"
+    stagger: bool = False
+    fira: bool = False
+    apollo_scaling: Literal["none", "channel", "tensor"] = "none"
+    norm_growth_limit: float | None = None
+    lazy_refresh: bool = False
+    lazy_threshold: float = 0.4
+    lazy_queue: int = 5
+    lazy_factor: int = 2
+    canonical_signs: bool = True
+    svd_method: Literal["qr", "default", "gram"] = "default"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank={self.rank} must be a positive integer")
+        if self.update_proj_gap <= 0:
+            raise ValueError(f"update_proj_gap={self.update_proj_gap} must be > 0")
+        if self.fira and self.apollo_scaling != "none":
+            raise ValueError("fira and apollo_scaling are alternatives; choose one")
+
+    @property
+    def uniform(self) -> bool:
+        """Every matrix refreshes at the same steps (no stagger, no lazy gap)."""
+        return not (self.stagger or self.lazy_refresh)
+
+    @property
+    def limiter(self) -> bool:
+        """The norm-growth limiter runs (on the Fira residual or the APOLLO update)."""
+        return self.norm_growth_limit is not None and (self.fira or self.apollo_scaling != "none")
+
+
+# APOLLO's defaults (`apollo`): the official `APOLLOAdamW`'s rank, α and limiter.
+APOLLO_OPTIONS = LowRankOptions(
+    rank=256,
+    scale=1.0,
+    projection="random",
+    apollo_scaling="channel",
+    norm_growth_limit=1.01,
+)
+
+
+def _options(options: LowRankOptions | None, default: LowRankOptions, kwargs: dict):
+    """`options` (or `default`) with the fields named in `kwargs` replaced; unknown names raise
+    TypeError, bad values ValueError."""
+    base = default if options is None else options
+    return dataclasses.replace(base, **kwargs) if kwargs else base
 
 
 class LowRankState(NamedTuple):
@@ -75,6 +173,32 @@ class LowRankState(NamedTuple):
     cos_history: Any
     top_vector: Any
     residual_norm: Any
+
+
+class _LeafState(NamedTuple):
+    """One parameter's share of a `LowRankState`: its leaf of every field but `count`."""
+
+    mu: Any
+    nu: Any
+    projector: Any
+    proj_step: Any
+    next_refresh: Any
+    gap: Any
+    cos_history: Any
+    top_vector: Any
+    residual_norm: Any
+
+
+def _unstack(treedef, state: LowRankState) -> list[_LeafState]:
+    """`LowRankState` (fields are pytrees like the params) -> one `_LeafState` per parameter."""
+    fields = [treedef.flatten_up_to(getattr(state, f)) for f in _LeafState._fields]
+    return [_LeafState(*leaf) for leaf in zip(*fields, strict=True)]
+
+
+def _stack(treedef, count: Any, leaves: list[_LeafState]) -> LowRankState:
+    """The inverse of `_unstack`: per-parameter `_LeafState`s -> a `LowRankState`."""
+    fields = (treedef.unflatten([getattr(s, f) for s in leaves]) for f in _LeafState._fields)
+    return LowRankState(count, *fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +242,12 @@ def _pick_side(side: Side, m: int, n: int) -> str:
     return side
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def path_str(path) -> str:
+    """A key path as "a/b/0" (dict keys, sequence indices and attribute names, "/"-joined)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+_path_str = path_str  # the old name, still used by train/optim.py
 
 
 def _resolve_dims(matrix_dims: Any, params: Any) -> list:
@@ -140,7 +268,7 @@ def _make_plans(params: Any, matrix_dims: Any, rank: int, side: Side) -> list[_P
     leaves = jax.tree_util.tree_leaves_with_path(params)
     plans, first = [], 0
     for (path, p), dims in zip(leaves, _resolve_dims(matrix_dims, params), strict=True):
-        name, shape = _path_str(path), tuple(p.shape)
+        name, shape = path_str(path), tuple(p.shape)
         if dims is None:
             plans.append(_Plan(name, shape, p.dtype, lowrank=False))
             continue
@@ -188,14 +316,13 @@ _lapack_threads: list[int | None] = [None]  # what we last set, so it is done on
 
 def limit_cpu_lapack_threads(threads: int = 1) -> bool:
     """Sets the thread count of the LAPACK/BLAS that jaxlib's CPU linear-algebra kernels call
-    (`scipy.linalg.cython_lapack`), process-wide. Returns False where it cannot be found.
+    (`scipy.linalg.cython_lapack`), process-wide. Returns False where it cannot be found. Call it
+    once at start-up, before the first SVD on XLA:CPU; the optimizer itself does not.
 
     Why: XLA:CPU already runs on every core (and runs a batched SVD's matrices in parallel);
-    OpenBLAS then wakes its own pool on top of it, and its workers spin for ~0.1 s after each
-    call. On a 2-core host that makes a batched [4, 256, 768] SVD 2.3x slower, sometimes 200x
-    (64 x 256: 1.1 s instead of 5 ms under load), and slows the next ~0.1 s of XLA work (the
-    train steps after a refresh: +70% on the tiny model's first six). One LAPACK thread per XLA
-    thread has none of it."""
+    OpenBLAS then wakes its own pool on top of it, whose workers spin after each call and slow
+    both the SVD and the XLA work that follows it. One LAPACK thread per XLA thread has none of
+    it."""
     if _lapack_threads[0] == threads:
         return True
     try:
@@ -231,360 +358,219 @@ def _canonical_signs(q_kr: jax.Array) -> jax.Array:
     return q_kr * jnp.where(s == 0, 1.0, s)
 
 
-def scale_by_lowrank(
-    matrix_dims: Any = None,
-    *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    side: Side = "std",
-    projection: Literal["svd", "random"] = "svd",
-    moments_on_refresh: Literal["keep", "reproject"] = "keep",
-    stagger: bool = False,
-    fira: bool = False,
-    apollo_scaling: Literal["none", "channel", "tensor"] = "none",
-    norm_growth_limit: float | None = None,
-    lazy_refresh: bool = False,
-    lazy_threshold: float = 0.4,
-    lazy_queue: int = 5,
-    lazy_factor: int = 2,
-    canonical_signs: bool = True,
-    svd_method: Literal["qr", "default", "gram"] = "default",
-    cpu_lapack_threads: int | None = 1,
-    seed: int = 0,
-) -> optax.GradientTransformation:
-    """The low-rank direction D (see the module docstring), times √(1−β₂ᵗ)/(1−β₁ᵗ), unsigned
-    and without learning rate or weight decay: chain it with those (see `galore`).
+# ----------------------------------------------------------------------------- per-leaf steps
 
-    Args:
-      matrix_dims: pytree like the params with `MatrixDims` (project) or None (full-rank Adam)
-        leaves, or a callable params -> such a pytree; None projects every 2-D array.
-      rank: r. A matrix with min(m, n) <= r gets full-rank Adam instead (warned once).
-      update_proj_gap: T, steps between refreshes (refresh at step 0, T, 2T, ...).
-      scale: α, multiplies the back-projected update (paper: 0.25; APOLLO: 1).
-      side: "std" (official default: compress the smaller side), "reverse_std" (the larger;
-        optax.contrib.galore's choice), "left" or "right".
-      projection: "svd" (GaLore) or "random" (seeded Gaussian N(0, 1/r), APOLLO; not stored).
-      moments_on_refresh: "keep" (official) or "reproject" into the new basis (GaLore issue #54):
-        M ← (QₙₑᵥᵀQₒₗd) M, V ← (QₙₑᵥᵀQₒₗd)∘² V (a nonnegative approximation for V).
-      stagger: matrix j of J refreshes at steps ≡ ⌊jT/J⌋ (mod T) instead of all at once
-        (all at step 0), one SVD at a time (`lax.map` + `lax.cond`, under one `lax.cond` per
-        parameter that skips it when none of its matrices is due): the SVD cost and its
-        workspace are spread and no stacked SVD buffer exists.
-      fira: add the residual G − α Q Qᵀ G scaled per channel by ‖N‖/‖R‖ (Fira, arXiv 2410.01623).
-        The α is the official code's (`fira.AdamW` subtracts `project_back(R)`, which includes
-        α); the paper's Alg. 1 writes G − Q Qᵀ G. They agree at Fira's default α = 1.
-      apollo_scaling: "channel"/"tensor": D = α G ∘ ‖N‖/‖R‖ (APOLLO, arXiv 2412.05270).
-      norm_growth_limit: γ of the norm-growth limiter on the Fira residual / APOLLO update
-        (both papers: 1.01); None disables it.
-      lazy_refresh: Q-GaLore's adaptive gap: when the mean |cos| of the top singular vector
-        over the last `lazy_queue` refreshes is >= `lazy_threshold`, the gap is multiplied by
-        `lazy_factor` (q_galore_projector.py; we use |cos| so the sign convention is moot).
-      canonical_signs: fix singular-vector signs (see `_canonical_signs`); False uses raw
-        `jnp.linalg.svd` output as optax.contrib does.
-      svd_method: "qr": `lax.linalg.svd(algorithm=QR)` (LAPACK gesvd); "default":
-        `jnp.linalg.svd`'s divide-and-conquer (gesdd), as optax.contrib and torch call it; both
-        exact, equal up to rounding. On XLA:CPU with one LAPACK thread (see
-        `cpu_lapack_threads`) gesdd is the faster: 0.44 s vs 2.0 s per refresh of the small
-        transformer's 28 matrices, 19 vs 25 ms on the tiny one's 14 (2 cores). "gram": top
-        eigenvectors of the smaller Gram matrix (GGᵀ or GᵀG, fp32) - a matmul that reduces over
-        the sharded axis plus a k x k eigh (0.2 s on the small one), less accurate for small
-        singular-value gaps.
-      cpu_lapack_threads: when the SVD runs on XLA:CPU (default backend "cpu"), set the
-        LAPACK library's own thread count to this, process-wide, the first time the update is
-        traced (`limit_cpu_lapack_threads`); None leaves it alone. Not done for random
-        projections, which call no LAPACK.
-      seed: seeds random projections.
-    """
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank} must be a positive integer")
-    if update_proj_gap <= 0:
-        raise ValueError(f"update_proj_gap={update_proj_gap} must be > 0")
-    if fira and apollo_scaling != "none":
-        raise ValueError("fira and apollo_scaling are alternatives; choose one")
-    uniform = not (stagger or lazy_refresh)
-    limiter = norm_growth_limit is not None and (fira or apollo_scaling != "none")
-    gap0 = int(update_proj_gap)
 
-    def plans_for(params):
-        return _make_plans(params, matrix_dims, rank, side)
-
-    def offsets(plan: _Plan, total: int) -> np.ndarray:
-        j = plan.first + np.arange(plan.batch)
-        return ((j * gap0) // max(total, 1)) % gap0 if stagger else np.zeros(plan.batch, np.int64)
-
-    # ------------------------------------------------------------------ init
-
-    def init_fn(params):
-        plans = plans_for(params)
-        treedef = jax.tree.structure(params)
-        fields = {f: [] for f in LowRankState._fields[1:]}
-        for plan, p in zip(plans, jax.tree.leaves(params), strict=True):
-            if not plan.lowrank:
-                fields["mu"].append(jnp.zeros(p.shape, jnp.float32))
-                fields["nu"].append(jnp.zeros(p.shape, jnp.float32))
-                for f in LowRankState._fields[3:]:
-                    fields[f].append(
-                        _empty(
-                            jnp.int32 if f in ("proj_step", "next_refresh", "gap") else jnp.float32
-                        )
-                    )
-                continue
-            bs = plan.batch_shape
-            fields["mu"].append(jnp.zeros(bs + plan.low_shape, jnp.float32))
-            fields["nu"].append(jnp.zeros(bs + plan.low_shape, jnp.float32))
-            fields["projector"].append(
-                jnp.zeros(bs + (plan.k, plan.rank), plan.dtype)
-                if projection == "svd"
-                else _empty(plan.dtype)
-            )
-            fields["proj_step"].append(jnp.zeros(bs, jnp.int32))
-            fields["next_refresh"].append(jnp.zeros(bs, jnp.int32))
-            fields["gap"].append(jnp.full(bs, gap0, jnp.int32))
-            fields["cos_history"].append(
-                jnp.full(bs + (lazy_queue,), jnp.nan, jnp.float32) if lazy_refresh else _empty()
-            )
-            fields["top_vector"].append(
-                jnp.zeros(bs + (plan.k,), jnp.float32) if lazy_refresh else _empty()
-            )
-            fields["residual_norm"].append(jnp.zeros(bs, jnp.float32) if limiter else _empty())
-        return LowRankState(
-            count=jnp.zeros((), jnp.int32),
-            **{f: jax.tree.unflatten(treedef, v) for f, v in fields.items()},
+def _init_leaf(opts: LowRankOptions, plan: _Plan) -> _LeafState:
+    """Zero moments; for a projected parameter, step-0 refresh bookkeeping (see `LowRankState`)."""
+    if not plan.lowrank:
+        i32 = jnp.int32
+        return _LeafState(
+            jnp.zeros(plan.shape, jnp.float32),
+            jnp.zeros(plan.shape, jnp.float32),
+            *(_empty(), _empty(i32), _empty(i32), _empty(i32), _empty(), _empty(), _empty()),
         )
+    bs = plan.batch_shape
+    return _LeafState(
+        mu=jnp.zeros(bs + plan.low_shape, jnp.float32),
+        nu=jnp.zeros(bs + plan.low_shape, jnp.float32),
+        projector=(
+            jnp.zeros(bs + (plan.k, plan.rank), plan.dtype)
+            if opts.projection == "svd"
+            else _empty(plan.dtype)
+        ),
+        proj_step=jnp.zeros(bs, jnp.int32),
+        next_refresh=jnp.zeros(bs, jnp.int32),
+        gap=jnp.full(bs, int(opts.update_proj_gap), jnp.int32),
+        cos_history=(
+            jnp.full(bs + (opts.lazy_queue,), jnp.nan, jnp.float32)
+            if opts.lazy_refresh
+            else _empty()
+        ),
+        top_vector=jnp.zeros(bs + (plan.k,), jnp.float32) if opts.lazy_refresh else _empty(),
+        residual_norm=jnp.zeros(bs, jnp.float32) if opts.limiter else _empty(),
+    )
 
-    # ------------------------------------------------------------------ helpers
 
-    def svd_projector(g_mn: jax.Array, plan: _Plan) -> jax.Array:
-        """[m, n] -> Q [k, r] in float32 (official: torch.linalg.svd of the fp32 gradient)."""
-        g32 = g_mn.astype(jnp.float32)
-        if svd_method == "gram":
-            gram = g32 @ g32.T if plan.side == "left" else g32.T @ g32  # [k, k]
-            _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
-            q = vecs[:, ::-1][:, : plan.rank]
-        else:
-            algorithm = jax.lax.linalg.SvdAlgorithm.QR if svd_method == "qr" else None
-            u, _, vh = jax.lax.linalg.svd(g32, full_matrices=False, algorithm=algorithm)
-            q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
-        return _canonical_signs(q) if canonical_signs else q
+def _offsets(opts: LowRankOptions, plan: _Plan, total: int) -> np.ndarray:
+    """[B] the step of each matrix's first refresh after step 0 (stagger), else zeros."""
+    if not opts.stagger:
+        return np.zeros(plan.batch, np.int64)
+    gap = int(opts.update_proj_gap)
+    j = plan.first + np.arange(plan.batch)
+    return ((j * gap) // max(total, 1)) % gap
 
-    def random_projectors(plans, count, flat) -> dict:
-        """Every random projector of this step, {plan index: (Q at this step's proj_step, Q at
-        the last one or None)} [B, k, r]: one vmapped generation per projector size k for all
-        matrices of all parameters, not one per parameter (XLA:CPU runs each threefry as a
-        rolled loop; per parameter, that was 5% of the tiny model's step). vmap gives each
-        matrix the numbers it gets alone."""
-        groups: dict[int, list] = {}
-        for i, plan in enumerate(plans):
-            if plan.lowrank:
-                groups.setdefault(plan.k, []).append(i)
-        out = {}
-        for k, members in groups.items():
-            index, new_step, old_step = [], [], []
-            for i in members:
-                plan = plans[i]
-                pstep = flat["proj_step"][i].reshape(plan.batch)
-                do = count == flat["next_refresh"][i].reshape(plan.batch)
-                index.append(plan.first + jnp.arange(plan.batch))
-                new_step.append(jnp.where(do, count, pstep))
-                old_step.append(pstep)
-            index, steps = jnp.concatenate(index), jnp.concatenate(new_step)
-            reproject = moments_on_refresh == "reproject"
-            if reproject:  # both at once: [new; old]
-                index, steps = jnp.concatenate([index, index]), jnp.concatenate([steps, *old_step])
-            q = jax.vmap(lambda i, s, k=k: random_projection(seed, i, s, k, rank))(index, steps)
-            n = q.shape[0] // 2 if reproject else q.shape[0]
-            start = 0
-            for i in members:
-                b = plans[i].batch
-                out[i] = (q[start : start + b], q[n + start : n + start + b] if reproject else None)
-                start += b
-        return out
 
-    def project(g, q, plan):  # g [B, m, n], q [B, k, r] -> [B, *low_shape]
-        if plan.side == "left":
-            return jnp.einsum("bkr,bkn->brn", q, g)
-        return jnp.einsum("bmk,bkr->bmr", g, q)
+def _svd_projector(opts: LowRankOptions, plan: _Plan, g_mn: jax.Array) -> jax.Array:
+    """[m, n] -> Q [k, r] in float32 (official: torch.linalg.svd of the fp32 gradient)."""
+    g32 = g_mn.astype(jnp.float32)
+    if opts.svd_method == "gram":
+        gram = g32 @ g32.T if plan.side == "left" else g32.T @ g32  # [k, k]
+        _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+        q = vecs[:, ::-1][:, : plan.rank]
+    else:
+        algorithm = jax.lax.linalg.SvdAlgorithm.QR if opts.svd_method == "qr" else None
+        u, _, vh = jax.lax.linalg.svd(g32, full_matrices=False, algorithm=algorithm)
+        q = u[:, : plan.rank] if plan.side == "left" else vh[: plan.rank].T
+    return _canonical_signs(q) if opts.canonical_signs else q
 
-    def back(x, q, plan):  # [B, *low_shape] -> [B, m, n]
-        if plan.side == "left":
-            return jnp.einsum("bkr,brn->bkn", q, x)
-        return jnp.einsum("bmr,bkr->bmk", x, q)
 
-    def rank_axis(plan):
-        return 1 if plan.side == "left" else 2
-
-    # ------------------------------------------------------------------ one projected leaf
-
-    def lowrank_leaf(
-        plan, total, count, g, mu, nu, proj, pstep, nxt, gap, hist, top, rnorm, q_random
-    ):
-        B, bs = plan.batch, plan.batch_shape
-        g3 = g.reshape(B, plan.m, plan.n).astype(jnp.float32)
-        mu, nu = mu.reshape(B, *plan.low_shape), nu.reshape(B, *plan.low_shape)
-        nxt, gap, pstep = nxt.reshape(B), gap.reshape(B), pstep.reshape(B)
-        do = count == nxt  # [B] which matrices refresh now
-
-        # --- the projector before and after this step's refresh
-        if projection == "random":
-            new_pstep = jnp.where(do, count, pstep)
-            q_new, q_old = q_random  # see random_projectors
-            proj_out = proj
-        else:
-            q_old = proj.reshape(B, plan.k, plan.rank).astype(jnp.float32)
-            if uniform:  # everyone refreshes together: one batched SVD under one cond
-                q_new = jax.lax.cond(
-                    do[0], lambda: jax.vmap(lambda x: svd_projector(x, plan))(g3), lambda: q_old
-                )
-            else:  # one matrix at a time, only those due; nothing at all on most steps
-                q_new = jax.lax.cond(
-                    jnp.any(do),
-                    lambda: jax.lax.map(
-                        lambda a: jax.lax.cond(
-                            a[0], lambda: svd_projector(a[1], plan), lambda: a[2]
-                        ),
-                        (do, g3, q_old),
-                    ),
-                    lambda: q_old,
-                )
-            # Stored, and used, in the parameter dtype (official: cast back after the SVD).
-            q_store = q_new.astype(plan.dtype)
-            q_new = q_store.astype(jnp.float32)
-            proj_out = q_store.reshape(*bs, plan.k, plan.rank)
-            new_pstep = jnp.where(do, count, pstep)
-
-        # --- moments into the new basis (optional; official keeps them as they are)
-        if moments_on_refresh == "reproject":
-            c = jnp.einsum("bkr,bks->brs", q_new, q_old)  # [B, r_new, r_old]
-            if plan.side == "left":
-                mu_r = jnp.einsum("brs,bsn->brn", c, mu)
-                nu_r = jnp.einsum("brs,bsn->brn", c * c, nu)
-            else:
-                mu_r = jnp.einsum("bms,brs->bmr", mu, c)
-                nu_r = jnp.einsum("bms,brs->bmr", nu, c * c)
-            sel = do[:, None, None]
-            mu, nu = jnp.where(sel, mu_r, mu), jnp.where(sel, nu_r, nu)
-
-        # --- Q-GaLore lazy refresh: grow the gap of matrices whose subspace stopped moving
-        if lazy_refresh:
-            hist, top = hist.reshape(B, lazy_queue), top.reshape(B, plan.k)
-            top_new = q_new[:, :, 0]
-            cos = jnp.abs(jnp.sum(top * top_new, -1)) / (
-                jnp.linalg.norm(top, axis=-1) * jnp.linalg.norm(top_new, axis=-1) + 1e-30
-            )
-            pushed = jnp.concatenate([hist[:, 1:], cos[:, None]], axis=1)
-            hist_new = jnp.where((do & (count > 0))[:, None], pushed, hist)
-            full = ~jnp.any(jnp.isnan(hist_new), axis=1)
-            grow = do & (count > 0) & full & (jnp.nanmean(hist_new, axis=1) >= lazy_threshold)
-            gap = jnp.where(grow, gap * lazy_factor, gap)
-            hist, top = hist_new, jnp.where(do[:, None], top_new, top)
-        first_off = jnp.asarray(offsets(plan, total), jnp.int32)
-        after = jnp.where((count == 0) & (first_off > 0), first_off, count + gap)
-        nxt = jnp.where(do, after, nxt)
-
-        # --- Adam in the projected space
-        r = project(g3, q_new, plan)
-        mu = b1 * mu + (1 - b1) * r
-        nu = b2 * nu + (1 - b2) * r * r
-        nrm = mu / (jnp.sqrt(nu) + eps)
-
-        ax = rank_axis(plan)
-        if apollo_scaling != "none":
-            if apollo_scaling == "channel":
-                s = jnp.linalg.norm(nrm, axis=ax, keepdims=True) / (
-                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8
-                )
-            else:
-                s = jnp.linalg.norm(nrm, axis=(1, 2), keepdims=True) / (
-                    jnp.linalg.norm(r, axis=(1, 2), keepdims=True) + 1e-8
-                )
-            d = scale * g3 * s
-            if limiter:
-                d, rnorm = _limit(d, rnorm.reshape(B), norm_growth_limit)
-        else:
-            d = scale * back(nrm, q_new, plan)
-            if fira:
-                phi = jnp.linalg.norm(nrm, axis=ax, keepdims=True) / (
-                    jnp.linalg.norm(r, axis=ax, keepdims=True) + 1e-8
-                )
-                resid = (g3 - scale * back(r, q_new, plan)) * phi
-                if limiter:
-                    resid, rnorm = _limit(resid, rnorm.reshape(B), norm_growth_limit)
-                d = d + resid
-
-        leaves = dict(
-            d=d.reshape(plan.shape),
-            mu=mu.reshape(*bs, *plan.low_shape),
-            nu=nu.reshape(*bs, *plan.low_shape),
-            projector=proj_out,
-            proj_step=new_pstep.reshape(bs),
-            next_refresh=nxt.reshape(bs),
-            gap=gap.reshape(bs),
-            cos_history=hist.reshape(*bs, lazy_queue) if lazy_refresh else hist,
-            top_vector=top.reshape(*bs, plan.k) if lazy_refresh else top,
-            residual_norm=rnorm.reshape(bs) if limiter else rnorm,
+def _random_projectors(
+    opts: LowRankOptions, plans: list[_Plan], count: jax.Array, states: list[_LeafState]
+) -> dict:
+    """Every random projector of this step, {plan index: (Q at this step's proj_step, Q at
+    the last one or None)} [B, k, r]: one vmapped generation per projector size k for all
+    matrices of all parameters, not one per parameter (XLA:CPU runs each threefry as a
+    rolled loop, so one call per parameter costs a visible share of a small model's step).
+    vmap gives each matrix the numbers it gets alone."""
+    groups: dict[int, list] = {}
+    for i, plan in enumerate(plans):
+        if plan.lowrank:
+            groups.setdefault(plan.k, []).append(i)
+    reproject = opts.moments_on_refresh == "reproject"
+    out = {}
+    for k, members in groups.items():
+        index, new_step, old_step = [], [], []
+        for i in members:
+            plan, s = plans[i], states[i]
+            pstep = s.proj_step.reshape(plan.batch)
+            do = count == s.next_refresh.reshape(plan.batch)
+            index.append(plan.first + jnp.arange(plan.batch))
+            new_step.append(jnp.where(do, count, pstep))
+            old_step.append(pstep)
+        index, steps = jnp.concatenate(index), jnp.concatenate(new_step)
+        if reproject:  # both at once: [new; old]
+            index, steps = jnp.concatenate([index, index]), jnp.concatenate([steps, *old_step])
+        q = jax.vmap(lambda i, s, k=k: random_projection(opts.seed, i, s, k, opts.rank))(
+            index, steps
         )
-        return leaves
+        n = q.shape[0] // 2 if reproject else q.shape[0]
+        start = 0
+        for i in members:
+            b = plans[i].batch
+            out[i] = (q[start : start + b], q[n + start : n + start + b] if reproject else None)
+            start += b
+    return out
 
-    # ------------------------------------------------------------------ update
 
-    def update_fn(updates, state, params=None):
-        del params
-        if projection == "svd" and cpu_lapack_threads and jax.default_backend() == "cpu":
-            limit_cpu_lapack_threads(cpu_lapack_threads)
-        plans = plans_for(updates)
-        total = sum(p.batch for p in plans if p.lowrank)
-        treedef = jax.tree.structure(updates)
-        count = state.count
-        t = (count + 1).astype(jnp.float32)
-        step_size = jnp.sqrt(1 - b2**t) / (1 - b1**t)  # official: folded into the step size
+def _project(plan: _Plan, g: jax.Array, q: jax.Array) -> jax.Array:
+    """g [B, m, n], q [B, k, r] -> R [B, *low_shape]."""
+    if plan.side == "left":
+        return jnp.einsum("bkr,bkn->brn", q, g)
+    return jnp.einsum("bmk,bkr->bmr", g, q)
 
-        flat = {f: treedef.flatten_up_to(getattr(state, f)) for f in LowRankState._fields[1:]}
-        q_random = random_projectors(plans, count, flat) if projection == "random" else {}
-        out = {f: [] for f in ("d",) + LowRankState._fields[1:]}
-        for i, (plan, g) in enumerate(zip(plans, jax.tree.leaves(updates), strict=True)):
-            leaf = {f: flat[f][i] for f in flat}
-            if plan.lowrank:
-                with jax.named_scope(f"lowrank/{plan.path}"):
-                    res = lowrank_leaf(
-                        plan,
-                        total,
-                        count,
-                        g,
-                        **{
-                            "mu": leaf["mu"],
-                            "nu": leaf["nu"],
-                            "proj": leaf["projector"],
-                            "pstep": leaf["proj_step"],
-                            "nxt": leaf["next_refresh"],
-                            "gap": leaf["gap"],
-                            "hist": leaf["cos_history"],
-                            "top": leaf["top_vector"],
-                            "rnorm": leaf["residual_norm"],
-                            "q_random": q_random.get(i),
-                        },
-                    )
-            else:
-                g32 = g.astype(jnp.float32)
-                mu = b1 * leaf["mu"] + (1 - b1) * g32
-                nu = b2 * leaf["nu"] + (1 - b2) * g32 * g32
-                res = {**leaf, "d": mu / (jnp.sqrt(nu) + eps), "mu": mu, "nu": nu}
-            for f in out:
-                out[f].append(res[f])
-        directions = zip(out.pop("d"), jax.tree.leaves(updates), strict=True)
-        new_updates = jax.tree.unflatten(
-            treedef, [(step_size * d).astype(g.dtype) for d, g in directions]
+
+def _back(plan: _Plan, x: jax.Array, q: jax.Array) -> jax.Array:
+    """x [B, *low_shape], q [B, k, r] -> [B, m, n]."""
+    if plan.side == "left":
+        return jnp.einsum("bkr,brn->bkn", q, x)
+    return jnp.einsum("bmr,bkr->bmk", x, q)
+
+
+def _rank_axis(plan: _Plan) -> int:
+    """The axis of [B, *low_shape] that has r entries; the other one indexes channels."""
+    return 1 if plan.side == "left" else 2
+
+
+def _refresh_projector(
+    opts: LowRankOptions,
+    plan: _Plan,
+    g_BMN: jax.Array,
+    proj: jax.Array,
+    do_B: jax.Array,
+    q_random: tuple | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(Q after this step's refresh, Q before it) float32 [B, k, r], and the projector to store.
+    Matrices with `do_B` False keep theirs."""
+    if opts.projection == "random":
+        q_new, q_old = q_random  # see _random_projectors
+        return q_new, q_old, proj
+    q_old = proj.reshape(plan.batch, plan.k, plan.rank).astype(jnp.float32)
+    svd = functools.partial(_svd_projector, opts, plan)
+    if opts.uniform:  # everyone refreshes together: one batched SVD under one cond
+        q_new = jax.lax.cond(do_B[0], lambda: jax.vmap(svd)(g_BMN), lambda: q_old)
+    else:  # one matrix at a time, only those due; nothing at all on most steps
+        q_new = jax.lax.cond(
+            jnp.any(do_B),
+            lambda: jax.lax.map(
+                lambda a: jax.lax.cond(a[0], lambda: svd(a[1]), lambda: a[2]),
+                (do_B, g_BMN, q_old),
+            ),
+            lambda: q_old,
         )
-        new_state = LowRankState(
-            count=optax.safe_increment(count),
-            **{f: jax.tree.unflatten(treedef, v) for f, v in out.items()},
-        )
-        return new_updates, new_state
+    # Stored, and used, in the parameter dtype (official: cast back after the SVD).
+    q_store = q_new.astype(plan.dtype)
+    return q_store.astype(jnp.float32), q_old, q_store.reshape(*plan.batch_shape, plan.k, plan.rank)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+
+def _reproject_moments(plan: _Plan, q_new, q_old, mu, nu, do_B) -> tuple[jax.Array, jax.Array]:
+    """Moments of the matrices that refreshed, rotated into the new basis (GaLore issue #54):
+    M ← C M, V ← C∘² V with C = QₙₑᵥᵀQₒₗd [B, r_new, r_old]."""
+    c = jnp.einsum("bkr,bks->brs", q_new, q_old)
+    if plan.side == "left":
+        mu_r = jnp.einsum("brs,bsn->brn", c, mu)
+        nu_r = jnp.einsum("brs,bsn->brn", c * c, nu)
+    else:
+        mu_r = jnp.einsum("bms,brs->bmr", mu, c)
+        nu_r = jnp.einsum("bms,brs->bmr", nu, c * c)
+    sel = do_B[:, None, None]
+    return jnp.where(sel, mu_r, mu), jnp.where(sel, nu_r, nu)
+
+
+def _lazy_gap(opts: LowRankOptions, plan: _Plan, count, do_B, q_new, hist, top, gap_B):
+    """Q-GaLore lazy refresh: grow the gap of matrices whose subspace stopped moving. Returns
+    (cos_history [B, queue], top_vector [B, k], gap [B])."""
+    B = plan.batch
+    hist, top = hist.reshape(B, opts.lazy_queue), top.reshape(B, plan.k)
+    top_new = q_new[:, :, 0]
+    cos = jnp.abs(jnp.sum(top * top_new, -1)) / (
+        jnp.linalg.norm(top, axis=-1) * jnp.linalg.norm(top_new, axis=-1) + 1e-30
+    )
+    pushed = jnp.concatenate([hist[:, 1:], cos[:, None]], axis=1)
+    hist_new = jnp.where((do_B & (count > 0))[:, None], pushed, hist)
+    full = ~jnp.any(jnp.isnan(hist_new), axis=1)
+    grow = do_B & (count > 0) & full & (jnp.nanmean(hist_new, axis=1) >= opts.lazy_threshold)
+    gap_B = jnp.where(grow, gap_B * opts.lazy_factor, gap_B)
+    return hist_new, jnp.where(do_B[:, None], top_new, top), gap_B
+
+
+def _next_refresh(opts: LowRankOptions, plan: _Plan, total: int, count, do_B, nxt_B, gap_B):
+    """[B] the step of each matrix's next refresh: `gap` after this one, or its stagger offset
+    after step 0."""
+    first_off = jnp.asarray(_offsets(opts, plan, total), jnp.int32)
+    after = jnp.where((count == 0) & (first_off > 0), first_off, count + gap_B)
+    return jnp.where(do_B, after, nxt_B)
+
+
+def _channel_ratio(x, r, axis) -> jax.Array:
+    """‖x‖/‖r‖ over `axis` (kept), the APOLLO / Fira scaling factor."""
+    return jnp.linalg.norm(x, axis=axis, keepdims=True) / (
+        jnp.linalg.norm(r, axis=axis, keepdims=True) + 1e-8
+    )
+
+
+def _apollo_direction(opts: LowRankOptions, plan: _Plan, g_BMN, r, nrm, q_new, rnorm):
+    """APOLLO: D = α G ∘ ‖N‖/‖R‖ per channel or per tensor, then the limiter. Returns
+    (D [B, m, n], residual_norm)."""
+    del q_new
+    axis = _rank_axis(plan) if opts.apollo_scaling == "channel" else (1, 2)
+    d = opts.scale * g_BMN * _channel_ratio(nrm, r, axis)
+    if opts.limiter:
+        d, rnorm = _limit(d, rnorm.reshape(plan.batch), opts.norm_growth_limit)
+    return d, rnorm
+
+
+def _galore_direction(opts: LowRankOptions, plan: _Plan, g_BMN, r, nrm, q_new, rnorm):
+    """GaLore: D = α Q N (or N Qᵀ); Fira adds (G − α Q Qᵀ G) ∘ ‖N‖/‖R‖ per channel, limited.
+    Returns (D [B, m, n], residual_norm)."""
+    d = opts.scale * _back(plan, nrm, q_new)
+    if opts.fira:
+        phi = _channel_ratio(nrm, r, _rank_axis(plan))
+        resid = (g_BMN - opts.scale * _back(plan, r, q_new)) * phi
+        if opts.limiter:
+            resid, rnorm = _limit(resid, rnorm.reshape(plan.batch), opts.norm_growth_limit)
+        d = d + resid
+    return d, rnorm
 
 
 def _limit(x_BMN: jax.Array, prev_B: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
@@ -593,6 +579,112 @@ def _limit(x_BMN: jax.Array, prev_B: jax.Array, gamma: float) -> tuple[jax.Array
     cur = jnp.linalg.norm(x_BMN, axis=(1, 2))
     lim = jnp.where(prev_B > 0, jnp.maximum(cur / (prev_B + 1e-8), gamma) / gamma, 1.0)
     return x_BMN / lim[:, None, None], cur / lim
+
+
+def _lowrank_leaf(
+    opts: LowRankOptions,
+    plan: _Plan,
+    count: jax.Array,
+    total: int,
+    g: jax.Array,
+    s: _LeafState,
+    q_random: tuple | None,
+) -> tuple[jax.Array, _LeafState]:
+    """One projected parameter's step: refresh, Adam on R = project(G), the direction D (see
+    the module docstring). Returns (D with the parameter's shape, float32; its new state)."""
+    B, bs, low = plan.batch, plan.batch_shape, plan.low_shape
+    g3 = g.reshape(B, plan.m, plan.n).astype(jnp.float32)
+    mu, nu = s.mu.reshape(B, *low), s.nu.reshape(B, *low)
+    nxt, gap, pstep = s.next_refresh.reshape(B), s.gap.reshape(B), s.proj_step.reshape(B)
+    do = count == nxt  # [B] which matrices refresh now
+
+    q_new, q_old, proj = _refresh_projector(opts, plan, g3, s.projector, do, q_random)
+    pstep = jnp.where(do, count, pstep)
+    if opts.moments_on_refresh == "reproject":  # official: keep them as they are
+        mu, nu = _reproject_moments(plan, q_new, q_old, mu, nu, do)
+    hist, top = s.cos_history, s.top_vector
+    if opts.lazy_refresh:
+        hist, top, gap = _lazy_gap(opts, plan, count, do, q_new, hist, top, gap)
+        hist, top = hist.reshape(*bs, opts.lazy_queue), top.reshape(*bs, plan.k)
+    nxt = _next_refresh(opts, plan, total, count, do, nxt, gap)
+
+    # Adam in the projected space
+    r = _project(plan, g3, q_new)
+    mu = opts.b1 * mu + (1 - opts.b1) * r
+    nu = opts.b2 * nu + (1 - opts.b2) * r * r
+    nrm = mu / (jnp.sqrt(nu) + opts.eps)
+
+    direction = _galore_direction if opts.apollo_scaling == "none" else _apollo_direction
+    d, rnorm = direction(opts, plan, g3, r, nrm, q_new, s.residual_norm)
+    return d.reshape(plan.shape), _LeafState(
+        mu=mu.reshape(*bs, *low),
+        nu=nu.reshape(*bs, *low),
+        projector=proj,
+        proj_step=pstep.reshape(bs),
+        next_refresh=nxt.reshape(bs),
+        gap=gap.reshape(bs),
+        cos_history=hist,
+        top_vector=top,
+        residual_norm=rnorm.reshape(bs) if opts.limiter else rnorm,
+    )
+
+
+def _adam_leaf(opts: LowRankOptions, g: jax.Array, s: _LeafState) -> tuple[jax.Array, _LeafState]:
+    """A full-rank parameter: Adam's direction M / (√V + ε), bias correction left to the caller."""
+    g32 = g.astype(jnp.float32)
+    mu = opts.b1 * s.mu + (1 - opts.b1) * g32
+    nu = opts.b2 * s.nu + (1 - opts.b2) * g32 * g32
+    return mu / (jnp.sqrt(nu) + opts.eps), s._replace(mu=mu, nu=nu)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def scale_by_lowrank(
+    matrix_dims: Any = None, *, options: LowRankOptions | None = None, **kwargs: Any
+) -> optax.GradientTransformation:
+    """The low-rank direction D (see the module docstring), times √(1−β₂ᵗ)/(1−β₁ᵗ), unsigned
+    and without learning rate or weight decay: chain it with those (see `galore`).
+
+    Args:
+      matrix_dims: pytree like the params with `MatrixDims` (project) or None (full-rank Adam)
+        leaves, or a callable params -> such a pytree; None projects every 2-D array.
+      options: a `LowRankOptions`; None is its defaults (GaLore's).
+      **kwargs: `LowRankOptions` fields, replacing those of `options`.
+    """
+    opts = _options(options, LowRankOptions(), kwargs)
+
+    def init_fn(params):
+        plans = _make_plans(params, matrix_dims, opts.rank, opts.side)
+        leaves = [_init_leaf(opts, plan) for plan in plans]
+        return _stack(jax.tree.structure(params), jnp.zeros((), jnp.int32), leaves)
+
+    def update_fn(updates, state, params=None):
+        del params
+        plans = _make_plans(updates, matrix_dims, opts.rank, opts.side)
+        total = sum(p.batch for p in plans if p.lowrank)
+        treedef = jax.tree.structure(updates)
+        count = state.count
+        t = (count + 1).astype(jnp.float32)
+        step_size = jnp.sqrt(1 - opts.b2**t) / (1 - opts.b1**t)  # official: in the step size
+
+        leaves = _unstack(treedef, state)
+        q_random = {}
+        if opts.projection == "random":
+            q_random = _random_projectors(opts, plans, count, leaves)
+        new_updates, new_leaves = [], []
+        for i, (plan, g, s) in enumerate(zip(plans, jax.tree.leaves(updates), leaves, strict=True)):
+            if plan.lowrank:
+                with jax.named_scope(f"lowrank/{plan.path}"):
+                    d, s = _lowrank_leaf(opts, plan, count, total, g, s, q_random.get(i))
+            else:
+                d, s = _adam_leaf(opts, g, s)
+            new_updates.append((step_size * d).astype(g.dtype))
+            new_leaves.append(s)
+        new_state = _stack(treedef, optax.safe_increment(count), new_leaves)
+        return treedef.unflatten(new_updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _learning_rate_and_decay(
@@ -637,31 +729,17 @@ def galore(
     learning_rate: optax.ScalarOrSchedule,
     matrix_dims: Any = None,
     *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
-    **options: Any,
+    options: LowRankOptions | None = None,
+    **kwargs: Any,
 ) -> optax.GradientTransformation:
-    """GaLore-AdamW (Zhao et al. 2024, Alg. 2; official `galore_torch.GaLoreAdamW`): defaults
-    are the official code's (eps 1e-6, betas (0.9, 0.999)) and the paper's (α = 0.25, T = 200).
-    `options` go to `scale_by_lowrank` (side, projection, moments_on_refresh, stagger, fira,
-    lazy_refresh, ...). The state is a `LowRankState` (first) and the lr step count."""
+    """GaLore-AdamW (Zhao et al. 2024, Alg. 2; official `galore_torch.GaLoreAdamW`) with the
+    `LowRankOptions` defaults (the official code's and the paper's). `kwargs` are
+    `LowRankOptions` fields (rank, update_proj_gap, scale, side, fira, lazy_refresh, ...),
+    replacing those of `options`. The state is a `LowRankState` (first) and the lr step count."""
     return optax.chain(
-        scale_by_lowrank(
-            matrix_dims,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            **options,
-        ),
+        scale_by_lowrank(matrix_dims, options=options, **kwargs),
         _learning_rate_and_decay(learning_rate, weight_decay, weight_decay_mask),
     )
 
@@ -670,34 +748,59 @@ def apollo(
     learning_rate: optax.ScalarOrSchedule,
     matrix_dims: Any = None,
     *,
-    rank: int = 256,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    scaling: Literal["channel", "tensor"] = "channel",
-    norm_growth_limit: float | None = 1.01,
-    seed: int = 0,
+    scaling: Literal["channel", "tensor"] | None = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    options: LowRankOptions | None = None,
     **kwargs: Any,
 ) -> optax.GradientTransformation:
     """APOLLO (Zhu et al. 2024): random projection, low-rank Adam used only to scale the raw
     gradient per channel (`scaling="tensor"` with rank 1 is APOLLO-Mini). Matches the official
     `apollo_torch.APOLLOAdamW` (tests/train/test_lowrank_parity.py) with one convention change:
     `scale` here is the factor α itself; the official `scale` argument is α² (its code
-    multiplies by √scale), so its APOLLO-Mini `scale=128` is `scale=128 ** 0.5` here."""
+    multiplies by √scale), so its APOLLO-Mini `scale=128` is `scale=128 ** 0.5` here.
+
+    Defaults are `APOLLO_OPTIONS` (rank 256, α = 1, γ = 1.01), or `options`; `scaling` sets
+    `apollo_scaling` and `kwargs` the other `LowRankOptions` fields."""
+    if scaling is not None:
+        if "apollo_scaling" in kwargs:
+            raise TypeError("apollo() takes scaling or apollo_scaling, not both")
+        kwargs["apollo_scaling"] = scaling
     return galore(
         learning_rate,
         matrix_dims,
-        rank=rank,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        projection="random",
-        apollo_scaling=scaling,
-        norm_growth_limit=norm_growth_limit,
-        seed=seed,
-        **kwargs,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        options=_options(options, APOLLO_OPTIONS, kwargs),
     )
 
 
 # ----------------------------------------------------------------------------- sharding
+
+
+def _leaf_names(plan: _Plan, names: tuple, dims: MatrixDims | None, stored) -> _LeafState:
+    """Logical axis names of one parameter's `_LeafState` (see `state_logical_names`);
+    `stored` is its state leaf, to tell real arrays from scalar placeholders."""
+    if not plan.lowrank:
+        out = _LeafState(names, names, *((),) * 7)
+    else:
+        b, rows = dims
+        bn, rn, cn = names[:b], names[b : b + rows], names[b + rows :]
+        full, spanned = (cn, rn) if plan.side == "left" else (rn, cn)
+        moment = bn + ((None, full[0]) if plan.side == "left" else (full[0], None))
+        out = _LeafState(
+            mu=moment,
+            nu=moment,
+            projector=bn + (spanned[0], None),
+            proj_step=bn,
+            next_refresh=bn,
+            gap=bn,
+            cos_history=bn + (None,),
+            top_vector=bn + (None,),
+            residual_norm=bn,
+        )
+    # Unused bookkeeping (and a random projector) is a scalar placeholder: replicated.
+    return _LeafState(*(n if len(x.shape) else () for n, x in zip(out, stored, strict=True)))
 
 
 def state_logical_names(
@@ -706,12 +809,14 @@ def state_logical_names(
     param_logical_names: Any,
     matrix_dims: Any = None,
     *,
-    rank: int,
-    side: Side = "std",
+    rank: int | None = None,
+    side: Side | None = None,
+    options: LowRankOptions | None = None,
 ) -> Any:
     """Logical axis names for every leaf of a state that holds `LowRankState`s (from `galore`,
     `apollo` or `scale_by_lowrank` built with the same matrix_dims, rank and side). Only shapes
-    are read: pass `jax.eval_shape` results.
+    are read: pass `jax.eval_shape` results. `rank` and `side` (default "std") are read from
+    `options` unless given; one of `rank` and `options` is required.
 
     Dense moments take their parameter's names. Projected moments keep the batch (layers) names
     and the name of the major axis of their full-size side; the rank axis is unnamed. The
@@ -720,47 +825,19 @@ def state_logical_names(
     Bookkeeping ([B] counters, scalar placeholders) gets `()`: replicated.
     Returns a pytree with the state's structure and tuple leaves, for `mesh.shardings_for`.
     """
+    if rank is None and options is None:
+        raise TypeError("state_logical_names() needs rank= or options=")
+    rank = options.rank if rank is None else rank
+    side = (options.side if options is not None else "std") if side is None else side
     plans = _make_plans(params, matrix_dims, rank, side)
     treedef = jax.tree.structure(params)
     names = [tuple(n) for n in treedef.flatten_up_to(param_logical_names)]
     dims = _resolve_dims(matrix_dims, params)
 
     def for_lowrank(st: LowRankState) -> LowRankState:
-        out = {f: [] for f in LowRankState._fields[1:]}
-        for plan, nm, dm in zip(plans, names, dims, strict=True):
-            if not plan.lowrank:
-                for f in out:
-                    out[f].append(nm if f in ("mu", "nu") else ())
-                continue
-            b, rows = dm
-            bn, rn, cn = nm[:b], nm[b : b + rows], nm[b + rows :]
-            full, spanned = (cn, rn) if plan.side == "left" else (rn, cn)
-            moment = bn + ((None, full[0]) if plan.side == "left" else (full[0], None))
-            proj = bn + (spanned[0], None) if projection_stored(st, treedef, plan) else ()
-            per_field = {
-                "mu": moment,
-                "nu": moment,
-                "projector": proj,
-                "proj_step": bn,
-                "next_refresh": bn,
-                "gap": bn,
-                "cos_history": bn + (None,),
-                "top_vector": bn + (None,),
-                "residual_norm": bn,
-            }
-            for f in out:
-                out[f].append(per_field[f])
-        fixed = {}
-        for f, v in out.items():  # unused bookkeeping is a scalar placeholder
-            leaves = treedef.flatten_up_to(getattr(st, f))
-            fixed[f] = jax.tree.unflatten(
-                treedef, [n if len(x.shape) else () for n, x in zip(v, leaves, strict=True)]
-            )
-        return LowRankState(count=(), **fixed)
-
-    def projection_stored(st, td, plan) -> bool:
-        idx = plans.index(plan)
-        return len(td.flatten_up_to(st.projector)[idx].shape) > 0
+        stored = _unstack(treedef, st)
+        leaves = [_leaf_names(*a) for a in zip(plans, names, dims, stored, strict=True)]
+        return _stack(treedef, (), leaves)
 
     def walk(node):
         if isinstance(node, LowRankState):

@@ -141,8 +141,9 @@ def test_apollo_projection_of_a_matrix_is_independent_of_the_others():
 
 
 def test_svd_on_cpu_runs_lapack_single_threaded():
-    # XLA:CPU already uses every core; OpenBLAS threads on top of it made refreshes 2-200x
-    # slower and slowed the steps after them (see `limit_cpu_lapack_threads`).
+    # XLA:CPU already uses every core; OpenBLAS threads on top of it slow refreshes and the steps
+    # after them (see `limit_cpu_lapack_threads`). The trainer sets it once at start-up; the
+    # optimizer's traced update has no process-wide side effect.
     import ctypes
 
     import scipy.linalg.cython_lapack as cython_lapack
@@ -152,15 +153,39 @@ def test_svd_on_cpu_runs_lapack_single_threaded():
     lib.scipy_openblas_set_num_threads(2)
     lowrank._lapack_threads[0] = None
     tx = scale_by_lowrank({"w": MatrixDims()}, rank=2, update_proj_gap=2)
-    tx.update({"w": jnp.ones((8, 6))}, tx.init({"w": jnp.zeros((8, 6))}))
-    assert lib.scipy_openblas_get_num_threads() == 1
-    lib.scipy_openblas_set_num_threads(2)
-    lowrank._lapack_threads[0] = None
-    tx = scale_by_lowrank({"w": MatrixDims()}, rank=2, cpu_lapack_threads=None)
-    tx.update({"w": jnp.ones((8, 6))}, tx.init({"w": jnp.zeros((8, 6))}))
-    assert lib.scipy_openblas_get_num_threads() == 2  # None leaves it alone
+    state = tx.init({"w": jnp.zeros((8, 6))})
+    jax.jit(tx.update)({"w": jnp.ones((8, 6))}, state)  # traced: runs the SVD
+    tx.update({"w": jnp.ones((8, 6))}, state)
+    assert lib.scipy_openblas_get_num_threads() == 2  # the update leaves it alone
+    with pytest.raises(TypeError):
+        scale_by_lowrank({"w": MatrixDims()}, rank=2, cpu_lapack_threads=1)  # no such option
     assert lowrank.limit_cpu_lapack_threads(1)
     assert lib.scipy_openblas_get_num_threads() == 1
+
+
+def test_options_are_one_validated_dataclass():
+    from menagerie.train.lowrank import APOLLO_OPTIONS, LowRankOptions
+
+    with pytest.raises(ValueError, match="rank=0 must be a positive integer"):
+        galore(0.01, rank=0)
+    with pytest.raises(ValueError, match="update_proj_gap=0 must be > 0"):
+        LowRankOptions(update_proj_gap=0)
+    with pytest.raises(ValueError, match="fira and apollo_scaling are alternatives"):
+        apollo(0.01, fira=True)
+    assert LowRankOptions().limiter is False and LowRankOptions(stagger=True).uniform is False
+    params = {"w": jnp.zeros((2, 16, 12)), "b": jnp.zeros((12,))}
+    dims = {"w": MatrixDims(1, 1), "b": None}
+    # kwargs replace the fields of `options`; apollo starts from APOLLO_OPTIONS.
+    opts = LowRankOptions(rank=3, lazy_refresh=True, lazy_queue=4)
+    state = jax.eval_shape(galore(0.01, dims, options=opts, rank=5).init, params)
+    assert state[0].mu["w"].shape == (2, 16, 5) and state[0].cos_history["w"].shape == (2, 4)
+    state = jax.eval_shape(apollo(0.01, dims, rank=3, scaling="tensor").init, params)
+    assert state[0].projector["w"].shape == () and state[0].residual_norm["w"].shape == (2,)
+    assert APOLLO_OPTIONS.projection == "random" and APOLLO_OPTIONS.norm_growth_limit == 1.01
+    names = {"w": ("layers", "embed", "mlp"), "b": ("mlp",)}
+    by_options = lowrank.state_logical_names(state, params, names, dims, options=opts)
+    assert by_options == lowrank.state_logical_names(state, params, names, dims, rank=3)
+    assert by_options[0].mu["w"] == ("layers", "embed", None)
 
 
 def test_stagger_refreshes_one_layer_at_a_time():
