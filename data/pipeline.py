@@ -91,11 +91,18 @@ class PackedDataset:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, split: str, seq_len: int) -> PackedDataset:
-        """`auto_prepare(cfg)` then the dataset over `split`, with cfg's workers and prefetch."""
-        return cls(
-            auto_prepare(cfg), split, seq_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch
-        )
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        split: str,
+        seq_len: int,
+        *,
+        prepared_dir: str | Path | None = None,
+    ) -> PackedDataset:
+        """The dataset over `split` of `prepared_dir` (default: `auto_prepare(cfg)`), with
+        cfg's workers and prefetch."""
+        folder = auto_prepare(cfg) if prepared_dir is None else prepared_dir
+        return cls(folder, split, seq_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
 
     # -- index -> window ---------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 Models name every parameter axis logically ("embed", "mlp", "heads", ...); nothing outside this
 file knows which mesh axis a logical axis lands on. A dimension that a mesh axis does not divide
 is replicated instead (reported once), so odd vocabularies or head counts never fail to shard.
+`shardings_for` and `opt_state_shardings` are the one place that turns names into the shardings
+of the parameters and of the optimizer state.
 """
 
 from __future__ import annotations
@@ -130,13 +132,61 @@ def logical_names(state: nnx.State) -> dict:
 
 
 def shardings_for(names_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
-    """NamedSharding tree from a tree of logical names and a matching tree of shaped arrays."""
+    """NamedSharding tree with `shapes_tree`'s structure, from its shaped arrays and their names.
 
-    def one(names, x):
+    `names_tree` has the same structure down to one tuple of logical names per array (it is
+    flattened up to `shapes_tree`'s leaves, so the tuples are never taken apart). Names shorter
+    than the array's rank leave its trailing dimensions replicated; `()` replicates it.
+    """
+    shape_leaves, treedef = jax.tree.flatten(shapes_tree)
+    name_leaves = treedef.flatten_up_to(names_tree)
+    out = []
+    for names, x in zip(name_leaves, shape_leaves, strict=True):
         names = tuple(names) + (None,) * (len(x.shape) - len(names))
-        return NamedSharding(mesh, logical_to_spec(names, tuple(x.shape), mesh))
+        out.append(NamedSharding(mesh, logical_to_spec(names, tuple(x.shape), mesh)))
+    return jax.tree.unflatten(treedef, out)
 
-    return jax.tree.map(one, names_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+def opt_state_shardings(
+    abstract_opt: Any,
+    abstract_params: Any,
+    param_shardings: Any,
+    mesh: Mesh,
+    opt_names: Any | None = None,
+) -> Any:
+    """NamedSharding tree for the optimizer state `abstract_opt` (a tree of shaped arrays).
+
+    `opt_names`, when given, names every state leaf's axes (the low-rank optimizers: their
+    projected moments and projectors do not have their parameter's shape); the state is then
+    sharded by those names like the parameters. Otherwise (optax states such as Adam's mu/nu
+    hold subtrees with the parameters' structure) a leaf whose path ends with a parameter's
+    path and that has its shape gets that parameter's sharding; the rest is replicated.
+    """
+    if opt_names is not None:
+        return shardings_for(opt_names, abstract_opt, mesh)
+    param_by_path = {
+        _path_str(path): (tuple(x.shape), s)
+        for (path, x), s in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+    repl = replicated(mesh)
+
+    def pick(path, x):
+        parts = _path_str(path).split("/")
+        for n in range(len(parts)):  # the longest path suffix that names a parameter
+            hit = param_by_path.get("/".join(parts[n:]))
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

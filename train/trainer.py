@@ -32,7 +32,7 @@ from .config import RunConfig, check_mesh_fits
 from .errors import ConfigError, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
-from .optim import make_optimizer, opt_state_shardings
+from .optim import make_optimizer, opt_state_logical_names
 from .step import make_eval_step, make_train_step
 
 
@@ -73,6 +73,14 @@ class _Preemption:
 
 
 class Trainer:
+    """One training run of a `RunConfig`: the mesh, the datasets, the abstract model and the
+    shardings of its state are set up on construction (which prepares the data and the run
+    directory); `run` trains from the latest checkpoint, or from scratch, to `train.steps`.
+
+    The pieces are usable on their own: `init_state`, `abstract_state`, `jit_train_step`,
+    `jit_eval_step`, `evaluate` and `sample`, inside `context()` (mesh and axis rules).
+    """
+
     def __init__(self, cfg: RunConfig, *, start_over: bool = False, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.mesh: Mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -80,8 +88,12 @@ class Trainer:
 
         # Data first: the tokenizer fixes the model's vocabulary.
         prepared = auto_prepare(cfg.data)
-        self.train_data = PackedDataset(prepared, "train", cfg.train.seq_len)
-        self.val_data = PackedDataset(prepared, "validation", cfg.train.seq_len)
+        self.train_data = PackedDataset.from_config(
+            cfg.data, "train", cfg.train.seq_len, prepared_dir=prepared
+        )
+        self.val_data = PackedDataset.from_config(
+            cfg.data, "validation", cfg.train.seq_len, prepared_dir=prepared
+        )
         self.tokenizer = self.train_data.tokenizer
         try:
             model_cfg = cfg.model.with_vocab(self.tokenizer.vocab_size)
@@ -107,15 +119,14 @@ class Trainer:
     def _state_shardings(self, abstract_params: Any) -> dict:
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         repl = mesh_lib.replicated(self.mesh)
-        # Low-rank optimizers name their state's axes; otherwise leaves that mirror a parameter
-        # take its sharding and the rest are replicated.
-        opt_shardings = opt_state_shardings(
-            self.cfg.optim, abstract_opt, abstract_params, self.param_names, self.mesh
+        # Low-rank optimizers name their state's axes; for the others (None) the leaves that
+        # mirror a parameter take its sharding.
+        opt_names = opt_state_logical_names(
+            self.cfg.optim, abstract_opt, abstract_params, self.param_names
         )
-        if opt_shardings is None:
-            opt_shardings = _match_param_shardings(
-                abstract_opt, abstract_params, self.param_shardings, repl
-            )
+        opt_shardings = mesh_lib.opt_state_shardings(
+            abstract_opt, abstract_params, self.param_shardings, self.mesh, opt_names
+        )
         return {
             "step": repl,
             "params": self.param_shardings,
@@ -228,51 +239,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> Summary:
-        cfg, console = self.cfg, self.console
-        t = cfg.train
-        ckpt = Checkpointer(
-            self.run_dir,
-            every=cfg.checkpoint.every,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-            async_save=cfg.checkpoint.async_save,
-        )
-        restored = ckpt.restore_latest(
-            self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}")
-        )
-        if restored is None:
-            state = self.init_state()
-            start = 0
-        else:
-            state, meta = restored
-            start = int(jax.device_get(state["step"]))
-            old = meta.get("data", {})
-            if (old.get("batch_size"), old.get("seq_len"), old.get("seed")) != (
-                t.batch_size,
-                t.seq_len,
-                t.seed,
-            ):
-                console.print(
-                    "[yellow]batch size, sequence length or seed changed since the "
-                    "checkpoint: the data order from here differs from the original run"
-                )
-            console.print(f"resumed from {ckpt.directory / str(start)} (step {start})")
-
+        """Trains from the latest checkpoint (or from scratch) to `train.steps`; on SIGTERM it
+        saves at the next step boundary and returns with `summary.preempted`."""
+        cfg, t = self.cfg, self.cfg.train
+        ckpt = self._checkpointer()
+        state, start = self._restore_or_init(ckpt)
         train_step = self.jit_train_step()
         eval_step = self.jit_eval_step()
-
-        peak, peak_src = device_peak_flops()
-        n_dev = jax.device_count()
-        # On CPU the measured peak is the whole host's (simulated devices share its cores).
-        peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else n_dev
-        flops_per_token = cfg.model.flops_per_token(t.seq_len)
-        console.print(
-            f"model {cfg.model.family}: {cfg.model.num_params() / 1e6:.2f}M params, "
-            f"{flops_per_token / 1e6:.1f} MFLOP/token; {n_dev} {jax.devices()[0].platform} "
-            f"device(s), mesh {dict(self.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device "
-            f"({peak_src}); run_dir {self.run_dir}"
-        )
-
+        meter = _Throughput(t.batch_size * t.seq_len, *self._print_banner())
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard)
         summary = Summary(run_dir=self.run_dir, start_step=start, final_step=start)
         batches = self.train_data.batches(
@@ -282,82 +256,136 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
-        first_step_done = False
         step = start
         try:
-            with _Preemption() as preempt, self.context(), _progress(console, cfg, start) as bar:
+            bar = _ProgressBar(self.console, cfg, start)
+            with _Preemption() as preempt, self.context(), bar:
                 while step < t.steps:
-                    local = next(batches)
-                    state, m = train_step(state, self._global_batch(local))
+                    state, m = train_step(state, self._global_batch(next(batches)))
                     step += 1
                     m = jax.device_get(m)
-                    window_steps += 1
-                    window_tokens += t.batch_size * t.seq_len
-                    if not first_step_done:  # exclude compilation from throughput
-                        first_step_done = True
-                        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
-                    if not bool(m["finite"]):
-                        console.print(
-                            f"[yellow]step {step}: non-finite loss or gradient "
-                            f"(loss={float(m['loss'])}); update skipped"
-                        )
-                        if int(m["bad_steps"]) >= t.max_bad_steps:
-                            ckpt.wait()
-                            raise TrainingError(
-                                f"{int(m['bad_steps'])} non-finite steps in a row, the last at "
-                                f"step {step} (data batch {step - 1}); lower optim.lr or check "
-                                f"the data; the last good state is in {ckpt.directory}"
-                            )
+                    meter.add()
+                    self._check_finite(step, m, ckpt)
                     summary.last_loss = float(m["loss"])
                     bar(step, summary.last_loss)
                     if step % cfg.log.every == 0 or step == t.steps:
-                        dt = time.perf_counter() - window_t0
-                        row = {k: v for k, v in m.items() if k not in ("finite",)}
-                        if window_steps and dt > 0:
-                            tps = window_tokens / dt
-                            row.update(
-                                step_time=dt / window_steps,
-                                tokens_per_s=tps,
-                                mfu=tps * flops_per_token / (peak * peak_units),
-                            )
-                        writer.write(step, row)
-                        console.print(_format_row(step, t.steps, row))
-                        window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
+                        self._log_train(writer, step, m, meter)
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                        ev = self.evaluate(state["params"], eval_step)
-                        writer.write(step, ev, kind="eval")
-                        console.print(
-                            f"eval  step {step}: loss {ev['loss']:.4f}  "
-                            f"bits/byte {ev['bits_per_byte']:.4f}"
-                        )
-                        window_t0 = time.perf_counter()
+                        self._log_eval(writer, step, self.evaluate(state["params"], eval_step))
+                        meter.restart_clock()
                     ckpt.save(step, state, self._meta(step))
                     if preempt.requested:
                         ckpt.save(step, state, self._meta(step), force=True)
                         ckpt.wait()
-                        console.print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+                        self.console.print(
+                            f"SIGTERM: saved step {step} to {ckpt.directory}; exiting"
+                        )
                         summary.preempted = True
                         break
             summary.final_step = step
             summary.skipped_steps = int(jax.device_get(state["skipped"]))
             if not summary.preempted:
-                ckpt.save(step, state, self._meta(step), force=True)
-                if t.eval_batches:
-                    with self.context():
-                        summary.eval = self.evaluate(state["params"], eval_step)
-                    writer.write(step, summary.eval, kind="eval")
-                    console.print(
-                        f"eval  step {step}: loss {summary.eval['loss']:.4f}  "
-                        f"bits/byte {summary.eval['bits_per_byte']:.4f}"
-                    )
-                if t.sample_tokens and jax.process_count() == 1:  # single-process sampler
-                    summary.sample = self.sample(state["params"])
+                self._finish(ckpt, writer, state, eval_step, summary)
             ckpt.wait()
         finally:
             ckpt.close()
             writer.close()
         return summary
+
+    def _checkpointer(self) -> Checkpointer:
+        c = self.cfg.checkpoint
+        return Checkpointer(
+            self.run_dir,
+            every=c.every,
+            keep_last=c.keep_last,
+            keep_every=c.keep_every,
+            async_save=c.async_save,
+        )
+
+    def _restore_or_init(self, ckpt: Checkpointer) -> tuple[dict, int]:
+        """The latest readable checkpoint's state and step, else a fresh state at step 0."""
+        t, console = self.cfg.train, self.console
+        restored = ckpt.restore_latest(
+            self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}")
+        )
+        if restored is None:
+            return self.init_state(), 0
+        state, meta = restored
+        start = int(jax.device_get(state["step"]))
+        old = meta.get("data", {})
+        if (old.get("batch_size"), old.get("seq_len"), old.get("seed")) != (
+            t.batch_size,
+            t.seq_len,
+            t.seed,
+        ):
+            console.print(
+                "[yellow]batch size, sequence length or seed changed since the "
+                "checkpoint: the data order from here differs from the original run"
+            )
+        console.print(f"resumed from {ckpt.directory / str(start)} (step {start})")
+        return state, start
+
+    def _print_banner(self) -> tuple[float, float]:
+        """Prints the model, devices and peak FLOP/s; returns (FLOPs per token, the peak FLOP/s
+        that MFU divides by)."""
+        cfg = self.cfg
+        peak, peak_src = device_peak_flops()
+        n_dev = jax.device_count()
+        # On CPU the measured peak is the whole host's (simulated devices share its cores).
+        peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else n_dev
+        flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
+        self.console.print(
+            f"model {cfg.model.family}: {cfg.model.num_params() / 1e6:.2f}M params, "
+            f"{flops_per_token / 1e6:.1f} MFLOP/token; {n_dev} {jax.devices()[0].platform} "
+            f"device(s), mesh {dict(self.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device "
+            f"({peak_src}); run_dir {self.run_dir}"
+        )
+        return flops_per_token, peak * peak_units
+
+    def _check_finite(self, step: int, m: dict, ckpt: Checkpointer) -> None:
+        """Reports a skipped non-finite step; TrainingError after `max_bad_steps` in a row."""
+        if bool(m["finite"]):
+            return
+        self.console.print(
+            f"[yellow]step {step}: non-finite loss or gradient "
+            f"(loss={float(m['loss'])}); update skipped"
+        )
+        if int(m["bad_steps"]) >= self.cfg.train.max_bad_steps:
+            ckpt.wait()
+            raise TrainingError(
+                f"{int(m['bad_steps'])} non-finite steps in a row, the last at "
+                f"step {step} (data batch {step - 1}); lower optim.lr or check "
+                f"the data; the last good state is in {ckpt.directory}"
+            )
+
+    def _log_train(self, writer: MetricsWriter, step: int, m: dict, meter: _Throughput) -> None:
+        """One train metrics row (the step's metrics and the window's throughput); restarts
+        the window."""
+        row = {k: v for k, v in m.items() if k not in ("finite",)}
+        row.update(meter.row())
+        writer.write(step, row)
+        self.console.print(_format_row(step, self.cfg.train.steps, row))
+        meter.reset()
+
+    def _log_eval(self, writer: MetricsWriter, step: int, ev: dict[str, float]) -> None:
+        writer.write(step, ev, kind="eval")
+        self.console.print(
+            f"eval  step {step}: loss {ev['loss']:.4f}  bits/byte {ev['bits_per_byte']:.4f}"
+        )
+
+    def _finish(
+        self, ckpt: Checkpointer, writer: MetricsWriter, state: dict, eval_step, summary: Summary
+    ) -> None:
+        """After the last step of a run that was not preempted: the final checkpoint, the final
+        eval and the sample."""
+        t, step = self.cfg.train, summary.final_step
+        ckpt.save(step, state, self._meta(step), force=True)
+        if t.eval_batches:
+            with self.context():
+                summary.eval = self.evaluate(state["params"], eval_step)
+            self._log_eval(writer, step, summary.eval)
+        if t.sample_tokens and jax.process_count() == 1:  # single-process sampler
+            summary.sample = self.sample(state["params"])
 
     def sample(self, params: Any) -> str:
         t = self.cfg.train
@@ -376,42 +404,41 @@ class Trainer:
         return t.sample_prompt + self.tokenizer.decode(ids)
 
 
-def _match_param_shardings(
-    abstract_opt: Any, abstract_params: Any, param_shardings: Any, default: Any
-) -> Any:
-    """Shard optimizer-state leaves like the parameter they mirror.
+class _Throughput:
+    """Step time, tokens/s and MFU over a window of steps; the run's first step (it compiles)
+    is left out. `reset` starts a new window, `add` counts one step."""
 
-    optax states (Adam mu/nu, ...) hold subtrees with the parameters' structure; a leaf whose
-    path ends with a parameter's path and has its shape gets that parameter's sharding.
-    """
-    param_by_path = {
-        _path_key(path): (x.shape, s)
-        for (path, x), s in zip(
-            jax.tree_util.tree_leaves_with_path(abstract_params),
-            jax.tree.leaves(param_shardings),
-            strict=True,
-        )
-    }
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.first_step_done = False
+        self.reset()
 
-    def pick(path, x):
-        key = _path_key(path)
-        for n in range(len(key)):
-            hit = param_by_path.get(key[n:])
-            if hit is not None and tuple(hit[0]) == tuple(x.shape):
-                return hit[1]
-        return default
+    def reset(self) -> None:
+        self.t0, self.steps, self.tokens = time.perf_counter(), 0, 0
 
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+    def restart_clock(self) -> None:
+        """Leaves the time since `t0` out of the window (an eval); the steps counted stay."""
+        self.t0 = time.perf_counter()
 
+    def add(self) -> None:
+        self.steps += 1
+        self.tokens += self.tokens_per_step
+        if not self.first_step_done:
+            self.first_step_done = True
+            self.reset()
 
-def _path_key(path) -> tuple:
-    out = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                out.append(getattr(p, attr))
-                break
-    return tuple(out)
+    def row(self) -> dict[str, float]:
+        """step_time (s), tokens_per_s and mfu of the window; empty if it holds no steps."""
+        dt = time.perf_counter() - self.t0
+        if not (self.steps and dt > 0):
+            return {}
+        tps = self.tokens / dt
+        return {
+            "step_time": dt / self.steps,
+            "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / self.peak_flops,
+        }
 
 
 def _format_row(step: int, total: int, row: dict) -> str:
@@ -430,7 +457,7 @@ def _format_row(step: int, total: int, row: dict) -> str:
     return "  ".join(parts)
 
 
-class _progress:
+class _ProgressBar:
     """A rich progress bar on a terminal; nothing otherwise (log lines carry the numbers)."""
 
     def __init__(self, console: Console, cfg: RunConfig, start: int):

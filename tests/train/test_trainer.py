@@ -166,3 +166,24 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
         r"\(data batch \d+\)",
     ):
         Trainer(cfg).run()
+
+
+def test_data_workers_and_prefetch_reach_the_datasets_and_keep_the_data_order(tmp_path):
+    """`data.num_workers` and `data.prefetch` configure the trainer's datasets; the batches the
+    run reads do not depend on them."""
+
+    def trainer_and_batches(name: str, *overrides: str):
+        trainer = Trainer(load_config(TINY, [f"run_dir={tmp_path / name}", *overrides]))
+        t = trainer.cfg.train
+        it = trainer.train_data.batches(t.batch_size, seed=t.seed, start_step=2)
+        return trainer, [next(it) for _ in range(3)]
+
+    threaded, got = trainer_and_batches("threaded", "data.num_workers=2", "data.prefetch=0")
+    for ds in (threaded.train_data, threaded.val_data):
+        assert (ds.num_workers, ds.prefetch) == (2, 0)
+    serial, want = trainer_and_batches("serial", "data.num_workers=0")
+    assert (serial.train_data.num_workers, serial.train_data.prefetch) == (0, 2)
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
