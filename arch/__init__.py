@@ -1,30 +1,53 @@
 """menagerie.arch: model code (Flax NNX modules, their configs, parameter and FLOP counts).
 
-cfg = ModelConfig(d_model=512).with_vocab(tokenizer.vocab_size)
-model = build(cfg, rngs=nnx.Rngs(0))
-out = model(tokens_BT, positions=positions_BT, segment_ids=segment_ids_BT)  # -> Output
+    cfg = TransformerConfig(d_model=512, mixer=AttentionConfig(n_heads=8)).with_vocab(50257)
+    model = build(cfg, rngs=nnx.Rngs(0))
+    out = model(tokens_BT, Ctx.make(tokens_BT, segment_ids=segment_ids_BT))  # -> Output
+
+Families subclass `ModelConfig` (key `family`), parts subclass a slot of `arch.parts` (key
+`kind`); defining the class registers it. Importing this package registers the built-in ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from flax import nnx
+from . import axes
+from .attention import Attention, AttentionConfig
+from .config import Choice, Config, ModelConfig
+from .lm_head import LMHead, LMHeadConfig
+from .parts import Ctx, FFNConfig, HeadConfig, MixerConfig, Output, PartConfig
+from .swiglu import SwiGLU, SwiGLUConfig
+from .transformer import Transformer, TransformerConfig
 
-from .config import ModelConfig
-from .transformer import FFNS, HEADS, MIXERS, Output, Transformer
 
-# family -> constructor(cfg, *, rngs); new architectures (megalodon, ...) register here.
-FAMILIES: dict[str, Callable[..., nnx.Module]] = {"transformer": Transformer}
-
-
-def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Build the model for `cfg.family`; `cfg.vocab_size` must be resolved (`with_vocab`)."""
+def build(cfg: ModelConfig, *, rngs: Any) -> Any:
+    """Build the model of `cfg`'s family; `cfg.vocab_size` must be resolved (`with_vocab`)."""
     if cfg.vocab_size is None:
         raise ValueError(
             "model.vocab_size is None; call cfg.with_vocab(tokenizer_vocab_size) before build()"
         )
-    return FAMILIES[cfg.family](cfg, rngs=rngs)
+    return cfg.build(rngs=rngs)
 
 
-__all__ = ["FAMILIES", "FFNS", "HEADS", "MIXERS", "ModelConfig", "Output", "Transformer", "build"]
+__all__ = [
+    "Attention",
+    "AttentionConfig",
+    "Choice",
+    "Config",
+    "Ctx",
+    "FFNConfig",
+    "HeadConfig",
+    "LMHead",
+    "LMHeadConfig",
+    "MixerConfig",
+    "ModelConfig",
+    "Output",
+    "PartConfig",
+    "SwiGLU",
+    "SwiGLUConfig",
+    "Transformer",
+    "TransformerConfig",
+    "axes",
+    "build",
+]

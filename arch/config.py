@@ -1,157 +1,160 @@
-"""Model configuration: one typed, validated pydantic model with parameter and FLOP counts.
+"""Config classes that are their own registry, and the model config every family extends.
 
-`ModelConfig` is the `model:` section of a run config. Fields left at `None` resolve to the
-Llama defaults through the properties (`kv_heads`, `dim_head`, `ffn_dim`, `padded_vocab`).
+A *choice* is a config slot with several implementations: the model family, each part of a
+block (mixer, FFN, head), the optimizer. Its base class subclasses `Choice`; each implementation
+subclasses that base and gives its key field (`family`, `kind`, `name`) a `Literal` default.
+Defining the class registers it: a YAML mapping in that slot is validated as the subclass its key
+names, so a part written in any file (even outside this package, see `RunConfig.imports`) is
+selectable from YAML with no central list to edit. A bare string is shorthand for its key:
+`ffn: swiglu` is `ffn: {kind: swiglu}`; a mapping without the key takes the slot's default.
+
+`ModelConfig` is the `model:` slot: the fields every family shares (vocabulary, width, depth,
+dtypes, remat, scanning) plus `with_vocab`, `num_params` and `flops_per_token`, which each family
+computes by summing its parts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
-from pydantic import Field
+from pydantic import ConfigDict
 
 DType = Literal["float32", "bfloat16"]
 
 
-def _round_up(x: int, multiple: int) -> int:
+def check_positive(cfg: pydantic.BaseModel, prefix: str, ints=(), floats=()) -> None:
+    """ValueError "prefix.name=value must be ..." for the first non-positive field named."""
+    for name in ints:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{prefix}{name}={value} must be a positive integer")
+    for name in floats:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{prefix}{name}={value} must be positive")
+
+
+def round_up(x: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= x."""
     return multiple * math.ceil(x / multiple)
 
 
-class ModelConfig(pydantic.BaseModel):
-    """Architecture of a language model (the baseline is a Llama-style decoder)."""
+class Config(pydantic.BaseModel):
+    """Strict, frozen config: unknown keys, NaN and infinities are errors; each field has an
+    attribute docstring; nested choice fields without their key take the default's key."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    family: Literal["transformer"] = Field(
-        "transformer", description="Model family; `arch.build` dispatches on it."
-    )
-    vocab_size: int | None = Field(
-        None,
-        description="Rows of the embedding table. None: the tokenizer's size rounded up to "
-        "`vocab_multiple`, filled in by `with_vocab(tokenizer_vocab)` before building.",
-    )
-    vocab_multiple: int = Field(
-        128,
-        description="Multiple the resolved vocabulary is rounded up to (MXU/tensor-core tiles).",
-    )
-    d_model: int = Field(256, description="Width of the residual stream.")
-    n_layers: int = Field(4, description="Number of blocks.")
-    n_heads: int = Field(4, description="Number of query heads.")
-    n_kv_heads: int | None = Field(
-        None, description="Number of key/value heads (GQA). None: n_heads (multi-head attention)."
-    )
-    head_dim: int | None = Field(
-        None, description="Width of one attention head. None: d_model // n_heads."
-    )
-    mlp_dim: int | None = Field(
-        None,
-        description="Hidden width of the FFN. None: Llama rule, 8/3 * d_model rounded up to "
-        "`mlp_multiple`.",
-    )
-    mlp_multiple: int = Field(256, description="Multiple the default mlp_dim is rounded up to.")
-    rope_theta: float = Field(10000.0, description="RoPE base wavelength.")
-    norm_eps: float = Field(1e-5, description="Epsilon of RMSNorm.")
-    tie_embeddings: bool = Field(
-        True, description="Use the embedding table as the LM-head matrix (no separate head)."
-    )
-    init_std: float = Field(0.02, description="Std of the normal init of all matrices.")
-    param_dtype: DType = Field("float32", description="dtype parameters are stored in.")
-    compute_dtype: DType = Field(
-        "float32",
-        description="dtype of matmul inputs and activations. Norm statistics, softmax and logits "
-        "are always float32.",
-    )
-    remat: Literal["none", "full", "dots"] = Field(
-        "none",
-        description="Rematerialisation of each block in the backward pass: none (save all), full "
-        "(save only the block input), dots (save matmul outputs without batch dims, "
-        "jax.checkpoint_policies.dots_with_no_batch_dims_saveable).",
-    )
-    scan_layers: bool = Field(
-        True,
-        description="Stack blocks with nnx.scan (compile time independent of depth); False: a "
-        "Python loop (easier to debug, per-layer params).",
-    )
-    mixer: Literal["attention"] = Field(
-        "attention", description="Sequence mixer part (key of arch.transformer.MIXERS)."
-    )
-    ffn: Literal["swiglu"] = Field("swiglu", description="FFN part (key of arch.transformer.FFNS).")
-    head: Literal["lm"] = Field(
-        "lm", description="Output head part (key of arch.transformer.HEADS)."
-    )
-    attention_impl: Literal["xla", "cudnn"] = Field(
-        "xla",
-        description="xla: einsum attention (any backend). cudnn: jax.nn.dot_product_attention "
-        "with the cuDNN fused kernel (GPU only, bf16 compute).",
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
     )
 
-    # ---- validation ---------------------------------------------------------------------
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_choice_keys(cls, data: Any) -> Any:
+        return default_choice_keys(cls, data)
+
+
+def default_choice_keys(cls: type[pydantic.BaseModel], data: Any) -> Any:
+    """`data` with the key of every choice field given as a mapping without it filled from the
+    field's default (`model: {d_model: 64}` keeps the default family)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name, field in cls.model_fields.items():
+        default, value = field.default, data.get(name)
+        if isinstance(default, Choice) and isinstance(value, dict) and default.key not in value:
+            data[name] = {default.key: getattr(default, default.key), **value}
+    return data
+
+
+class Choice(Config):
+    """Base of a choice slot. A slot base sets `choices = {}` and `key`; its subclasses register
+    themselves under the `Literal` default of their key field."""
+
+    key: ClassVar[str] = "kind"
+    choices: ClassVar[dict[str, type[Choice]]]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get(cls.key)
+        value = None if field is None else field.default
+        if isinstance(value, str):
+            registry = cls.slot().choices
+            if value in registry and registry[value].__qualname__ != cls.__qualname__:
+                raise TypeError(
+                    f"{cls.slot().__name__} '{value}' is taken by {registry[value].__qualname__}"
+                )
+            registry[value] = cls
+
+    @classmethod
+    def slot(cls) -> type[Choice]:
+        """The slot base class (the nearest class that declares `choices`)."""
+        return next(c for c in cls.__mro__ if "choices" in c.__dict__)
+
+    @classmethod
+    def choice_for(cls, value: Any) -> type[Choice]:
+        """The registered class a raw mapping (or key string) selects; ValueError if none."""
+        name = value.get(cls.key) if isinstance(value, dict) else value
+        registry = cls.slot().choices
+        if name not in registry:
+            known = ", ".join(sorted(registry))
+            raise ValueError(f"unknown {cls.key} {name!r}; choose one of: {known}")
+        return registry[name]
+
+    @pydantic.model_validator(mode="wrap")
+    @classmethod
+    def _dispatch(cls, value: Any, handler: Any) -> Any:
+        if cls is cls.slot() and isinstance(value, str | dict):
+            raw = {cls.key: value} if isinstance(value, str) else value
+            return cls.choice_for(raw).model_validate(raw)
+        return handler(value)
+
+
+class ModelConfig(Choice):
+    """The `model:` section: what every family shares. Families subclass it (`family` key)."""
+
+    key: ClassVar[str] = "family"
+    choices: ClassVar[dict[str, type[Choice]]] = {}
+    # Keys of older configs that a family moved; `train.config` turns them into one line.
+    moved_keys: ClassVar[dict[str, str]] = {}
+
+    family: str
+    """Model family; `arch.build` builds the registered family of this name."""
+    vocab_size: int | None = None
+    """Rows of the embedding table. None: the tokenizer's size rounded up to `vocab_multiple`,
+    filled in by `with_vocab(tokenizer_vocab)` before building."""
+    vocab_multiple: int = 128
+    """Multiple the resolved vocabulary is rounded up to (MXU/tensor-core tiles)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of blocks."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMS norms."""
+    tie_embeddings: bool = True
+    """Use the embedding table as the LM-head matrix (no separate head matrix)."""
+    init_std: float = 0.02
+    """Std of the normal init of all matrices."""
+    param_dtype: DType = "float32"
+    """dtype parameters are stored in."""
+    compute_dtype: DType = "float32"
+    """dtype of matmul inputs and activations. Norm statistics, softmax and logits are always
+    float32."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Rematerialisation of each block in the backward pass: none (save all), full (save only
+    the block input), dots (save matmul outputs without batch dims,
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable)."""
+    scan_layers: bool = True
+    """Stack blocks with nnx.scan (compile time independent of depth); False: a Python loop
+    (easier to debug, per-layer params)."""
 
     @pydantic.model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        for name in (
-            "vocab_size",
-            "vocab_multiple",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "head_dim",
-            "mlp_dim",
-            "mlp_multiple",
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"model.{name}={value} must be a positive integer")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"model.{name}={value} must be positive")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            divisors = ", ".join(
-                str(h) for h in range(1, self.d_model + 1) if self.d_model % h == 0
-            )
-            raise ValueError(
-                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
-                f"choose n_heads from {divisors} or set model.head_dim"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"model.n_kv_heads={self.n_kv_heads} does not divide "
-                f"model.n_heads={self.n_heads}; GQA needs n_heads to be a multiple of n_kv_heads"
-            )
-        if self.dim_head % 2:
-            raise ValueError(
-                f"model head dim={self.dim_head} is odd; RoPE rotates pairs, so set an even "
-                "model.head_dim (or d_model/n_heads even)"
-            )
+    def _check_sizes(self) -> ModelConfig:
+        ints = ("vocab_size", "vocab_multiple", "d_model", "n_layers")
+        check_positive(self, "model.", ints=ints, floats=("norm_eps", "init_std"))
         return self
-
-    # ---- resolved sizes -----------------------------------------------------------------
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (n_kv_heads or n_heads)."""
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads sharing one key/value head (G in [B,T,K,G,D])."""
-        return self.n_heads // self.kv_heads
-
-    @property
-    def dim_head(self) -> int:
-        """Width of one attention head (head_dim or d_model // n_heads)."""
-        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
-
-    @property
-    def ffn_dim(self) -> int:
-        """FFN hidden width: mlp_dim, or Llama's 8/3 d_model rounded up to mlp_multiple."""
-        if self.mlp_dim is not None:
-            return self.mlp_dim
-        return _round_up(int(8 * self.d_model / 3), self.mlp_multiple)
 
     @property
     def padded_vocab(self) -> int:
@@ -171,7 +174,7 @@ class ModelConfig(pydantic.BaseModel):
         """
         if self.vocab_size is None:
             return self.model_copy(
-                update={"vocab_size": _round_up(tokenizer_vocab, self.vocab_multiple)}
+                update={"vocab_size": round_up(tokenizer_vocab, self.vocab_multiple)}
             )
         if self.vocab_size < tokenizer_vocab:
             raise ValueError(
@@ -180,42 +183,33 @@ class ModelConfig(pydantic.BaseModel):
             )
         return self
 
-    resolved = with_vocab  # the trainer's spelling
+    # ---- what each family provides ----------------------------------------------------------
 
-    # ---- counts -------------------------------------------------------------------------
-
-    def _layer_matmul_params(self) -> int:
-        d, h, k, hd, f = self.d_model, self.n_heads, self.kv_heads, self.dim_head, self.ffn_dim
-        attention = d * h * hd + 2 * d * k * hd + h * hd * d  # q, k, v, o
-        ffn = 3 * d * f  # SwiGLU: gate, up, down
-        return attention + ffn
+    def build(self, *, rngs: Any) -> Any:
+        """The NNX model of this config (`arch.build` checks the vocabulary first)."""
+        raise NotImplementedError(f"family {self.family!r} does not define build()")
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact number of parameters of the built model.
-
-        Counts, per layer, the q/k/v/o and SwiGLU gate/up/down matrices and the two RMSNorm
-        scales; then the final RMSNorm scale, the embedding table and, when untied, the LM-head
-        matrix. With `include_embeddings=False` the vocabulary-sized matrices (embedding table
-        and untied LM head) are left out (the "non-embedding" N of scaling laws).
-        """
-        d, v = self.d_model, self.padded_vocab
-        per_layer = self._layer_matmul_params() + 2 * d
-        n = self.n_layers * per_layer + d
-        if include_embeddings:
-            n += v * d * (1 if self.tie_embeddings else 2)
-        return n
+        """Exact number of parameters of the built model. Without embeddings, the
+        vocabulary-sized matrices (embedding table, untied LM head) are left out: the
+        "non-embedding" N of scaling laws."""
+        raise NotImplementedError(f"family {self.family!r} does not define num_params()")
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward = 3x forward) per token at context `seq_len`.
+        """Training FLOPs (forward + backward) per token at context `seq_len`."""
+        raise NotImplementedError(f"family {self.family!r} does not define flops_per_token()")
 
-        6 * (matmul parameters of all layers + the LM-head matmul d_model*vocab, which counts
-        also when tied; the embedding lookup and norms count nothing)
-        + attention 6 * n_layers * seq_len * n_heads * head_dim: QK^T and AV are 2 matmuls of
-        2 * seq_len * head_dim FLOPs per head per token, times 3 for fwd+bwd = 12 * ..., halved
-        because causal attention needs only the lower triangle (MaxText convention).
-        """
-        matmul_params = (
-            self.n_layers * self._layer_matmul_params() + self.d_model * self.padded_vocab
-        )
-        attention = 6 * self.n_layers * seq_len * self.n_heads * self.dim_head
-        return float(6 * matmul_params + attention)
+
+def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `model:` mapping of an older menagerie with moved keys put where they live now (used to
+    compare a run folder's saved config with today's; user YAML gets an error instead)."""
+    family = ModelConfig.choices.get(raw.get("family", "transformer"))
+    moved = {} if family is None else family.moved_keys
+    out = {k: v for k, v in raw.items() if k not in moved}
+    for old, new in moved.items():
+        parent, leaf = new.split(".")
+        if isinstance(out.get(parent), str):  # old `mixer: attention` -> {kind: attention}
+            out[parent] = {"kind": out[parent]}
+        if old in raw:
+            out.setdefault(parent, {})[leaf] = raw[old]
+    return out

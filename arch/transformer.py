@@ -1,190 +1,124 @@
-"""Decoder-only transformer assembled from parts (mixer, FFN, head) chosen by ModelConfig.
+"""The transformer family: a decoder assembled from a mixer, an FFN and a head chosen by config.
 
 Baseline = Llama: pre-RMSNorm blocks x + mixer(norm(x)), x + ffn(norm(x)), RoPE attention,
-SwiGLU FFN, final RMSNorm, (tied) LM head. New parts register in MIXERS / FFNS / HEADS.
+SwiGLU FFN, final RMSNorm, (tied) LM head. Any registered part fits its slot (`arch.parts`).
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any, ClassVar, Literal
 
 import jax
-import jax.numpy as jnp
-from flax import nnx, struct
+import pydantic
+from flax import nnx
 
+from .attention import AttentionConfig
 from .config import ModelConfig
-from .layers import (
-    ACT_EMBED,
-    BATCH,
-    SEQ,
-    Attention,
-    Aux,
-    Embed,
-    LMHead,
-    RMSNorm,
-    SwiGLU,
-    constrain,
-    dtype_of,
-)
-
-MIXERS: dict[str, type[nnx.Module]] = {"attention": Attention}
-FFNS: dict[str, type[nnx.Module]] = {"swiglu": SwiGLU}
-HEADS: dict[str, type[nnx.Module]] = {"lm": LMHead}
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing but the block input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from .layers import ACT_EMBED, BATCH, SEQ, Embed, constrain, dtype_of, rms_norm
+from .lm_head import LMHeadConfig
+from .parts import Aux, Ctx, FFNConfig, HeadConfig, MixerConfig, Output, reduce_aux
+from .stack import run_layers, stack_layers
+from .swiglu import SwiGLUConfig
 
 
-@struct.dataclass
-class Output:
-    """What every model returns (a pytree).
+class TransformerConfig(ModelConfig):
+    """A pre-norm decoder: n_layers blocks of mixer and FFN, a final norm and a head."""
 
-    logits: [B,T,V] float32. aux_loss: float32 scalar the trainer adds to the LM loss (0 for
-    the baseline). metrics: dict of float32 scalars to log (empty for the baseline).
-    """
+    family: Literal["transformer"] = "transformer"
+    """Selects this family."""
+    mixer: pydantic.SerializeAsAny[MixerConfig] = AttentionConfig()
+    """Sequence mixer part (`kind` picks it: attention, ...)."""
+    ffn: pydantic.SerializeAsAny[FFNConfig] = SwiGLUConfig()
+    """FFN part (`kind` picks it: swiglu, ...)."""
+    head: pydantic.SerializeAsAny[HeadConfig] = LMHeadConfig()
+    """Output head part (`kind` picks it: lm, ...)."""
 
-    logits: jax.Array
-    aux_loss: jax.Array
-    metrics: dict[str, jax.Array]
+    moved_keys: ClassVar[dict[str, str]] = {
+        "n_heads": "mixer.n_heads",
+        "n_kv_heads": "mixer.n_kv_heads",
+        "head_dim": "mixer.head_dim",
+        "rope_theta": "mixer.rope_theta",
+        "attention_impl": "mixer.impl",
+        "mlp_dim": "ffn.hidden_dim",
+        "mlp_multiple": "ffn.hidden_multiple",
+    }
 
+    @pydantic.model_validator(mode="after")
+    def _check_parts(self) -> TransformerConfig:
+        for part in self.parts():
+            part.check(self)
+        return self
 
-def reduce_aux(aux: Aux, prefix: str, stacked: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Split a part's aux dict into (aux_loss, metrics "prefix/key").
+    def parts(self) -> tuple[Any, ...]:
+        return (self.mixer, self.ffn, self.head)
 
-    With `stacked` (outputs of a layer scan, leading axis = layers) "aux_loss" is summed over
-    layers and metrics are averaged over layers; "aux_loss" is also logged, as that sum.
-    """
-    loss = jnp.zeros((), jnp.float32)
-    metrics = {}
-    for key, value in aux.items():
-        value = value.astype(jnp.float32)
-        if key == "aux_loss":
-            value = jnp.sum(value) if stacked else value
-            loss = loss + value
-        elif stacked:
-            value = jnp.mean(value, axis=0)
-        metrics[f"{prefix}/{key}"] = value
-    return loss, metrics
+    def build(self, *, rngs: nnx.Rngs) -> Transformer:
+        return Transformer(self, rngs=rngs)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Embedding V D + per layer (two norm scales 2 D + mixer + FFN) + final norm D + head."""
+        d, v = self.d_model, self.padded_vocab
+        per_layer = 2 * d + self.mixer.num_params(self) + self.ffn.num_params(self)
+        n = v * d + self.n_layers * per_layer + d + self.head.num_params(self)
+        if not include_embeddings:
+            n -= v * d + self.head.embedding_params(self)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """n_layers * (mixer + FFN) + head; the embedding lookup and norms count nothing."""
+        layer = self.mixer.flops_per_token(self, seq_len) + self.ffn.flops_per_token(self, seq_len)
+        return float(self.n_layers * layer + self.head.flops_per_token(self, seq_len))
 
 
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x)). Returns (x_BTD, aux) with aux keys
-    prefixed "mixer/" and "ffn/"."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)). Returns (x_BTD, {"mixer": aux, "ffn": aux})."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        norm = functools.partial(
-            RMSNorm,
-            cfg.d_model,
-            eps=cfg.norm_eps,
-            param_dtype=dtype_of(cfg.param_dtype),
-            compute_dtype=dtype_of(cfg.compute_dtype),
-            rngs=rngs,
-        )
-        self.mixer_norm = norm()
-        self.mixer = MIXERS[cfg.mixer](cfg, rngs=rngs)
-        self.ffn_norm = norm()
-        self.ffn = FFNS[cfg.ffn](cfg, rngs=rngs)
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.mixer_norm = rms_norm(cfg, rngs=rngs)
+        self.mixer = cfg.mixer.build(cfg, rngs=rngs)
+        self.ffn_norm = rms_norm(cfg, rngs=rngs)
+        self.ffn = cfg.ffn.build(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, *, positions, segment_ids) -> tuple[jax.Array, Aux]:
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         with jax.named_scope("block"):
-            y_BTD, mixer_aux = self.mixer(
-                self.mixer_norm(x_BTD), positions=positions, segment_ids=segment_ids
-            )
+            y_BTD, mixer_aux = self.mixer(self.mixer_norm(x_BTD), ctx)
             x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
-            y_BTD, ffn_aux = self.ffn(
-                self.ffn_norm(x_BTD), positions=positions, segment_ids=segment_ids
-            )
+            y_BTD, ffn_aux = self.ffn(self.ffn_norm(x_BTD), ctx)
             x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
-        aux = {f"mixer/{k}": v for k, v in mixer_aux.items()}
-        aux.update({f"ffn/{k}": v for k, v in ffn_aux.items()})
-        return x_BTD, aux
-
-
-def _apply_block(block: Block, x_BTD, positions, segment_ids):
-    return block(x_BTD, positions=positions, segment_ids=segment_ids)
+        return x_BTD, {"mixer": mixer_aux, "ffn": ffn_aux}
 
 
 class Transformer(nnx.Module):
     """Embed -> n_layers Blocks (scanned or looped) -> final RMSNorm -> head."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         self.embed = Embed(
             cfg.padded_vocab,
             cfg.d_model,
             std=cfg.init_std,
-            param_dtype=pdt,
-            compute_dtype=cdt,
+            param_dtype=dtype_of(cfg.param_dtype),
+            compute_dtype=dtype_of(cfg.compute_dtype),
             rngs=rngs,
         )
-        if cfg.scan_layers:
+        self.blocks = stack_layers(lambda rngs: Block(cfg, rngs=rngs), cfg, rngs=rngs)
+        self.final_norm = rms_norm(cfg, rngs=rngs)
+        self.head = cfg.head.build(cfg, rngs=rngs)
 
-            @nnx.split_rngs(splits=cfg.n_layers)
-            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs)
-
-            self.blocks = make_blocks(rngs)
-        else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(
-            cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, compute_dtype=cdt, rngs=rngs
-        )
-        self.head = HEADS[cfg.head](cfg, rngs=rngs)
-
-    def _run_blocks(self, x_BTD, positions, segment_ids) -> tuple[jax.Array, Aux]:
-        """Apply all blocks; aux values come back stacked over layers [L]."""
-        cfg = self.cfg
-        block_fn = _apply_block
-        if cfg.remat != "none":
-            # prevent_cse=False is safe (and faster) inside scan, which already stops CSE.
-            block_fn = nnx.remat(
-                block_fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
-            )
-        if cfg.scan_layers:
-
-            @nnx.scan(
-                in_axes=(0, nnx.Carry, None, None),
-                out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            def scan_fn(block, x, positions, segment_ids):
-                return block_fn(block, x, positions, segment_ids)
-
-            x_BTD, aux = scan_fn(self.blocks, x_BTD, positions, segment_ids)
-            return x_BTD, aux
-        auxes = []
-        for block in self.blocks:
-            x_BTD, aux = block_fn(block, x_BTD, positions, segment_ids)
-            auxes.append(aux)
-        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else {}
-        return x_BTD, aux
-
-    def __call__(self, tokens_BT, *, positions=None, segment_ids=None) -> Output:
-        """tokens [B,T] int32; positions [B,T] int32 (default arange(T)); segment_ids [B,T]
-        int32 (default all ones = one document per row; tokens attend only within their
-        segment). Returns Output(logits [B,T,V] float32, aux_loss, metrics)."""
-        b, t = tokens_BT.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
+    def __call__(self, tokens_BT: jax.Array, ctx: Ctx | None = None, **ctx_fields) -> Output:
+        """tokens [B,T] int32 and a `Ctx` (or its fields as keywords: positions default to
+        arange(T), segment_ids to ones = one document per row). Returns Output(logits [B,T,V]
+        float32, aux_loss, metrics)."""
+        ctx = Ctx.make(tokens_BT, **ctx_fields) if ctx is None else ctx
         with jax.named_scope("embed"):
             x_BTD = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
-        x_BTD, block_aux = self._run_blocks(x_BTD, positions, segment_ids)
+        x_BTD, block_aux = run_layers(self.blocks, x_BTD, ctx, self.cfg)
         x_BTD = self.final_norm(x_BTD)
-        logits_BTV, head_aux = self.head(
-            x_BTD, embed=self.embed, positions=positions, segment_ids=segment_ids
+        logits_BTV, head_aux = self.head(x_BTD, ctx, embed=self.embed)
+        block_loss, block_metrics = reduce_aux(block_aux, stacked=True)
+        head_loss, head_metrics = reduce_aux({"head": head_aux})
+        return Output(
+            logits=logits_BTV,
+            aux_loss=block_loss + head_loss,
+            metrics=block_metrics | head_metrics,
         )
-        aux_loss, metrics = jnp.zeros((), jnp.float32), {}
-        for prefix in ("mixer", "ffn"):
-            part_aux = {
-                k.split("/", 1)[1]: v for k, v in block_aux.items() if k.startswith(prefix + "/")
-            }
-            loss, m = reduce_aux(part_aux, prefix, stacked=True)
-            aux_loss, metrics = aux_loss + loss, metrics | m
-        loss, m = reduce_aux(head_aux, "head", stacked=False)
-        return Output(logits=logits_BTV, aux_loss=aux_loss + loss, metrics=metrics | m)

@@ -33,7 +33,7 @@ from flax import nnx
 from menagerie import arch
 from menagerie.train import mesh as mesh_lib
 from menagerie.train.config import load_config
-from menagerie.train.optim import make_optimizer
+from menagerie.train.optim import OptimConfig, make_optimizer
 from menagerie.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,10 @@ def bf16_bytes(tree) -> int:
 
 
 def optimizer_cfg(cfg, name: str, **extra):
-    return cfg.optim.model_copy(update={"name": name, **extra})
+    """The run's optimizer section as optimizer `name` (the fields that optimizer has)."""
+    member = OptimConfig.choices[name]
+    shared = {k: v for k, v in cfg.optim.model_dump().items() if k in member.model_fields}
+    return member.model_validate({**shared, "name": name, **extra})
 
 
 def memory_rows(presets: list[Path], compile_temp: bool) -> list[dict]:

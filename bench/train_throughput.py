@@ -36,7 +36,7 @@ SIZES = {
     "d512": [
         "model.d_model=512",
         "model.n_layers=8",
-        "model.n_heads=8",
+        "model.mixer.n_heads=8",
         "train.seq_len=1024",
         "train.batch_size=4",
     ],
@@ -112,7 +112,12 @@ def make_peer(cfg, key):
     """(jitted donated step, initial state) of the peer at cfg's model dims."""
     m = cfg.model
     params = peer_init(
-        key, vocab=m.padded_vocab, d=m.d_model, layers=m.n_layers, heads=m.n_heads, ffn=m.ffn_dim
+        key,
+        vocab=m.padded_vocab,
+        d=m.d_model,
+        layers=m.n_layers,
+        heads=m.mixer.n_heads,
+        ffn=m.ffn.dim(m),
     )
     opt = optax.chain(
         optax.clip_by_global_norm(1.0),

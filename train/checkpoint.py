@@ -23,22 +23,29 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 import yaml
+from menagerie.arch import ModelConfig
 
-from .config import RunConfig
+from .config import RunConfig, upgrade_saved
 from .distributed import barrier
 from .errors import CheckpointError
+from .optim import OptimConfig
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
 
 
 def _shape_defining(cfg_dict: dict) -> dict:
-    """The parts of a config that fix the shapes and meaning of saved state."""
+    """The parts of a config that fix the shapes and meaning of saved state: the whole model,
+    the tokenizer, and the optimizer fields that shape its state (`state_fields`). A config
+    saved by an older menagerie is read in today's shape first (`upgrade_saved`)."""
+    cfg_dict = upgrade_saved(cfg_dict)
+    model = ModelConfig.model_validate(cfg_dict["model"])
+    optim = OptimConfig.model_validate(cfg_dict["optim"])
     return {
-        "model": cfg_dict["model"],
+        "model": model.model_dump(mode="json"),
         "tokenizer": cfg_dict["data"]["tokenizer"],
         "bpe_vocab_size": cfg_dict["data"].get("bpe_vocab_size"),
-        "optim": cfg_dict["optim"]["name"],
+        "optim": optim.state_signature(),
     }
 
 
@@ -80,7 +87,7 @@ def prepare_run_dir(cfg: RunConfig, *, start_over: bool = False) -> Path:
                 diffs = ["its config.yaml is unreadable"]
             if diffs and not start_over:
                 raise CheckpointError(
-                    f"run_dir '{run_dir}' holds a run of a different model "
+                    f"run_dir '{run_dir}' holds a run of a different model or optimizer state "
                     f"({'; '.join(diffs[:3])}); "
                     "choose another run_dir, or pass --start-over to move the old run aside"
                 )

@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .checkpoint import CONFIG_FILE, Checkpointer
-    from .config import build_config, read_yaml
+    from .config import build_config, read_yaml, upgrade_saved
     from .errors import CheckpointError
     from .trainer import Trainer
 
@@ -81,7 +81,7 @@ def cmd_eval(args) -> int:
             f"run_dir '{cfg.run_dir}' holds no run ({CONFIG_FILE} missing); "
             "pass the run_dir of a trained run (run_dir=...)"
         )
-    cfg = build_config(read_yaml(saved), args.overrides)
+    cfg = build_config(upgrade_saved(read_yaml(saved)), args.overrides)
     trainer = Trainer(cfg)
     ckpt = Checkpointer(
         trainer.run_dir,

@@ -10,119 +10,23 @@ inconsistent values raise `ConfigError` with one line naming the key and the fix
 from __future__ import annotations
 
 import difflib
+import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 import yaml
-from menagerie.arch import ModelConfig
+from menagerie.arch import Choice, ModelConfig, TransformerConfig
+from menagerie.arch.config import default_choice_keys, upgrade_model_dict
 from menagerie.data import DataConfig
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, model_validator
 
 from .errors import ConfigError
+from .optim import AdamWConfig, OptimConfig
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class OptimConfig(BaseModel):
-    """Optimizer, learning-rate schedule and clipping."""
-
-    model_config = _STRICT
-
-    name: Literal["adamw", "galore", "apollo"] = "adamw"
-    """Optimizer family: AdamW; GaLore (low-rank projected Adam moments on the attention and MLP
-    matrices, AdamW elsewhere; see `train.lowrank`); APOLLO (random projection, channel-wise
-    scaling of the raw gradient)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    """Warmup then cosine decay, warmup-stable-decay, or warmup then constant."""
-    warmup_steps: int = 50
-    """Linear warmup from 0 to `lr` over this many steps (at most `train.steps`)."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of `lr` (cosine and wsd)."""
-    decay_fraction: float = 0.2
-    """wsd only: the fraction of `train.steps` spent in the final linear decay."""
-    b1: float = 0.9
-    """Adam first-moment decay."""
-    b2: float = 0.95
-    """Adam second-moment decay."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied to matrices only (not to norms, biases or vectors)."""
-    clip_norm: float | None = 1.0
-    """Global gradient-norm clipping threshold; null disables clipping."""
-    # ---- low-rank (galore, apollo) ----
-    rank: int = 128
-    """galore/apollo: rank r of the projection (paper: 128/256/256/512 at 60M/130M/350M/1B). A
-    matrix whose smaller side is <= rank gets full-rank Adam instead."""
-    update_proj_gap: int = 200
-    """galore/apollo: T, steps between projector refreshes."""
-    scale: float | None = None
-    """galore/apollo: alpha, scale of the low-rank update; null: 0.25 (GaLore paper) for
-    galore, 1.0 for apollo. The official APOLLO code's `scale` is alpha squared (it multiplies
-    by its square root): its APOLLO-Mini scale 128 is 11.31 here."""
-    proj_side: Literal["std", "reverse_std", "left", "right"] = "std"
-    """galore: which side is compressed. std: the smaller (official); reverse_std: the larger
-    (optax.contrib.galore)."""
-    projection: Literal["svd", "random"] = "svd"
-    """galore: projector from the gradient's SVD, or a seeded random Gaussian (SVD-free).
-    apollo always uses random."""
-    moments_on_refresh: Literal["keep", "reproject"] = "keep"
-    """galore/apollo: keep the Adam moments as they are when the projector changes (official)
-    or rotate them into the new basis (GaLore issue #54)."""
-    stagger_refresh: bool = False
-    """galore/apollo: spread refreshes over the gap (matrix j at step j*T/J mod T), one SVD at
-    a time, instead of all matrices at the same step."""
-    svd_method: Literal["qr", "default", "gram"] = "default"
-    """galore: how the projector is computed: fp32 SVD by jnp's default (divide and conquer,
-    LAPACK gesdd, as torch uses: 4.6x faster than gesvd on CPU here), by LAPACK gesvd (qr), or
-    as the top eigenvectors of the smaller Gram matrix (gram: cheapest, sharding-friendly)."""
-    fira: bool = False
-    """galore: add Fira's norm-scaled residual (the part of the gradient outside the subspace)."""
-    lazy_refresh: bool = False
-    """galore: Q-GaLore's adaptive gap (doubles when the subspace stops moving)."""
-    apollo_scaling: Literal["channel", "tensor"] = "channel"
-    """apollo: channel-wise scaling (APOLLO) or one scale per matrix (APOLLO-Mini, rank 1)."""
-    norm_growth_limit: float | None = 1.01
-    """fira/apollo: norm-growth limiter gamma; null disables it."""
-    proj_seed: int = 0
-    """Seed of random projections."""
-    lowrank_params: list[str] | None = None
-    """galore/apollo: regular expressions on parameter paths (e.g. 'blocks/mixer/q/kernel')
-    selecting the projected matrices; null: by role, every matrix with an "embed" axis and a
-    heads/kv_heads/mlp axis (the attention and MLP kernels, as the paper does)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> OptimConfig:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-            raise ValueError("optim.b1 and optim.b2 must be in [0, 1)")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0, or null to disable")
-        if self.rank <= 0:
-            raise ValueError(f"optim.rank={self.rank} must be a positive integer (e.g. 128)")
-        if self.update_proj_gap <= 0:
-            raise ValueError(
-                f"optim.update_proj_gap={self.update_proj_gap} must be >= 1 (paper: 200)"
-            )
-        if self.scale is not None and self.scale <= 0:
-            raise ValueError(f"optim.scale={self.scale} must be > 0, or null for the default")
-        if self.norm_growth_limit is not None and self.norm_growth_limit < 1:
-            raise ValueError(
-                f"optim.norm_growth_limit={self.norm_growth_limit} must be >= 1 (papers: 1.01)"
-            )
-        if self.name == "apollo" and self.fira:
-            raise ValueError("optim.fira applies to galore only; set optim.name=galore")
-        return self
+_STRICT = ConfigDict(
+    extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+)
 
 
 class TrainConfig(BaseModel):
@@ -249,16 +153,27 @@ class RunConfig(BaseModel):
 
     model_config = _STRICT
 
+    imports: list[str] = []
+    """Python modules imported before the rest of the config is read, so that the parts,
+    families and optimizers they define (by subclassing, see `arch.parts`) are selectable here;
+    e.g. [my_lab.parts] for a module on PYTHONPATH."""
     run_dir: str = "runs/default"
     """Folder of this run: checkpoints, metrics, TensorBoard events and the resolved config.
     Rerunning with the same run_dir resumes from its latest checkpoint."""
-    model: ModelConfig = ModelConfig()
+    model: SerializeAsAny[ModelConfig] = TransformerConfig()
+    """The model: `family` picks the architecture (transformer, ...), see `arch`."""
     data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
+    optim: SerializeAsAny[OptimConfig] = AdamWConfig()
+    """The optimizer: `name` picks it (adamw, galore, apollo), see `train.optim`."""
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_choice_keys(cls, data: Any) -> Any:
+        return default_choice_keys(cls, data)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -275,19 +190,53 @@ def _did_you_mean(key: str, options: list[str]) -> str:
 
 
 def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
-    """Reject unknown keys before pydantic does, so the message can suggest the right one."""
+    """Reject unknown keys before pydantic does, so the message can suggest the right one.
+    A choice section (model, model.mixer, optim, ...) is checked against the class its key
+    selects."""
     fields = model.model_fields
+    _check_moved(raw, model, prefix)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(key, list(fields))}")
         annotation = fields[key].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"'{dotted}' is a section; set its fields, e.g. {dotted}.<field>=<value>"
-                )
-            _check_keys(value, annotation, prefix=f"{dotted}.")
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            continue
+        if issubclass(annotation, Choice) and isinstance(value, str):
+            value = {annotation.key: value}
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"'{dotted}' is a section; set its fields, e.g. {dotted}.<field>=<value>"
+            )
+        if issubclass(annotation, Choice) and annotation is annotation.slot():
+            annotation = _chosen(annotation, value, fields[key].default, dotted)
+        _check_keys(value, annotation, prefix=f"{dotted}.")
+
+
+def _chosen(slot: type[Choice], raw: dict[str, Any], default: Any, dotted: str) -> type[Choice]:
+    name = raw.get(slot.key, getattr(default, slot.key, None))
+    try:
+        return slot.choice_for(name)
+    except ValueError:
+        options = sorted(slot.choices)
+        close = difflib.get_close_matches(str(name), options, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown {dotted}.{slot.key} {name!r}; {hint}choose one of: {', '.join(options)} "
+            "(or add it to `imports:`)"
+        ) from None
+
+
+def _check_moved(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+    moved = [
+        k for k in raw if k in getattr(model, "moved_keys", {}) and k not in model.model_fields
+    ]
+    if moved:
+        where = "; ".join(f"{prefix}{k} -> {prefix}{model.moved_keys[k]}" for k in moved)
+        raise ConfigError(
+            f"config keys moved into part sections: {where}; e.g. write "
+            f"'{prefix}{model.moved_keys[moved[0]]}=...' or nest it in YAML"
+        )
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -372,6 +321,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         path, value = _parse_override(item)
         _set_dotted(raw, path, value)
+    _import_modules(raw.get("imports") or [])
     _check_keys(raw, RunConfig)
     try:
         return RunConfig.model_validate(raw)
@@ -383,6 +333,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """Defaults <- YAML preset at `path` (optional) <- `overrides` ("a.b=value")."""
     raw = read_yaml(path) if path is not None else {}
     return build_config(raw, list(overrides))
+
+
+def _import_modules(names: Any) -> None:
+    """Import the `imports:` modules (they register their parts by defining them)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"imports={names!r} must be a list of module names, e.g. [my_lab.parts]")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(
+                f"imports: cannot import '{name}' ({e}); put its folder on PYTHONPATH"
+            ) from None
+
+
+def upgrade_saved(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's saved config (possibly from an older menagerie) in today's shape: moved
+    model keys put where they live now, and optimizer fields that belong to another optimizer
+    (the old flat `optim:` section) or that are null for "default" dropped."""
+    raw = dict(raw)
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = upgrade_model_dict(raw["model"])
+    optim = raw.get("optim")
+    if isinstance(optim, dict):
+        member = OptimConfig.choices.get(optim.get("name", "adamw"))
+        if member is not None:
+            raw["optim"] = {
+                k: v
+                for k, v in optim.items()
+                if k in member.model_fields and not (v is None and k == "scale")
+            }
+    return raw
 
 
 def _deep_copy(tree: Any) -> Any:
@@ -407,6 +389,7 @@ def check_mesh_fits(cfg: RunConfig, data_parallel: int) -> None:
 __all__ = [
     "RunConfig",
     "OptimConfig",
+    "upgrade_saved",
     "TrainConfig",
     "MeshConfig",
     "CheckpointConfig",

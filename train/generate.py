@@ -1,8 +1,8 @@
 """Sampling from a trained model, for the sample printed at the end of a run.
 
 This recomputes the whole window for each new token (one compiled program, a fixed-size buffer):
-simple and exact for the short samples the trainer prints. Cached decoding belongs to the
-recurrent-state interface of `arch` and the export work.
+simple and exact for the short samples the trainer prints. Cached decoding (KV cache and the
+other recurrent states) is still to be written, with the export work.
 """
 
 from __future__ import annotations

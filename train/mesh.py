@@ -19,32 +19,18 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from menagerie.arch import axes as arch_axes
 
 from .config import MeshConfig
 from .errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # activations (arch/layers.py names them through `constrain`)
-    "batch": ("data", "fsdp"),
-    "seq": "sequence",
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
-    # parameters
-    "embed": "fsdp",
-    "vocab": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "norm": None,
-}
+
+def logical_rules() -> dict[str, str | tuple[str, ...] | None]:
+    """logical axis -> mesh axis (or tuple of mesh axes, or None = replicated), from the axis
+    vocabulary `arch.axes` (a part that declares a new axis there gets its rule with it)."""
+    return {name: axis.mesh for name, axis in arch_axes.all_axes().items()}
 
 
 def axis_rules(mesh: Mesh):
@@ -56,7 +42,7 @@ def axis_rules(mesh: Mesh):
         axes = tuple(a for a in axes if mesh.shape[a] > 1)
         return axes[0] if len(axes) == 1 else (axes or None)
 
-    return nnx.logical_axis_rules([(k, live(v)) for k, v in LOGICAL_RULES.items()])
+    return nnx.logical_axis_rules([(k, live(v)) for k, v in logical_rules().items()])
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -98,11 +84,11 @@ _reported: set[tuple] = set()
 
 
 def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for one array from its logical axis names, through `LOGICAL_RULES`."""
+    """PartitionSpec for one array from its logical axis names, through `arch.axes`."""
     used: set[str] = set()
     out: list = []
     for dim, name in zip(shape, names, strict=True):
-        rule = LOGICAL_RULES.get(name) if name is not None else None
+        rule = arch_axes.get(name).mesh if name is not None else None
         axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
@@ -122,13 +108,27 @@ def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def logical_names(state: nnx.State) -> dict:
-    """Pure-dict tree of tuples of logical axis names, one per parameter (from its metadata)."""
+    """Pure-dict tree of tuples of logical axis names, one per parameter (from its metadata).
+    ConfigError if a parameter uses a name that `arch.axes` does not declare: it would have no
+    sharding rule and no role."""
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    return jax.tree.map(
+    names = jax.tree.map(
         lambda p: tuple(p) if p is not None else (),
         specs,
         is_leaf=lambda x: isinstance(x, P) or x is None,
     )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(names, is_leaf=_is_names):
+        missing = arch_axes.undeclared(leaf)
+        if missing:
+            raise ConfigError(
+                f"parameter '{_path_str(path)}' has undeclared logical axis '{missing[0]}'; "
+                f"declare it with arch.axes.declare(Axis('{missing[0]}', ...)) in its part's file"
+            )
+    return names
+
+
+def _is_names(x) -> bool:
+    return isinstance(x, tuple)
 
 
 def shardings_for(names_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from menagerie.arch import Ctx
 
 Batch = dict[str, jax.Array]
 
@@ -25,9 +26,19 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arra
     return logz_BT - target_logit_BT, logz_BT
 
 
-def _forward(graphdef: nnx.GraphDef, params: Any, batch: Batch):
+def _forward(graphdef: nnx.GraphDef, params: Any, batch: Batch, step=None, training=False):
+    """The model on a batch, with the whole call context (targets and mask for heads that learn
+    from them, the step for schedules inside parts)."""
     model = nnx.merge(graphdef, params)
-    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    ctx = Ctx(
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        step=step,
+        targets=batch["targets"],
+        loss_mask=batch["loss_mask"],
+        deterministic=not training,
+    )
+    return model(batch["tokens"], ctx)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -49,8 +60,8 @@ def make_train_step(
     z_loss: float,
     clip_norm: float | None,
 ) -> Callable[[dict, Batch], tuple[dict, dict]]:
-    def loss_fn(params, mb: Batch, n_tokens: jax.Array):
-        out = _forward(graphdef, params, mb)
+    def loss_fn(params, mb: Batch, n_tokens: jax.Array, step: jax.Array):
+        out = _forward(graphdef, params, mb, step, training=True)
         nll_BT, logz_BT = token_losses(out.logits, mb["targets"])
         mask_BT = mb["loss_mask"]
         nll_sum = jnp.sum(nll_BT * mask_BT)
@@ -63,20 +74,20 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
-        params = state["params"]
+        params, step = state["params"], state["step"]
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         if microbatches == 1:
-            (_, (nll_sum, z_sum, aux, mm)), grads = grad_fn(params, batch, n_tokens)
+            (_, (nll_sum, z_sum, aux, mm)), grads = grad_fn(params, batch, n_tokens, step)
         else:
             mbs = _microbatches(batch, microbatches)
             zeros = jax.tree.map(jnp.zeros_like, params)
             first = jax.tree.map(lambda x: x[0], mbs)
-            (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first, n_tokens)
+            (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first, n_tokens, step)
             init_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
 
             def body(carry, mb):
                 g_acc, a_acc = carry
-                (_, a), g = grad_fn(params, mb, n_tokens)
+                (_, a), g = grad_fn(params, mb, n_tokens, step)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
 
             (grads, (nll_sum, z_sum, aux, mm)), _ = jax.lax.scan(body, (zeros, init_aux), mbs)

@@ -26,6 +26,7 @@ from menagerie import arch
 from menagerie.data import PackedDataset, auto_prepare
 from rich.console import Console
 
+from . import lowrank
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, prepare_run_dir
 from .config import RunConfig, check_mesh_fits
@@ -100,17 +101,22 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.cfg = cfg.model_copy(update={"model": model_cfg})
-        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
 
-        # Model: abstract first, so shardings are known before anything is allocated.
+        # Model: abstract first, so shardings are known before anything is allocated (and a
+        # model that cannot be named is refused before the run folder is touched).
         abstract_model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_state = nnx.split(abstract_model)
         self.param_names = mesh_lib.logical_names(abstract_state)
+        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
         abstract_params = nnx.to_pure_dict(abstract_state)
         self.param_shardings = mesh_lib.shardings_for(self.param_names, abstract_params, self.mesh)
         self.optimizer, self.schedule = make_optimizer(
             self.cfg.optim, self.cfg.train.steps, self.param_names
         )
+        if self.cfg.optim.uses_lapack and jax.default_backend() == "cpu":
+            # XLA:CPU already uses every core; LAPACK's own thread pool on top of it slows the
+            # SVD refreshes and the steps after them (train.lowrank.limit_cpu_lapack_threads).
+            lowrank.limit_cpu_lapack_threads(1)
         self.state_shardings = self._state_shardings(abstract_params)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
 

@@ -1,21 +1,29 @@
-"""ModelConfig: defaults, vocab resolution, validation messages, FLOP formula."""
+"""Model configs: defaults, vocab resolution, validation messages, FLOP formula."""
 
 import pydantic
 import pytest
-from menagerie.arch import ModelConfig
+from menagerie.arch import AttentionConfig, SwiGLUConfig, TransformerConfig
+
+
+def ModelConfig(*, n_heads=4, n_kv_heads=None, head_dim=None, mlp_dim=None, **common):
+    """The baseline transformer with its attention and SwiGLU sizes given flat."""
+    mixer = AttentionConfig(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim)
+    return TransformerConfig(mixer=mixer, ffn=SwiGLUConfig(hidden_dim=mlp_dim), **common)
 
 
 def test_defaults_resolve_llama_rules():
-    cfg = ModelConfig()
-    assert cfg.kv_heads == 4 and cfg.dim_head == 64 and cfg.q_per_kv == 1
-    assert cfg.ffn_dim == 768  # 8/3 * 256 = 682.7 -> 768
-    assert ModelConfig(d_model=512, n_heads=8).ffn_dim == 1536
-    assert ModelConfig(mlp_dim=100).ffn_dim == 100
+    cfg = TransformerConfig()
+    assert cfg.mixer.kv_heads == 4 and cfg.mixer.dim_head(cfg) == 64 and cfg.mixer.q_per_kv == 1
+    assert cfg.ffn.dim(cfg) == 768  # 8/3 * 256 = 682.7 -> 768
+    wide = ModelConfig(d_model=512, n_heads=8)
+    assert wide.ffn.dim(wide) == 1536
+    assert ModelConfig(mlp_dim=100).ffn.dim(cfg) == 100
 
 
 def test_every_field_has_a_description():
-    for name, field in ModelConfig.model_fields.items():
-        assert field.description, name
+    for cls in (TransformerConfig, AttentionConfig, SwiGLUConfig):
+        for name, field in cls.model_fields.items():
+            assert field.description, (cls.__name__, name)
 
 
 def test_with_vocab():
@@ -33,9 +41,10 @@ def test_with_vocab():
     [
         (
             dict(n_heads=6),
-            "model.n_heads=6 does not divide model.d_model=256; choose n_heads from 1, 2, 4, 8",
+            "model.mixer.n_heads=6 does not divide model.d_model=256; choose n_heads from "
+            "1, 2, 4, 8",
         ),
-        (dict(n_kv_heads=3), "model.n_kv_heads=3 does not divide model.n_heads=4"),
+        (dict(n_kv_heads=3), "model.mixer.n_kv_heads=3 does not divide model.mixer.n_heads=4"),
         (dict(head_dim=15), "head dim=15 is odd"),
         (dict(d_model=0), "model.d_model=0 must be a positive integer"),
         (dict(n_layers=-1), "model.n_layers=-1 must be a positive integer"),
@@ -53,7 +62,7 @@ def test_validation_messages(kwargs, message):
 
 def test_head_dim_overrides_divisibility():
     cfg = ModelConfig(n_heads=6, head_dim=32)
-    assert cfg.dim_head == 32
+    assert cfg.mixer.dim_head(cfg) == 32
 
 
 def test_flops_per_token_hand_computed():

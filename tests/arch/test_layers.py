@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from menagerie.arch import layers
+from menagerie.arch import attention_ops, layers
 
 
 def _reference_attention(q, k, v, segment_ids):
@@ -28,7 +28,7 @@ def test_attention_matches_reference(heads, kv_heads, q_block):
     k = jax.random.normal(kk, (b, t, kv_heads, d))
     v = jax.random.normal(kv, (b, t, kv_heads, d))
     seg = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
-    attn = jax.jit(lambda *a: layers.attention(*a[:3], segment_ids_BT=a[3], q_block=q_block))
+    attn = jax.jit(lambda *a: attention_ops.attention(*a[:3], segment_ids_BT=a[3], q_block=q_block))
     np.testing.assert_allclose(attn(q, k, v, seg), _reference_attention(q, k, v, seg), atol=1e-5)
     ct = jax.random.normal(kq, q.shape)  # gradients too: the blocks slice k and v
     grads = jax.grad(lambda *a: jnp.sum(attn(*a, seg) * ct), argnums=(0, 1, 2))(q, k, v)
@@ -39,7 +39,7 @@ def test_attention_matches_reference(heads, kv_heads, q_block):
 
 def test_attention_bf16_keeps_dtype():
     x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
-    out = layers.attention(x, x, x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))
+    out = attention_ops.attention(x, x, x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))
     assert out.dtype == jnp.bfloat16
 
 
@@ -51,14 +51,14 @@ def test_cudnn_attention_matches_xla():
     k = jax.random.normal(kk, (b, t, kvh, d), jnp.bfloat16)
     v = jax.random.normal(kv, (b, t, kvh, d), jnp.bfloat16)
     seg = jnp.concatenate([jnp.ones((b, 50), jnp.int32), 2 * jnp.ones((b, 78), jnp.int32)], 1)
-    ref = layers.attention(q, k, v, segment_ids_BT=seg, impl="xla").astype(jnp.float32)
-    out = layers.attention(q, k, v, segment_ids_BT=seg, impl="cudnn").astype(jnp.float32)
+    ref = attention_ops.attention(q, k, v, segment_ids_BT=seg, impl="xla").astype(jnp.float32)
+    out = attention_ops.attention(q, k, v, segment_ids_BT=seg, impl="cudnn").astype(jnp.float32)
     np.testing.assert_allclose(out, ref, atol=3e-2)
 
 
 def test_rope_is_identity_at_position_zero():
     x = jax.random.normal(jax.random.key(1), (1, 1, 2, 8))
-    out = jax.jit(layers.apply_rope, static_argnums=2)(x, jnp.zeros((1, 1), jnp.int32), 1e4)
+    out = jax.jit(attention_ops.apply_rope, static_argnums=2)(x, jnp.zeros((1, 1), jnp.int32), 1e4)
     np.testing.assert_allclose(out, x)
 
 
@@ -70,8 +70,8 @@ def test_rope_dot_product_depends_only_on_offset(shift):
 
     @jax.jit
     def score(m, n):
-        qm = layers.apply_rope(q, jnp.full((1, 1), m), 1e4)
-        kn = layers.apply_rope(k, jnp.full((1, 1), n), 1e4)
+        qm = attention_ops.apply_rope(q, jnp.full((1, 1), m), 1e4)
+        kn = attention_ops.apply_rope(k, jnp.full((1, 1), n), 1e4)
         return jnp.sum(qm * kn)
 
     np.testing.assert_allclose(score(5, 2), score(5 + shift, 2 + shift), rtol=1e-4, atol=1e-5)

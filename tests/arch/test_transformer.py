@@ -8,15 +8,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from menagerie.arch import FFNS, ModelConfig, build
-from menagerie.arch.layers import SwiGLU
+from menagerie.arch import (
+    AttentionConfig,
+    FFNConfig,
+    SwiGLU,
+    SwiGLUConfig,
+    TransformerConfig,
+    build,
+)
 
 TINY = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
 PARAM_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
+_ATTENTION = ("n_heads", "n_kv_heads", "head_dim")
 
 
-def _cfg(**overrides) -> ModelConfig:
-    return ModelConfig(**(TINY | overrides))
+def _cfg(**overrides) -> TransformerConfig:
+    """The tiny transformer; attention sizes and mlp_dim given flat, as keyword overrides."""
+    kw = TINY | overrides
+    mixer = AttentionConfig(**{k: kw.pop(k) for k in _ATTENTION if k in kw})
+    ffn = kw.pop("ffn", None) or SwiGLUConfig(hidden_dim=kw.pop("mlp_dim"))
+    kw.pop("mlp_dim", None)
+    return TransformerConfig(mixer=mixer, ffn=ffn, **kw)
 
 
 def _abstract(**overrides):
@@ -179,32 +191,37 @@ def test_every_param_has_logical_names():
     )
 
 
-def test_aux_from_parts_flows_through_scan():
-    class AuxSwiGLU(SwiGLU):
-        def __call__(self, x_BTD, *, positions, segment_ids):
-            y, _ = super().__call__(x_BTD, positions=positions, segment_ids=segment_ids)
-            return y, {"aux_loss": jnp.float32(0.5), "density": jnp.mean(x_BTD > 0)}
+class AuxSwiGLU(SwiGLU):
+    def __call__(self, x_BTD, ctx):
+        y, _ = super().__call__(x_BTD, ctx)
+        return y, {"aux_loss": jnp.float32(0.5), "density": jnp.mean(x_BTD > 0)}
 
-    FFNS["aux_test"] = AuxSwiGLU
-    try:
-        for scan in (True, False):
-            cfg = _cfg(n_layers=3, scan_layers=scan).model_copy(update={"ffn": "aux_test"})
-            model = nnx.eval_shape(lambda cfg=cfg: build(cfg, rngs=nnx.Rngs(0)))
-            out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
-            assert out.aux_loss.shape == () and out.metrics["ffn/density"].shape == ()
-            assert set(out.metrics) == {"ffn/aux_loss", "ffn/density"}
-            graphdef, state = nnx.split(model)
-            state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
-            out = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, state), _tokens())
-            np.testing.assert_allclose(out.aux_loss, 1.5)  # 3 layers x 0.5
-            np.testing.assert_allclose(out.metrics["ffn/aux_loss"], 1.5)
-    finally:
-        del FFNS["aux_test"]
+
+class AuxSwiGLUConfig(SwiGLUConfig):
+    kind: str = "aux_test"  # registers the part (a plain str: it is not offered in YAML docs)
+
+    def build(self, model, *, rngs):
+        return AuxSwiGLU(self, model, rngs=rngs)
+
+
+def test_aux_from_parts_flows_through_scan():
+    assert FFNConfig.choices["aux_test"] is AuxSwiGLUConfig
+    for scan in (True, False):
+        cfg = _cfg(n_layers=3, scan_layers=scan, ffn=AuxSwiGLUConfig(hidden_dim=64))
+        model = nnx.eval_shape(lambda cfg=cfg: build(cfg, rngs=nnx.Rngs(0)))
+        out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
+        assert out.aux_loss.shape == () and out.metrics["ffn/density"].shape == ()
+        assert set(out.metrics) == {"ffn/aux_loss", "ffn/density"}
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+        out = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, state), _tokens())
+        np.testing.assert_allclose(out.aux_loss, 1.5)  # 3 layers x 0.5
+        np.testing.assert_allclose(out.metrics["ffn/aux_loss"], 1.5)
 
 
 def test_hlo_size_independent_of_depth():
     def lowered_text(n_layers):
-        cfg = ModelConfig(**(TINY | dict(n_layers=n_layers, remat="dots")))
+        cfg = _cfg(n_layers=n_layers, remat="dots")
         graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param)
         tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
         lowered = jax.jit(jax.value_and_grad(_loss_fn(graphdef))).lower(state, tokens)

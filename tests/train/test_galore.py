@@ -163,6 +163,20 @@ def test_svd_on_cpu_runs_lapack_single_threaded():
     assert lib.scipy_openblas_get_num_threads() == 1
 
 
+def test_trainer_limits_lapack_threads_at_start_up_for_svd_only(tmp_path):
+    import ctypes
+
+    import scipy.linalg.cython_lapack as cython_lapack
+    from menagerie.train.trainer import Trainer
+
+    lib = ctypes.CDLL(cython_lapack.__file__)
+    for optim, threads in (["optim.name=apollo"], 2), (["optim.name=galore"], 1):
+        lib.scipy_openblas_set_num_threads(2)
+        lowrank._lapack_threads[0] = None
+        Trainer(load_config(TINY, [f"run_dir={tmp_path / optim[0]}", *optim]))
+        assert lib.scipy_openblas_get_num_threads() == threads, optim
+
+
 def test_options_are_one_validated_dataclass():
     from menagerie.train.lowrank import APOLLO_OPTIONS, LowRankOptions
 

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-from menagerie.train.config import OptimConfig
-from menagerie.train.optim import decay_mask, make_schedule
+from menagerie.train.optim import AdamWConfig, decay_mask, make_schedule
 
 
 def _lrs(cfg, total):
@@ -12,7 +11,7 @@ def _lrs(cfg, total):
 
 
 def test_warmup_cosine():
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    cfg = AdamWConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
     lr = _lrs(cfg, 100)
     np.testing.assert_allclose(lr[:11], np.linspace(0, 1, 11), atol=1e-6)
     assert np.all(np.diff(lr[10:]) <= 1e-7)  # non-increasing after warmup
@@ -21,16 +20,16 @@ def test_warmup_cosine():
 
 
 def test_warmup_stable_decay():
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    cfg = AdamWConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     lr = _lrs(cfg, 100)
     np.testing.assert_allclose(lr[10:81], 1.0, atol=1e-6)  # stable until the last 20%
     np.testing.assert_allclose(lr[80:], np.linspace(1, 0, 21), atol=1e-6)
 
 
 def test_constant_and_warmup_longer_than_run():
-    lr = _lrs(OptimConfig(lr=2.0, warmup_steps=4, schedule="constant"), 10)
+    lr = _lrs(AdamWConfig(lr=2.0, warmup_steps=4, schedule="constant"), 10)
     np.testing.assert_allclose(lr, [0, 0.5, 1, 1.5] + [2.0] * 7, atol=1e-6)
-    lr = _lrs(OptimConfig(lr=1.0, warmup_steps=50, schedule="cosine"), 10)
+    lr = _lrs(AdamWConfig(lr=1.0, warmup_steps=50, schedule="cosine"), 10)
     assert np.all(np.isfinite(lr)) and lr.max() <= 1.0
 
 

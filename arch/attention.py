@@ -1,0 +1,116 @@
+"""The attention mixer: causal multi-head / grouped-query self-attention with RoPE (Llama)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+from flax import nnx
+
+from .attention_ops import apply_rope, attention
+from .axes import Axis, declare
+from .config import ModelConfig, check_positive
+from .layers import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, SEQ, constrain, linear
+from .parts import Aux, Ctx, MixerConfig
+
+declare(
+    Axis("heads", "feature", "tensor", lowrank=True, doc="query heads"),
+    Axis("kv_heads", "feature", "tensor", lowrank=True, doc="key/value heads"),
+    Axis("head_dim", "feature", None, doc="width of one attention head"),
+)
+
+
+class AttentionConfig(MixerConfig):
+    """Causal softmax attention with RoPE and grouped-query heads."""
+
+    kind: Literal["attention"] = "attention"
+    """Selects this mixer."""
+    n_heads: int = 4
+    """Number of query heads."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads (GQA). None: n_heads (multi-head attention)."""
+    head_dim: int | None = None
+    """Width of one attention head. None: d_model // n_heads."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    impl: Literal["xla", "cudnn"] = "xla"
+    """xla: einsum attention (any backend). cudnn: jax.nn.dot_product_attention with the cuDNN
+    fused kernel (GPU only, bf16 compute)."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (n_kv_heads or n_heads)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads sharing one key/value head (G in [B,T,K,G,D])."""
+        return self.n_heads // self.kv_heads
+
+    def dim_head(self, model: ModelConfig) -> int:
+        """Width of one attention head (head_dim or d_model // n_heads)."""
+        return model.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def check(self, model: ModelConfig) -> None:
+        ints = ("n_heads", "n_kv_heads", "head_dim")
+        check_positive(self, "model.mixer.", ints=ints, floats=("rope_theta",))
+        d = model.d_model
+        if self.head_dim is None and d % self.n_heads:
+            divisors = ", ".join(str(h) for h in range(1, d + 1) if d % h == 0)
+            raise ValueError(
+                f"model.mixer.n_heads={self.n_heads} does not divide model.d_model={d}; "
+                f"choose n_heads from {divisors} or set model.mixer.head_dim"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.mixer.n_kv_heads={self.n_kv_heads} does not divide "
+                f"model.mixer.n_heads={self.n_heads}; GQA needs n_heads to be a multiple of "
+                "n_kv_heads"
+            )
+        if self.dim_head(model) % 2:
+            raise ValueError(
+                f"model head dim={self.dim_head(model)} is odd; RoPE rotates pairs, so set an "
+                "even model.mixer.head_dim (or d_model/n_heads even)"
+            )
+
+    def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> Attention:
+        return Attention(self, model, rngs=rngs)
+
+    def num_params(self, model: ModelConfig) -> int:
+        """q [D,H,Dh] + k, v [D,K,Dh] + o [H,Dh,D]."""
+        d, h, k, hd = model.d_model, self.n_heads, self.kv_heads, self.dim_head(model)
+        return d * h * hd + 2 * d * k * hd + h * hd * d
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
+        """6 * matmul params (fwd 2 per multiply-add, bwd twice that) + 6 * T * H * Dh for the
+        scores: QK^T and AV are 2 matmuls of 2 * T * Dh FLOPs per head per token, times 3 for
+        fwd+bwd = 12 * T * H * Dh, halved because causal attention needs only the lower
+        triangle (MaxText convention)."""
+        attention_scores = 6 * seq_len * self.n_heads * self.dim_head(model)
+        return float(6 * self.num_params(model) + attention_scores)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head / grouped-query self-attention with RoPE (Llama)."""
+
+    def __init__(self, cfg: AttentionConfig, model: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, hd = model.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head(model)
+        self.q = linear(model, d, (h, hd), ("embed", "heads", "head_dim"), rngs=rngs)
+        self.k = linear(model, d, (k, hd), ("embed", "kv_heads", "head_dim"), rngs=rngs)
+        self.v = linear(model, d, (k, hd), ("embed", "kv_heads", "head_dim"), rngs=rngs)
+        self.o = linear(model, (h, hd), d, ("heads", "head_dim", "embed"), rngs=rngs)
+        self.rope_theta = cfg.rope_theta
+        self.impl = cfg.impl
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        with jax.named_scope("attention"):
+            q_BTHD = constrain(self.q(x_BTD), (BATCH, SEQ, ACT_HEADS, None))
+            k_BTKD = constrain(self.k(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
+            v_BTKD = constrain(self.v(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
+            q_BTHD = apply_rope(q_BTHD, ctx.positions, self.rope_theta)
+            k_BTKD = apply_rope(k_BTKD, ctx.positions, self.rope_theta)
+            o_BTHD = attention(
+                q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=ctx.segment_ids, causal=True, impl=self.impl
+            )
+            y_BTD = constrain(self.o(o_BTHD), (BATCH, SEQ, ACT_EMBED))
+        return y_BTD, {}
