@@ -247,9 +247,6 @@ def path_str(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-_path_str = path_str  # the old name, still used by train/optim.py
-
-
 def _resolve_dims(matrix_dims: Any, params: Any) -> list:
     if matrix_dims is None:
         dims = jax.tree.map(lambda p: MatrixDims() if p.ndim == 2 else None, params)

@@ -315,10 +315,6 @@ def _is_leaf(x) -> bool:
     return isinstance(x, tuple)
 
 
-def _path(key_path) -> str:
-    return jax.tree_util.keystr(key_path, simple=True, separator="/")
-
-
 def matrix_dims(logical_names: Any, patterns: list[str] | None = None) -> Any:
     """`lowrank.MatrixDims` (project) or None (full-rank Adam) per parameter, from its names.
 
@@ -330,7 +326,7 @@ def matrix_dims(logical_names: Any, patterns: list[str] | None = None) -> Any:
     non-matrix raises ConfigError.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(logical_names, is_leaf=_is_leaf)
-    out = [_matrix_dims_one(_path(p), names, patterns) for p, names in flat]
+    out = [_matrix_dims_one(lowrank.path_str(p), names, patterns) for p, names in flat]
     return jax.tree.unflatten(treedef, out)
 
 
