@@ -16,6 +16,19 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Prepared data go to one folder per test session (CLI subprocesses inherit it)."""
+    cache = tmp_path_factory.mktemp("menagerie-cache")
+    old = os.environ.get("MENAGERIE_CACHE")
+    os.environ["MENAGERIE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("MENAGERIE_CACHE", None)
+    else:
+        os.environ["MENAGERIE_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own folder under the session's

@@ -1,0 +1,71 @@
+"""Helpers for tests that run the real `menagerie` CLI: fresh processes, run folders, snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from menagerie.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "transformer" / "tiny.yaml"
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `menagerie ...` in a fresh process; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "menagerie.train.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+
+
+def cli_popen(*args: str, env: dict[str, str] | None = None, split_stderr: bool = False):
+    """Start `menagerie ...`; stderr goes into stdout unless `split_stderr`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "menagerie.train.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT,
+        text=True,
+        env=env or cli_env(),
+        cwd=ROOT,
+    )
+
+
+def cli_wait(*procs: subprocess.Popen, timeout: float = 600):
+    """Waits for runs started together with `cli_popen(..., split_stderr=True)` (independent runs
+    overlap their imports and compiles on the CPU); one CompletedProcess per run, in order."""
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Last logged training loss per step (a resumed run rewrites steps after its checkpoint)."""
+    return {step: row["loss"] for step, row in read_metrics(run_dir, "train").items()}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with a hash of its bytes: to show that nothing was touched."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha1(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = "dir"
+    return out
