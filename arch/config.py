@@ -42,11 +42,16 @@ def round_up(x: int, multiple: int) -> int:
 
 
 class Config(pydantic.BaseModel):
-    """Strict, frozen config: unknown keys, NaN and infinities are errors; each field has an
-    attribute docstring; nested choice fields without their key take the default's key."""
+    """Strict, frozen config: unknown keys, NaN and infinities, and values of another type (a
+    boolean for an integer, a number for a string) are errors; each field has an attribute
+    docstring; nested choice fields without their key take the default's key."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+        strict=True,
     )
 
     @pydantic.model_validator(mode="before")

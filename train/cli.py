@@ -81,6 +81,11 @@ def cmd_eval(args) -> int:
             f"run_dir '{cfg.run_dir}' holds no run ({CONFIG_FILE} missing); "
             "pass the run_dir of a trained run (run_dir=...)"
         )
+    if args.config:
+        print(
+            f"eval: reading the run's own {saved}; '{args.config}' only chose its run_dir "
+            "(pass overrides such as train.eval_batches=8 to change the evaluation)"
+        )
     cfg = build_config(upgrade_saved(read_yaml(saved)), args.overrides)
     trainer = Trainer(cfg)
     ckpt = Checkpointer(

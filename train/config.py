@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,11 @@ from .errors import ConfigError
 from .optim import AdamWConfig, OptimConfig
 
 _STRICT = ConfigDict(
-    extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    extra="forbid",
+    use_attribute_docstrings=True,
+    validate_assignment=True,
+    allow_inf_nan=False,
+    strict=True,
 )
 
 
@@ -76,6 +82,10 @@ class TrainConfig(BaseModel):
             )
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss={self.z_loss} must be >= 0")
+        if self.sample_temperature < 0:
+            raise ValueError(
+                f"train.sample_temperature={self.sample_temperature} must be >= 0 (0 = greedy)"
+            )
         return self
 
 
@@ -239,7 +249,7 @@ def _check_moved(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> No
         )
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _split_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ConfigError(
             f"override '{item}' is not of the form key.sub=value (e.g. train.steps=200)"
@@ -248,17 +258,65 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override '{item}' has an empty key part; write e.g. optim.lr=1e-3")
+    return path, text
+
+
+def _annotation_at(raw: dict[str, Any], path: list[str]) -> Any:
+    """The type of the field `path` names, following choice sections by their key in `raw`;
+    None where the path leads nowhere (the key check reports that later)."""
+    model, node = RunConfig, raw
+    for i, key in enumerate(path):
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if i == len(path) - 1:
+            return annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        sub = node.get(key) if isinstance(node, dict) else None
+        if issubclass(annotation, Choice) and annotation is annotation.slot():
+            sub = {annotation.key: sub} if isinstance(sub, str) else sub
+            try:
+                annotation = _chosen(annotation, sub or {}, field.default, key)
+            except ConfigError:
+                return None
+        model, node = annotation, sub if isinstance(sub, dict) else {}
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, a Literal of strings, or either or None: a value the user types as plain text."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _is_text(rest[0])
+    return False
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    """An override's text as its field's type: plain text for string fields (no YAML: `#`,
+    `yes` and `0123` stay as typed), YAML for numbers, booleans, lists and null."""
+    if _is_text(annotation):
+        nullable = type(None) in typing.get_args(annotation)
+        return None if nullable and text.strip() in ("null", "~") else text
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        value = text  # YAML 1.1's yes/no/on/off: report what was typed, not a boolean
     # YAML 1.1 reads "1e-3" as a string; accept it as the float the user meant.
     if isinstance(value, str):
         try:
             value = float(value) if _looks_numeric(value) else value
         except ValueError:
             pass
-    return path, value
+    return value
 
 
 def _looks_numeric(text: str) -> bool:
@@ -293,13 +351,24 @@ def _format_validation_error(err: pydantic.ValidationError) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"config path '{path}' is a folder; pass a YAML file such as "
+            "configs/transformer/tiny.yaml"
+        )
     if not path.is_file():
         raise ConfigError(
             f"config file '{path}' does not exist; "
             "pass a YAML file such as configs/transformer/tiny.yaml"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}' ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -318,10 +387,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     """Validate a raw mapping plus dotted overrides into a `RunConfig`."""
     raw = _deep_copy(raw)
-    for item in overrides:
-        path, value = _parse_override(item)
-        _set_dotted(raw, path, value)
+    split = [_split_override(item) for item in overrides]
+    for path, text in split:  # first: modules that register parts the others may name
+        if path == ["imports"]:
+            _set_dotted(raw, path, _parse_value(text, list[str]))
     _import_modules(raw.get("imports") or [])
+    for path, text in split:
+        if path != ["imports"]:
+            _set_dotted(raw, path, _parse_value(text, _annotation_at(raw, path)))
     _check_keys(raw, RunConfig)
     try:
         return RunConfig.model_validate(raw)

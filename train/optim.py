@@ -162,6 +162,13 @@ class LowRankConfig(OptimConfig):
             )
         if self.scale <= 0:
             raise ValueError(f"optim.scale={self.scale} must be > 0")
+        for pattern in self.lowrank_params or ():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"optim.lowrank_params: {pattern!r} is not a regular expression ({e})"
+                ) from None
         limit = getattr(self, "norm_growth_limit", None)
         if limit is not None and limit < 1:
             raise ValueError(f"optim.norm_growth_limit={limit} must be >= 1 (papers: 1.01)")
@@ -326,7 +333,17 @@ def matrix_dims(logical_names: Any, patterns: list[str] | None = None) -> Any:
     non-matrix raises ConfigError.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(logical_names, is_leaf=_is_leaf)
-    out = [_matrix_dims_one(lowrank.path_str(p), names, patterns) for p, names in flat]
+    paths = [lowrank.path_str(p) for p, _ in flat]
+    for pattern in patterns or ():
+        if not any(re.search(pattern, path) for path in paths):
+            raise ConfigError(
+                f"optim.lowrank_params: {pattern!r} matches no parameter (paths look like "
+                f"'{paths[min(2, len(paths) - 1)]}'); fix the pattern or drop it"
+            )
+    out = [
+        _matrix_dims_one(path, names, patterns)
+        for path, (_, names) in zip(paths, flat, strict=True)
+    ]
     return jax.tree.unflatten(treedef, out)
 
 

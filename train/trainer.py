@@ -102,12 +102,10 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.cfg = cfg.model_copy(update={"model": model_cfg})
 
-        # Model: abstract first, so shardings are known before anything is allocated (and a
-        # model that cannot be named is refused before the run folder is touched).
+        # Model: abstract first, so shardings are known before anything is allocated.
         abstract_model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_state = nnx.split(abstract_model)
         self.param_names = mesh_lib.logical_names(abstract_state)
-        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
         abstract_params = nnx.to_pure_dict(abstract_state)
         self.param_shardings = mesh_lib.shardings_for(self.param_names, abstract_params, self.mesh)
         self.optimizer, self.schedule = make_optimizer(
@@ -119,6 +117,8 @@ class Trainer:
             lowrank.limit_cpu_lapack_threads(1)
         self.state_shardings = self._state_shardings(abstract_params)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        # Last: everything that can be checked was, so a refused config writes nothing.
+        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
 
     # ------------------------------------------------------------------ state
 

@@ -89,3 +89,16 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(p)
+
+
+def test_overrides_are_parsed_by_the_field_type():
+    # String fields take the text as typed: no YAML comments, octals or yes/no booleans.
+    cfg = load_config(None, ["run_dir=runs/exp #3", "data.source=yes", "data.text_field=0123"])
+    assert (cfg.run_dir, cfg.data.source, cfg.data.text_field) == ("runs/exp #3", "yes", "0123")
+    assert load_config(None, ["data.cache_dir=null"]).data.cache_dir is None
+    assert load_config(None, ["run_dir=null"]).run_dir == "null"  # not nullable: the text
+    # Other fields are typed values; a YAML 1.1 boolean where a number is due is an error.
+    for override in ("train.steps=yes", "train.steps=on", "model.n_layers=2.5"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(None, [override])
+    assert load_config(None, ["model.tie_embeddings=false"]).model.tie_embeddings is False
