@@ -75,7 +75,13 @@ class PackedDataset:
         self.num_docs = len(self._lengths)
         self.num_tokens = int(self._lengths.sum())
         shards = [str(self.folder / s) for s in self.meta["splits"][split]["shards"]]
-        self._source = grain.sources.ArrayRecordDataSource(shards)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(shards)
+        except RuntimeError as e:  # validate_prepared checked sizes; this is what is left
+            raise DataError(
+                f"'{self.folder}/{split}' has an unreadable shard ({e}); rerun `menagerie "
+                "prepare` with --force"
+            ) from e
         if len(self._source) != self.num_docs:
             raise DataError(
                 f"'{self.folder}/{split}' shards hold {len(self._source)} records but lengths.npy "
@@ -143,7 +149,7 @@ class PackedDataset:
         pieces = []
         for i in range(first, last + 1):
             start = int(ep.doc_starts[i])
-            ids = np.frombuffer(self._source[int(ep.doc_order[i])], self._dtype)
+            ids = self._record(int(ep.doc_order[i]))
             pieces.append(ids[max(lo - start, 0) : hi - start])
         w = np.concatenate(pieces).astype(np.int32)
         piece_lens = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
@@ -157,6 +163,18 @@ class PackedDataset:
             "positions": pos[:-1],
             "loss_mask": (seg[1:] == seg[:-1]).astype(np.float32),
         }
+
+    def _record(self, doc: int) -> np.ndarray:
+        """Token ids of record `doc`; a record whose length disagrees with lengths.npy is a
+        corrupt shard, not a short document."""
+        raw = self._source[doc]
+        if len(raw) != self._lengths[doc] * self._dtype.itemsize:
+            raise DataError(
+                f"record {doc} of '{self.folder}/{self.split}' has {len(raw)} bytes, but "
+                f"lengths.npy says {self._lengths[doc]} tokens; rerun `menagerie prepare` with "
+                "--force"
+            )
+        return np.frombuffer(raw, self._dtype)
 
     # -- batches -----------------------------------------------------------------------------
 

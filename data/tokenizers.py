@@ -176,8 +176,18 @@ def load_tokenizer(
 
 
 def tokenizer_from_meta(meta: dict[str, Any], folder: Path) -> Tokenizer:
-    """The tokenizer a prepared folder was made with."""
-    kind = meta["tokenizer"]["kind"]
-    if kind == "byte":
-        return ByteTokenizer()
-    return BPETokenizer.from_file(folder / "tokenizer.json")
+    """The tokenizer a prepared folder was made with (its kind and vocabulary size checked; not
+    its sha1, which a newer `tokenizers` may serialise differently)."""
+    recorded = meta["tokenizer"]
+    if recorded["kind"] == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        tok = BPETokenizer.from_file(folder / "tokenizer.json")
+    found = tok.to_json()
+    if (found["kind"], found["vocab_size"]) != (recorded["kind"], recorded["vocab_size"]):
+        raise DataError(
+            f"'{folder}/tokenizer.json' is a {found['kind']} tokenizer of {found['vocab_size']} "
+            f"tokens, but the folder was prepared with a {recorded['kind']} tokenizer of "
+            f"{recorded['vocab_size']}; rerun `menagerie prepare` into it with --force"
+        )
+    return tok

@@ -50,7 +50,7 @@ def test_refuses_non_empty_folder_and_force_keeps_foreign_files(
     prepared: tuple[DataConfig, Path],
 ) -> None:
     cfg, out = prepared
-    with pytest.raises(DataError, match="is not empty; pass an empty folder or force=True"):
+    with pytest.raises(DataError, match="is not empty; .* or --force to replace"):
         prepare(cfg, out)
     (out / "mine.txt").write_text("keep me")
     prepare(cfg, out, force=True)
