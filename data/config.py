@@ -12,7 +12,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     """Documents to train on. "stdlib": the running interpreter's standard-library `.py` files
     (site-packages excluded, sorted by relative path). Otherwise a path to a .txt/.jsonl/.parquet
     file, a folder of them (searched recursively, sorted), or a prepared folder holding
-    `meta.json` (the output of `menagerie prepare`)."""
+    `meta.json` (the output of `menagerie prepare`). In a folder each .txt file is a document; a
+    .txt file given alone is cut after line ends into about 100 documents, so that both splits
+    get some. Rows whose text is not a string and binary files are skipped, and bytes that are not
+    UTF-8 become U+FFFD; prepare reports the counts in one line."""
 
     text_field: str = "text"
     """The JSONL key / Parquet column that holds a document's text."""
@@ -29,7 +32,8 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     each document's identifier, so adding files never moves other documents between splits."""
 
     cache_dir: str | None = None
-    """Where automatically prepared data goes. None: $MENAGERIE_CACHE, else ~/.cache/menagerie."""
+    """Where automatically prepared data goes. None: $MENAGERIE_CACHE, else ~/.cache/menagerie.
+    Its entries are rebuilt when found broken; leftovers of interrupted prepares are removed."""
 
     num_workers: int = pydantic.Field(0, ge=0)
     """Grain read threads that build windows for the iterator. 0: built in-process, in order."""

@@ -182,3 +182,15 @@ def test_stdlib_throughput(tmp_path_factory: pytest.TempPathFactory) -> None:
     result = measure_throughput(out, seq_len=1024, batch_size=4, num_batches=100)
     print(f"\nstdlib byte-level, seq 1024 x batch 4: {result['tokens_per_s'] / 1e6:.2f}M tokens/s")
     assert result["tokens_per_s"] > 1e5  # >> 10x a CPU trainer; a loose floor, not a benchmark
+
+
+def test_a_record_that_disagrees_with_lengths_is_an_error(tmp_path: Path) -> None:
+    folder = write_token_folder(tmp_path / "syn", unique_docs([5, 7, 9]))
+    lengths = np.load(folder / "train" / "lengths.npy")
+    np.save(folder / "train" / "lengths.npy", lengths[[1, 0, 2]])  # same count, same sum
+    ds = PackedDataset(folder, "train", 4)
+    match = "record 0 of .* has 20 bytes, but lengths.npy says 7 tokens; rerun `menagerie prepare`"
+    with pytest.raises(DataError, match=match):
+        ds.window(0, seed=0, shuffle=False)
+    with pytest.raises(DataError, match="lengths.npy says"):  # through Grain's iterators too
+        list(ds.batches(1, seed=0, num_epochs=1))

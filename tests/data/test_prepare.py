@@ -1,4 +1,8 @@
 import json
+import os
+import re
+import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -149,4 +153,84 @@ def test_auto_prepare_concurrent(text_folder: Path, cache_env: Path) -> None:
     assert len(set(results)) == 1 and isinstance(results[0], Path), results
     assert [p.name for p in (cache_env / "prepared").iterdir() if not p.name.endswith(".lock")] == [
         results[0].name
+    ]
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.999])
+def test_empty_split_advice_names_a_fraction_that_works(tmp_path: Path, val_fraction) -> None:
+    (tmp_path / "c").mkdir()
+    for i in range(5):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"document {i}")
+    cfg = DataConfig(source=str(tmp_path / "c"), val_fraction=val_fraction)
+    with pytest.raises(DataError, match=r"(raise|lower) data.val_fraction to at (least|most)") as e:
+        prepare(cfg, tmp_path / "out")
+    advised = float(re.search(r"at (?:least|most) ([0-9.e-]+),", str(e.value))[1])
+    meta = prepare(cfg.model_copy(update={"val_fraction": advised}), tmp_path / "out")
+    assert all(s["num_docs"] for s in validate_prepared(meta)["splits"].values())
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "0.txt").write_text("alone")
+    with pytest.raises(DataError, match="holds 1 document, and a train and a validation split"):
+        prepare(DataConfig(source=str(tmp_path / "one")), tmp_path / "out2")
+
+
+def test_failed_prepare_leaves_nothing_and_stale_temporaries_go(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "0.txt").write_text("alone")
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(DataError, match="holds 1 document"):
+        prepare(DataConfig(source=str(tmp_path / "one")), out)
+    assert not (tmp_path / "a").exists()  # nor the parents made for it
+    dead = _dead_pid()
+    stale = out.parent / f"out.tmp-{socket.gethostname()}-{dead}"
+    live = out.parent / f"out.tmp-{socket.gethostname()}-{os.getpid()}-other"  # not ours: kept
+    other_host = out.parent / f"out.tmp-elsewhere-{dead}"  # another host's: kept
+    for d in (stale, live, other_host):
+        d.mkdir(parents=True)
+    for i in range(1, 20):
+        (tmp_path / "one" / f"{i}.txt").write_text(f"document {i}")
+    prepare(DataConfig(source=str(tmp_path / "one"), val_fraction=0.3), out)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        ["out", live.name, other_host.name]
+    )
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_truncated_shard_and_edited_meta_are_found_on_open(
+    prepared: tuple[DataConfig, Path],
+) -> None:
+    _, out = prepared
+    meta = (out / "meta.json").read_text()
+    edited = json.loads(meta)
+    edited["splits"]["train"]["num_docs"] += 1
+    (out / "meta.json").write_text(json.dumps(edited))
+    with pytest.raises(DataError, match="meta.json' was edited after prepare"):
+        validate_prepared(out)
+    (out / "meta.json").write_text(meta)
+    shard = out / "train" / "shard-00000.array_record"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-10])
+    with pytest.raises(DataError, match=f"'{shard}' has {len(raw) - 10} bytes but meta.json"):
+        validate_prepared(out)
+    shard.write_bytes(raw)
+    validate_prepared(out)
+
+
+def test_auto_prepare_rebuilds_a_corrupt_cache_entry(
+    text_folder: Path, cache_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = DataConfig(source=str(text_folder), val_fraction=0.3)
+    entry = auto_prepare(cfg)
+    assert f"into '{entry}'" in capsys.readouterr().out
+    (entry / "validation" / "shard-00000.array_record").write_bytes(b"")
+    assert auto_prepare(cfg) == entry and validate_prepared(entry)
+    assert f"note: rebuilding the cached data '{entry}': '{entry}/validation" in (
+        capsys.readouterr().out
+    )
+    assert [p.name for p in (cache_env / "prepared").iterdir() if not p.name.endswith(".lock")] == [
+        entry.name
     ]

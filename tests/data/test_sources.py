@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pydantic
 import pytest
 from menagerie.data import DataConfig, DataError, iter_documents
-from menagerie.data.sources import split_of
+from menagerie.data.sources import SourceReport, split_of
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,54 @@ def test_source_errors(tmp_path: Path) -> None:
         list(iter_documents(DataConfig(source=str(tmp_path / "c.parquet"))))
     with pytest.raises(DataError, match="split='test' is unknown"):
         iter_documents(DataConfig(), "test")
+
+
+def test_single_txt_file_is_cut_after_line_ends(tmp_path: Path) -> None:
+    text = "".join(f"line {i} of a book\n" for i in range(1000))
+    (tmp_path / "book.txt").write_text(text)
+    docs = list(iter_documents(DataConfig(source=str(tmp_path / "book.txt"))))
+    assert "".join(t for _, t in docs) == text and all(t.endswith("\n") for _, t in docs)
+    assert 90 <= len(docs) <= 101
+    lines = text.splitlines(keepends=True)
+    for doc_id, doc in docs:  # "name:first_line"
+        name, first = doc_id.split(":")
+        assert name == "book.txt" and doc.startswith(lines[int(first) - 1])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "book.txt").write_text(text)  # inside a folder: one document
+    assert list(iter_documents(DataConfig(source=str(tmp_path / "folder")))) == [("book.txt", text)]
+
+
+def test_rows_whose_text_is_not_a_string_are_skipped_and_counted_once(tmp_path: Path) -> None:
+    rows = [{"text": "a"}, {"text": None}, {"text": 12345}, {"text": {"x": 1}}, {"text": "b"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": ["c", None]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "c.parquet")
+    cfg = DataConfig(source=str(tmp_path), val_fraction=0.5)
+    report = SourceReport()
+    for split in ("train", "validation", None):  # read three times, counted once
+        list(iter_documents(cfg, split, report))
+    assert sorted(t for _, t in iter_documents(cfg)) == ["a", "b", "c"]
+    assert report.non_string == {"a.jsonl": 3, "b.parquet": 1, "c.parquet": 3}
+    assert report.line("text") == (
+        "skipped 7 of 10 rows whose 'text' is not a string (null, number or object; first in "
+        "a.jsonl)"
+    )
+
+
+def test_binary_and_non_utf8_files_are_counted(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "latin1.txt").write_bytes("déjà".encode("latin-1"))
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "rows.jsonl").write_text('{"text": "lone \\udc80"}\n')
+    report = SourceReport()
+    docs = dict(iter_documents(DataConfig(source=str(tmp_path)), report=report))
+    assert docs == {"latin1.txt": "d\ufffdj\ufffd", "ok.txt": "fine", "rows.jsonl:1": "lone \ufffd"}
+    assert (report.binary, report.not_utf8) == ({"blob.txt"}, {"latin1.txt", "rows.jsonl"})
+    assert SourceReport().line("text") is None
+
+
+def test_corrupt_parquet_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    with pytest.raises(DataError, match=r"bad.parquet' is not a readable Parquet file \(") as e:
+        list(iter_documents(DataConfig(source=str(tmp_path / "bad.parquet"))))
+    assert "\n" not in str(e.value)
