@@ -12,8 +12,9 @@ sha1 (over the rest of meta.json), so that `validate_prepared` finds a truncated
 edited meta.json when the folder is opened, at the cost of a stat and a footer read per shard.
 
 A folder is built in a temporary sibling `<name>.tmp-<host>-<pid>` that is renamed into place at
-the end, so a failed prepare leaves nothing behind and an interrupted one leaves only that
-temporary, which the next prepare next to it removes once its process is gone.
+the end (into an existing folder: in its child `.prepare.tmp-<host>-<pid>`, whose parts are moved
+in, meta.json last), so a failed prepare leaves nothing behind and an interrupted one leaves only
+that temporary, which the next prepare there removes once its process is gone.
 """
 
 from __future__ import annotations
@@ -87,8 +88,7 @@ def _write_split(
         if writer is not None:
             writer.close()
     except RuntimeError as e:  # array_record reports a failed write (disk full, ...) this way
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "write failed"
-        raise OSError(errno.EIO, reason, str(out / shard)) from e
+        raise _as_os_error(e, out / shard) from e
     np.save(out / split / "lengths.npy", np.asarray(lengths, np.int64))
     info = {
         "num_docs": len(lengths),
@@ -97,6 +97,16 @@ def _write_split(
         "shards": list(records),
     }
     return info, records
+
+
+def _as_os_error(e: RuntimeError, path: Path) -> OSError:
+    """array_record's "write() failed: No space left on device; writing ..." as an OSError."""
+    message = str(e)
+    code = next(
+        (c for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if os.strerror(c) in message),
+        errno.EIO,
+    )
+    return OSError(code, os.strerror(code) if code != errno.EIO else message.split(";")[0], path)
 
 
 def _seal(meta: dict[str, Any]) -> str:
@@ -226,6 +236,7 @@ def _remove_stale_temporaries(parent: Path, name: str | None = None) -> None:
 
 
 def _temporary(final: Path) -> Path:
+    """`<name>.tmp-<host>-<pid>` beside `final`."""
     return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
@@ -243,13 +254,12 @@ def _missing_parents(folder: Path) -> list[Path]:
 
 
 @contextmanager
-def _staging(final: Path) -> Iterator[Path]:
-    """An empty temporary sibling of `final` to build in; removed afterwards, as are the parent
-    folders made for it when the build fails (the caller renames it into place on success)."""
-    made = _missing_parents(final.parent)
-    tmp = _temporary(final)
+def _staging(tmp: Path) -> Iterator[Path]:
+    """`tmp`, made empty to build in; removed afterwards, as are the parent folders made for it
+    when the build fails (the caller moves it into place on success)."""
+    made = _missing_parents(tmp.parent)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
@@ -265,9 +275,9 @@ def _staging(final: Path) -> Iterator[Path]:
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Moves a built folder to `out`: a rename when `out` is new or empty; into a non-empty `out`
-    (--force) ours are replaced one by one, meta.json last, and foreign files stay."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    """Moves a built folder to `out`: one rename when `out` is new; into an existing `out` ours
+    are replaced one by one, meta.json last, and foreign files stay."""
+    if not out.exists():
         os.replace(tmp, out)
         return
     (out / "meta.json").unlink(missing_ok=True)  # incomplete from here until the end
@@ -290,8 +300,10 @@ def _os_errors(folder: Path, fix: str) -> Iterator[None]:
     except OSError as e:
         where = f" ('{e.filename}')" if e.filename and str(e.filename) != str(folder) else ""
         reason = e.strerror or str(e) or type(e).__name__
-        if e.errno == errno.ENOSPC:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             fix = f"free some space, or {fix}"
+        elif e.errno == errno.EFBIG:
+            fix = f"raise the file size limit (ulimit -f), or {fix}"
         raise DataError(f"cannot write prepared data to '{folder}': {reason}{where}; {fix}") from e
 
 
@@ -299,21 +311,23 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, force: bool = False) -> Pat
     """Tokenizes both splits of `cfg.source` into `out_dir`; returns `out_dir`.
 
     Refuses a non-empty `out_dir` unless `force` (--force); even then it only replaces its own
-    files. The folder is built beside `out_dir` and moved into place when complete, so a failed
-    prepare leaves `out_dir` as it was.
+    files. The folder is built beside `out_dir` (inside it, when it exists) and moved into place
+    when complete, so a failed prepare leaves `out_dir` as it was.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"prepare output '{out}' is a file; pass a folder as --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(
-            f"prepare output '{out}' is not empty; pass a new or empty folder as --out, or "
-            "--force to replace the prepared data in it"
-        )
-    iter_documents(cfg)  # source errors before anything is written
     with _os_errors(out, "pass a writable folder as --out"):
         _remove_stale_temporaries(out.parent, out.name)
-        with _staging(out) as tmp:
+        _remove_stale_temporaries(out, ".prepare")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise DataError(
+                f"prepare output '{out}' is not empty; pass a new or empty folder as --out, or "
+                "--force to replace the prepared data in it"
+            )
+        iter_documents(cfg)  # source errors before anything is written
+        # Into an existing folder, build in a child: --force needs no write access to its parent.
+        with _staging(_temporary(out / ".prepare" if out.is_dir() else out)) as tmp:
             _build(cfg, tmp)
             _install(tmp, out)
     return out
@@ -469,7 +483,7 @@ def auto_prepare(cfg: DataConfig) -> Path:
                     print(f"note: rebuilding the cached data '{final}': {e}", flush=True)
                     shutil.rmtree(_temporary(final), ignore_errors=True)
                     os.replace(final, _temporary(final))
-            with _staging(final) as tmp:
+            with _staging(_temporary(final)) as tmp:
                 meta = _build(cfg, tmp)
                 os.replace(tmp, final)
     docs = sum(s["num_docs"] for s in meta["splits"].values())

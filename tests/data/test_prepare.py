@@ -234,3 +234,15 @@ def test_auto_prepare_rebuilds_a_corrupt_cache_entry(
     assert [p.name for p in (cache_env / "prepared").iterdir() if not p.name.endswith(".lock")] == [
         entry.name
     ]
+
+
+def test_prepare_into_an_existing_folder_builds_inside_it(text_folder: Path, tmp_path) -> None:
+    """--force into an existing folder needs no write access to its parent: nothing is made
+    beside it, and the leftover of an interrupted prepare inside it is removed."""
+    out = tmp_path / "parent" / "out"
+    (out / f".prepare.tmp-{socket.gethostname()}-{_dead_pid()}").mkdir(parents=True)
+    (out / "mine.txt").write_text("keep me")
+    prepare(DataConfig(source=str(text_folder), val_fraction=0.3), out, force=True)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "mine.txt", "train", "validation"]
+    validate_prepared(out)

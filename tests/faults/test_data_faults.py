@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from menagerie.data import DataConfig, auto_prepare, prepare, validate_prepared
 
 from ..cli_testing import ROOT, TINY, cli_env
@@ -28,10 +29,12 @@ from .faults_testing import NO_DAC, Workspace, run_cli
 QUICK = ["train.steps=2", "train.eval_batches=0", "train.sample_tokens=0", "checkpoint.every=0"]
 
 
-def write_corpus(folder: Path, n: int = 30) -> Path:
+def write_corpus(folder: Path, n: int = 30, size: int = 420) -> Path:
+    """n documents of about `size` bytes."""
     folder.mkdir(parents=True)
     for i in range(n):
-        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: " + "words and more words " * 20)
+        text = f"document {i}: " + "words and more words " * (size // 21)
+        (folder / f"doc{i:02d}.txt").write_text(text)
     return folder
 
 
@@ -173,7 +176,9 @@ def test_interrupted_automatic_prepare_is_cleaned_up_and_corrupt_cache_rebuilt(t
     killed = _start_train([f"data.cache_dir={cache}", f"run_dir={tmp_path / 'r1'}"], ROOT)
     deadline = time.monotonic() + 120
     while not list((cache / "prepared").glob("stdlib-*.tmp-*")):
-        assert killed.poll() is None and time.monotonic() < deadline, killed.returncode
+        if killed.poll() is not None or time.monotonic() > deadline:
+            killed.kill()
+            pytest.fail("no temporary folder seen: " + killed.communicate()[0][-3000:])
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
@@ -256,6 +261,13 @@ def _faults(root: Path) -> dict:
             ["prepare", "--out", root / "ro" / "out", corpus],
             f"cannot write prepared data to '{root / 'ro' / 'out'}': Permission denied",
             NO_DAC,
+            None,
+        ),
+        "a write fails midway (file size limit)": (
+            lambda: write_corpus(root / "big", n=40, size=10_000),
+            ["prepare", "--out", root / "out", f"data.source={root / 'big'}"],
+            f"cannot write prepared data to '{root / 'out'}': File too large ('{root}/out.tmp-",
+            ["prlimit", "--fsize=200000"],  # the limit is per file; Python ignores SIGXFSZ
             None,
         ),
         "unreadable source file": (
