@@ -209,7 +209,7 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
     return meta
 
 
-# -- building in a temporary sibling ---------------------------------------------------------
+# -- building in a temporary folder ----------------------------------------------------------
 
 
 def _alive(pid: int) -> bool:
@@ -336,15 +336,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, force: bool = False) -> Pat
 # -- opening ---------------------------------------------------------------------------------
 
 
-def validate_prepared(folder: str | Path) -> dict[str, Any]:
-    """meta.json of a complete prepared folder; one DataError naming the first problem.
+def validate_prepared(folder: str | Path, *, redo: str | None = None) -> dict[str, Any]:
+    """meta.json of a complete prepared folder; one DataError naming the first problem and
+    `redo` (default: how to prepare it again).
 
     Checks meta.json against its sha1, the byte size of every file and the record count of every
     shard it lists (folders prepared before these were recorded get the other checks only).
     """
     folder = Path(folder).expanduser()
     meta_path = folder / "meta.json"
-    redo = f"rerun `menagerie prepare` into '{folder}' with --force or delete it"
+    redo = redo or f"rerun `menagerie prepare` into '{folder}' with --force or delete it"
     if not meta_path.is_file():
         raise DataError(f"'{folder}' has no meta.json (prepare was interrupted?); {redo}")
     try:
@@ -422,9 +423,10 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _cache_setting(cfg: DataConfig) -> str:
+    """The setting that chose `cache_root(cfg)`."""
     if cfg.cache_dir:
         return "data.cache_dir"
-    return "MENAGERIE_CACHE" if os.environ.get("MENAGERIE_CACHE") else "the default cache"
+    return "MENAGERIE_CACHE" if os.environ.get("MENAGERIE_CACHE") else "data.cache_dir"
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -472,15 +474,22 @@ def auto_prepare(cfg: DataConfig) -> Path:
     with _os_errors(root, fix):
         _missing_parents(parent)  # names a file in the way
         parent.mkdir(parents=True, exist_ok=True)
-        with open(parent / f".{final.name}.lock", "w") as lock:
+        try:
+            lock = open(parent / f".{final.name}.lock", "w")
+        except OSError:
+            if final.is_dir():  # a read-only cache that holds the entry already serves
+                validate_prepared(final)
+                return final
+            raise
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _remove_stale_temporaries(parent)
             if final.exists():
                 try:
-                    validate_prepared(final)
+                    validate_prepared(final, redo="rebuilding this cached copy")
                     return final
                 except DataError as e:  # ours, so set it aside and rebuild it
-                    print(f"note: rebuilding the cached data '{final}': {e}", flush=True)
+                    print(f"note: {e}", flush=True)
                     shutil.rmtree(_temporary(final), ignore_errors=True)
                     os.replace(final, _temporary(final))
             with _staging(_temporary(final)) as tmp:

@@ -228,9 +228,9 @@ def test_auto_prepare_rebuilds_a_corrupt_cache_entry(
     assert f"into '{entry}'" in capsys.readouterr().out
     (entry / "validation" / "shard-00000.array_record").write_bytes(b"")
     assert auto_prepare(cfg) == entry and validate_prepared(entry)
-    assert f"note: rebuilding the cached data '{entry}': '{entry}/validation" in (
-        capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert f"note: '{entry}/validation/shard-00000.array_record' has 0 bytes but meta.json" in out
+    assert "; rebuilding this cached copy\n" in out
     assert [p.name for p in (cache_env / "prepared").iterdir() if not p.name.endswith(".lock")] == [
         entry.name
     ]

@@ -195,7 +195,9 @@ def test_interrupted_automatic_prepare_is_cleaned_up_and_corrupt_cache_rebuilt(t
     run.kill()
     out.append(run.communicate()[0])
     text = "".join(out)
-    assert f"note: rebuilding the cached data '{entry}': '{entry}/train/shard-00000" in text, text
+    shard = entry / "train" / "shard-00000.array_record"
+    assert f"note: '{shard}' has 1000 bytes but meta.json recorded" in text, text
+    assert "rebuilding this cached copy" in text
     assert f"into '{entry}'" in text and "Traceback" not in text
     assert validate_prepared(entry)
     assert not list((cache / "prepared").glob("*.tmp-*"))
@@ -247,6 +249,15 @@ def _faults(root: Path) -> dict:
             [*t, corpus, f"data.cache_dir={notes}/cache"],
             f"it is a file, not a folder ('{notes}'); set data.cache_dir",
             (),
+            None,
+        ),
+        "cache in a read-only folder": (
+            lambda: _read_only(root / "ro"),
+            [*t, corpus, f"data.cache_dir={root / 'ro'}"],
+            f"cannot write prepared data to '{root / 'ro'}': Permission denied "
+            f"('{root / 'ro' / 'prepared'}'); set data.cache_dir (now '{root / 'ro'}') to a "
+            "writable folder",
+            NO_DAC,
             None,
         ),
         "prepare --out under a file": (
