@@ -5,8 +5,16 @@ from __future__ import annotations
 import pydantic
 
 
-class DataConfig(pydantic.BaseModel, extra="forbid"):
+class DataConfig(pydantic.BaseModel):
     """The `data:` section of a run config."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
+        strict=True,
+    )
 
     source: str = "stdlib"
     """Documents to train on. "stdlib": the running interpreter's standard-library `.py` files
