@@ -26,6 +26,14 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arra
     return logz_BT - target_logit_BT, logz_BT
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every float in `tree` is finite: a bool scalar (one fused pass per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _forward(graphdef: nnx.GraphDef, params: Any, batch: Batch, step=None, training=False):
     """The model on a batch, with the whole call context (targets and mask for heads that learn
     from them, the step for schedules inside parts)."""
@@ -94,14 +102,22 @@ def make_train_step(
 
         grad_norm = optax.tree.norm(grads)
         loss = nll_sum / n_tokens
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
         if clip_norm is not None:
             scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
-        # A non-finite loss or gradient skips the update: params and optimizer state stay.
+        # A non-finite loss or gradient, or an update that leaves a parameter or an optimizer
+        # moment non-finite (finite gradients can overflow it), is skipped: params and
+        # optimizer state stay.
+        ok = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & jnp.isfinite(aux)
+            & all_finite((new_params, new_opt))
+        )
+
         def keep_if_ok(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -124,6 +140,7 @@ def make_train_step(
             "tokens": n_tokens,
             "finite": ok,
             "bad_steps": new_state["bad_steps"],
+            "skipped": new_state["skipped"],
             **{f"model/{k}": v for k, v in mm.items()},
         }
         return new_state, metrics
