@@ -8,6 +8,7 @@ measured once at start-up, the fastest of a few sizes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -17,6 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from .errors import run_folder_io
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
 PEAK_FLOPS: dict[str, float] = {
@@ -64,17 +67,19 @@ def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard (process 0 only)."""
+    """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard (process 0 only). An OS
+    error on them (a full disk) is one CheckpointError line (`errors.run_folder_io`)."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a") if self.enabled else None  # noqa: SIM115
-        self._tb = None
-        if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+        self._file = self._tb = None
+        with run_folder_io("write metrics", self.path):
+            self._file = open(self.path, "a") if self.enabled else None  # noqa: SIM115
+            if self.enabled and tensorboard:
+                from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -82,18 +87,35 @@ class MetricsWriter:
         row = {"kind": kind, "step": int(step), "time": time.time()}
         for k, v in metrics.items():
             row[k] = v if isinstance(v, str) else _to_float(v)
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("kind", "step", "time") and isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+        with run_folder_io("write metrics", self.path):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                for k, v in row.items():
+                    if (
+                        k not in ("kind", "step", "time")
+                        and isinstance(v, float)
+                        and math.isfinite(v)
+                    ):
+                        self._tb.add_scalar(f"{kind}/{k}", v, int(step))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        with run_folder_io("write metrics", self.path):
+            if self._file is not None:
+                self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """Closes; an error already on its way out wins over one from closing."""
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 def _to_float(v: Any) -> float:

@@ -25,12 +25,14 @@ from jax.sharding import Mesh
 from menagerie import arch
 from menagerie.data import PackedDataset, auto_prepare
 from rich.console import Console
+from rich.markup import escape
 
 from . import lowrank
 from . import mesh as mesh_lib
-from .checkpoint import Checkpointer, prepare_run_dir
+from .checkpoint import Checkpointer, RunLock, prepare_run_dir, record_data_change
 from .config import RunConfig, check_mesh_fits
-from .errors import ConfigError, TrainingError
+from .distributed import from_process_0
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
 from .optim import make_optimizer, opt_state_logical_names
@@ -48,29 +50,35 @@ class Summary:
     eval: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     preempted: bool = False
+    """Stopped by SIGTERM after saving (a Ctrl-C raises `Interrupted` instead)."""
     sample: str | None = None
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits 0."""
+class _StopSignals:
+    """SIGTERM (a preemption) or a first Ctrl-C (SIGINT) sets `requested` to the signal's name:
+    the loop saves a checkpoint at the next step boundary and stops (SIGTERM: the run returns,
+    exit 0; Ctrl-C: `Interrupted`, exit 130). A Ctrl-C after that aborts at once."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested: str | None = None
+        self._old = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            self.requested = True
+            if signum == signal.SIGINT and self.requested is not None:
+                raise KeyboardInterrupt
+            self.requested = self.requested or signal.Signals(signum).name
 
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. inside a test runner's thread)
-            self._old = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner's thread)
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
@@ -245,15 +253,29 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> Summary:
-        """Trains from the latest checkpoint (or from scratch) to `train.steps`; on SIGTERM it
-        saves at the next step boundary and returns with `summary.preempted`."""
+        """Trains from the latest checkpoint (or from scratch) to `train.steps`, holding the run
+        folder's lock. SIGTERM: saves at the next step boundary and returns with
+        `summary.preempted`; Ctrl-C: saves the same way, then raises `Interrupted` (a second
+        Ctrl-C aborts at once)."""
+        with self._run_lock(), self._checkpointer() as ckpt:
+            ckpt.prepare_writes()
+            state, start = self._restore_or_init(ckpt)
+            if jax.process_index() == 0:
+                record_data_change(self.run_dir, self.cfg, start, warn=self._warn)
+            summary, stopped_by = self._train(ckpt, state, start)
+        if stopped_by == "SIGINT":
+            raise Interrupted(
+                f"saved step {summary.final_step} to {ckpt.directory}; "
+                "rerun the same command to resume"
+            )
+        return summary
+
+    def _train(self, ckpt: Checkpointer, state: dict, start: int) -> tuple[Summary, str | None]:
+        """The loop from `start`: (summary, the signal that stopped it after a save or None)."""
         cfg, t = self.cfg, self.cfg.train
-        ckpt = self._checkpointer()
-        state, start = self._restore_or_init(ckpt)
         train_step = self.jit_train_step()
         eval_step = self.jit_eval_step()
         meter = _Throughput(t.batch_size * t.seq_len, *self._print_banner())
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard)
         summary = Summary(run_dir=self.run_dir, start_step=start, final_step=start)
         batches = self.train_data.batches(
             t.batch_size,
@@ -263,40 +285,61 @@ class Trainer:
             process_count=jax.process_count(),
         )
         step = start
-        try:
-            bar = _ProgressBar(self.console, cfg, start)
-            with _Preemption() as preempt, self.context(), bar:
+        bar = _ProgressBar(self.console, cfg, start)
+        with MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard) as writer:
+            with _StopSignals() as stop, self.context(), bar:
                 while step < t.steps:
                     state, m = train_step(state, self._global_batch(next(batches)))
                     step += 1
                     m = jax.device_get(m)
                     meter.add()
-                    self._check_finite(step, m, ckpt)
                     summary.last_loss = float(m["loss"])
                     bar(step, summary.last_loss)
-                    if step % cfg.log.every == 0 or step == t.steps:
+                    # Every skipped step is logged, then counted.
+                    if step % cfg.log.every == 0 or step == t.steps or not m["finite"]:
                         self._log_train(writer, step, m, meter)
+                    self._check_finite(step, m, ckpt)
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                         self._log_eval(writer, step, self.evaluate(state["params"], eval_step))
                         meter.restart_clock()
                     ckpt.save(step, state, self._meta(step))
-                    if preempt.requested:
-                        ckpt.save(step, state, self._meta(step), force=True)
-                        ckpt.wait()
-                        self.console.print(
-                            f"SIGTERM: saved step {step} to {ckpt.directory}; exiting"
-                        )
-                        summary.preempted = True
+                    if stop.requested:
+                        self._save_and_stop(ckpt, step, state, stop.requested)
                         break
             summary.final_step = step
             summary.skipped_steps = int(jax.device_get(state["skipped"]))
-            if not summary.preempted:
+            summary.preempted = stop.requested == "SIGTERM"
+            if not stop.requested:
                 self._finish(ckpt, writer, state, eval_step, summary)
             ckpt.wait()
-        finally:
-            ckpt.close()
-            writer.close()
-        return summary
+        return summary, stop.requested
+
+    def _save_and_stop(self, ckpt: Checkpointer, step: int, state: dict, signame: str) -> None:
+        ckpt.save(step, state, self._meta(step), force=True)
+        ckpt.wait()
+        if signame == "SIGTERM":
+            self.console.print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+
+    @contextlib.contextmanager
+    def _run_lock(self):
+        """Process 0 holds the run folder's lock while the run trains in it (`RunLock`); every
+        process learns from process 0 whether it got it, so that none waits for a process that
+        stopped."""
+        lock, error = RunLock(self.run_dir), None
+        if jax.process_index() == 0:
+            try:
+                lock.acquire(warn=self._warn)
+            except CheckpointError as e:
+                error = e
+        if not from_process_0(error is None):
+            raise error or CheckpointError(
+                f"process 0 could not lock run_dir '{self.run_dir}'; its error says why"
+            )
+        with lock:
+            yield
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]{escape(message)}")
 
     def _checkpointer(self) -> Checkpointer:
         c = self.cfg.checkpoint
@@ -311,9 +354,7 @@ class Trainer:
     def _restore_or_init(self, ckpt: Checkpointer) -> tuple[dict, int]:
         """The latest readable checkpoint's state and step, else a fresh state at step 0."""
         t, console = self.cfg.train, self.console
-        restored = ckpt.restore_latest(
-            self.abstract_state(), warn=lambda m: console.print(f"[yellow]{m}")
-        )
+        restored = ckpt.restore_latest(self.abstract_state(), warn=self._warn, training=True)
         if restored is None:
             return self.init_state(), 0
         state, meta = restored
@@ -352,8 +393,8 @@ class Trainer:
         """Reports a skipped non-finite step; TrainingError after `max_bad_steps` in a row."""
         if bool(m["finite"]):
             return
-        self.console.print(
-            f"[yellow]step {step}: non-finite loss or gradient "
+        self._warn(
+            f"step {step}: non-finite loss, gradient or update "
             f"(loss={float(m['loss'])}); update skipped"
         )
         if int(m["bad_steps"]) >= self.cfg.train.max_bad_steps:
@@ -361,13 +402,13 @@ class Trainer:
             raise TrainingError(
                 f"{int(m['bad_steps'])} non-finite steps in a row, the last at "
                 f"step {step} (data batch {step - 1}); lower optim.lr or check "
-                f"the data; the last good state is in {ckpt.directory}"
+                f"the data; no non-finite update was applied or saved: {ckpt.resume_point()}"
             )
 
     def _log_train(self, writer: MetricsWriter, step: int, m: dict, meter: _Throughput) -> None:
         """One train metrics row (the step's metrics and the window's throughput); restarts
         the window."""
-        row = {k: v for k, v in m.items() if k not in ("finite",)}
+        row = dict(m)
         row.update(meter.row())
         writer.write(step, row)
         self.console.print(_format_row(step, self.cfg.train.steps, row))

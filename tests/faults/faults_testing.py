@@ -91,3 +91,63 @@ class Workspace:
         new = [k for k in after if k not in before and not k.startswith(tuple(allow_new))]
         assert not new, f"appeared: {new[:5]}"
         return line
+
+
+# ---- train/ faults: one small finished run per session, training arguments, waiting on a run
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ..cli_testing import TINY  # noqa: E402
+
+QUICK_TRAIN = [
+    "-c",
+    str(TINY),
+    "train.steps=3",
+    "train.eval_batches=0",
+    "train.sample_tokens=0",
+    "checkpoint.every=1",
+    "log.every=1",
+]
+
+
+def train_args(run_dir, *extra: str) -> list[str]:
+    """`train` of the tiny model into run_dir: 3 steps, a checkpoint and a log row at each."""
+    return ["train", *QUICK_TRAIN, f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 3-step run (checkpoints 2 and 3), trained once per session: copy it (for
+    example with `Workspace(tmp_path, trained_run)`) before changing anything in it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    done = run_cli(train_args(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
+    """Until `<run_dir>/metrics.jsonl` has a train row at `step` or later (proc: a Popen that
+    must still be running)."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (exit {proc.returncode})")
+        if metrics.exists() and _last_step(metrics.read_text()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for step {step} in {metrics}")
+
+
+def _last_step(text: str) -> int:
+    """The highest step of the complete rows in a metrics.jsonl text (a row may be half written)."""
+    steps = [0]
+    for line in text.splitlines():
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except ValueError:
+            pass
+    return max(steps)
