@@ -118,14 +118,20 @@ def train_args(run_dir, *extra: str) -> list[str]:
     return ["train", *QUICK_TRAIN, f"run_dir={run_dir}", *extra]
 
 
+_TRAINED: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A finished 3-step run (checkpoints 2 and 3), trained once per session: copy it (for
-    example with `Workspace(tmp_path, trained_run)`) before changing anything in it."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    done = run_cli(train_args(run))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+    """A finished 3-step run (checkpoints 2 and 3), trained once per session (each module that
+    imports the fixture gets the same folder): copy it (for example with
+    `Workspace(tmp_path, trained_run)`) before changing anything in it."""
+    if "run" not in _TRAINED:
+        run = tmp_path_factory.mktemp("trained") / "run"
+        done = run_cli(train_args(run))
+        assert done.returncode == 0, done.stderr[-3000:]
+        _TRAINED["run"] = run
+    return _TRAINED["run"]
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
