@@ -72,11 +72,15 @@ def torch_params(params):
     return tp
 
 
-def run_both(opt, tp, tx, params, steps, seed):
-    """Feeds the same gradients to both; asserts equal updates at every step."""
+def run_both(opt, tp, tx, params, steps, seed, rtol):
+    """Feeds the same gradients to both; asserts equal updates at every step, within `rtol` of
+    the largest entry of the official update of each leaf (float32 rounding, and for SVD-based
+    projectors the two LAPACKs' singular vectors). Returns (our final optimizer state, the
+    largest such relative difference seen), so a test can print what it measured."""
     rng = np.random.default_rng(seed)
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     state, update = tx.init(jp), jax.jit(tx.update)
+    worst = 0.0
     for t, g in enumerate(spectral_grads(rng, SHAPES, steps)):
         before = {k: p.detach().clone() for k, p in tp.items()}
         for k in ("tall", "wide", "vec"):
@@ -92,6 +96,8 @@ def run_both(opt, tp, tx, params, steps, seed):
         )
         for k in SHAPES:
             got = np.asarray(u[k])
-            np.testing.assert_allclose(got, ref[k], atol=1e-5, rtol=0, err_msg=f"{k} step {t}")
-            assert np.abs(got - ref[k]).max() < 1e-3 * np.abs(ref[k]).max(), (k, t)
-    return state
+            scale = np.abs(ref[k]).max()
+            diff = np.abs(got - ref[k]).max() / scale
+            worst = max(worst, diff)
+            assert diff <= rtol, f"{k} step {t}: |ours - official| = {diff:.2e} x max |official|"
+    return state, worst

@@ -1,15 +1,19 @@
 """Two real processes (jax.distributed, gloo collectives on localhost), one CPU device each,
-train the same model as one process with two devices: same losses, one checkpoint, resumable."""
+train the same model as one process with two devices: same losses, gradient norms and final
+state; one checkpoint, from which both processes resume where it left off."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from .conftest import ROOT, TINY, cli_env, train_losses
+from .conftest import ROOT, TINY, cli_env
+from .test_multidevice import assert_close_states, saved_state
 
 ARGS = [
     "train",
@@ -20,7 +24,8 @@ ARGS = [
     "train.eval_every=0",
     "train.eval_batches=2",
     "train.sample_tokens=0",
-    "checkpoint.every=3",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=3",
     "mesh.data=2",
 ]
 
@@ -74,6 +79,12 @@ def _two_processes(run_dir, *overrides: str, alongside=()) -> list[tuple[int, st
     return out
 
 
+def _train_rows(run_dir) -> list[dict]:
+    """Every train row of metrics.jsonl, in the order written (a resumed run appends)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
 def test_two_processes_match_one_process_and_resume(tmp_path):
     one = _launch(tmp_path / "one", 2, {})  # runs alongside the two processes
     *results, (rc, text) = _two_processes(tmp_path / "multi", alongside=[one])
@@ -82,17 +93,29 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
         assert rc == 0, text[-3000:]
     # Process 0 alone logs and evaluates to the console; both ran all steps.
     assert "final eval" in results[0][1]
-    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "multi")
-    assert sorted(b) == list(range(1, 7))
-    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-4)
-    assert (tmp_path / "multi" / "checkpoints" / "6").is_dir()
+    a, b = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "multi")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    # Measured bitwise equal (a 2-way all-reduce is one addition, whichever process adds).
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_array_equal([r[name] for r in b], [r[name] for r in a], err_msg=name)
+    assert_close_states(
+        saved_state(tmp_path / "multi/checkpoints/6"),
+        saved_state(tmp_path / "one/checkpoints/6"),
+        rtol=0.0,
+    )
 
-    # Both processes resume from the shared checkpoint and go on.
-    more = _two_processes(tmp_path / "multi", "train.steps=8")
+    # The run stops after its step-4 checkpoint (the step-6 one moved out of the run); both
+    # processes rerun resume from step 4, not from step 2 or from scratch, run steps 5 and 6
+    # only, and end bit for bit where the uninterrupted run ended.
+    shutil.move(tmp_path / "multi/checkpoints/6", tmp_path / "multi-6")
+    more = _two_processes(tmp_path / "multi")
     for rc, text in more:
         assert rc == 0, text[-3000:]
-    assert "resumed from" in more[0][1]
-    assert sorted(train_losses(tmp_path / "multi")) == list(range(1, 9))
+        assert f"resumed from {tmp_path / 'multi/checkpoints/4'} (step 4)" in text
+    assert [r["step"] for r in _train_rows(tmp_path / "multi")] == [1, 2, 3, 4, 5, 6, 5, 6]
+    final = saved_state(tmp_path / "multi/checkpoints/6")
+    assert int(final["step"]) == 6
+    assert_close_states(final, saved_state(tmp_path / "multi-6"), rtol=0.0)
 
 
 def test_incomplete_or_wrong_environment_is_one_config_error():
