@@ -71,4 +71,3 @@ def test_parts_see_the_step_targets_and_mask(microbatches):
     expected = float(jnp.sum(batch["targets"] * batch["loss_mask"])) / microbatches
     assert float(m["model/ffn/target_sum"]) == pytest.approx(expected)
     assert float(m["aux_loss"]) == pytest.approx(0.5)  # 2 layers x 0.25, in the loss
-
