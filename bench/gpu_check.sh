@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of the Pallas kernels: the kernel tests compiled on the GPU (not interpreted), then
-# bench/kernels.py. One table at the end. Budget: under 8 minutes on one H100.
-# Needs only a CUDA JAX, numpy, pytest and hypothesis (no grain / pydantic): `menagerie.kernels`
-# imports nothing else, and the kernel tests load no conftest above tests/kernels.
+# GPU check: the kernel tests compiled on the GPU (not interpreted), every test marked `gpu`
+# elsewhere in tests/ (e.g. cuDNN attention), then bench/kernels.py. One table at the end.
+# Budget: under 8 minutes on one H100.
+# The kernel tests need only a CUDA JAX, numpy, pytest and hypothesis (no grain / pydantic):
+# `menagerie.kernels` imports nothing else, and they load no conftest above tests/kernels. The
+# `gpu`-marked tests need the package's dependencies; without them the step says NOT RUN.
 # Knobs (environment): TEST_K, a pytest -k expression selecting a subset of the kernel tests;
 # TEST_SHARDS, the number of pytest processes (default 6);
 # TUNE=1 runs `bench/kernels.py --tune` (tile sweep, then the best tiles against the baselines)
@@ -62,6 +64,24 @@ for ((s = 0; s < ${#pids[@]}; s++)); do
   echo "shard $s (rc=$rc): $(tail -n 1 "$logs/$s.log")"
 done
 
+echo "== GPU-only tests outside tests/kernels (pytest -m gpu)"
+# They import the whole package (flax, pydantic, grain): run them where those are installed,
+# and say plainly when they are not, rather than skipping in silence.
+gpu_rc=0
+missing="$("$PY" -c "
+import importlib.util as u
+print(' '.join(m for m in ('flax', 'optax', 'pydantic', 'grain', 'orbax') if not u.find_spec(m)))")"
+if [ -n "$missing" ]; then
+  echo "NOT RUN: missing $missing (pip install -e . on this machine to run them)"
+  gpu_rc=3
+else
+  set +e
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q \
+    -p no:cacheprovider -o addopts="" -rfEs -m gpu tests --ignore=tests/kernels 2>&1 | tail -n 15
+  gpu_rc=${PIPESTATUS[0]}
+  set -e
+fi
+
 echo "== bench/kernels.py"
 set +e
 timeout -k 10 "${BENCH_TIMEOUT_S:-190}" "$PY" bench/kernels.py --budget-s "${BENCH_BUDGET_S:-130}" \
@@ -69,5 +89,5 @@ timeout -k 10 "${BENCH_TIMEOUT_S:-190}" "$PY" bench/kernels.py --budget-s "${BEN
 bench_rc=$?
 set -e
 
-echo "== summary: kernel tests rc=$test_rc, bench rc=$bench_rc"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "== summary: kernel tests rc=$test_rc, GPU-only tests rc=$gpu_rc, bench rc=$bench_rc"
+[ "$test_rc" -eq 0 ] && [ "$gpu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

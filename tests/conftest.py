@@ -15,6 +15,16 @@ import jax
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip off a GPU (bench/gpu_check.sh runs them on one)."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU: bench/gpu_check.sh runs it")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
     """Prepared data go to one folder per test session (CLI subprocesses inherit it)."""
