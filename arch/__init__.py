@@ -16,6 +16,7 @@ from . import axes
 from .attention import Attention, AttentionConfig
 from .config import Choice, Config, ModelConfig
 from .lm_head import LMHead, LMHeadConfig
+from .megalodon import Megalodon, MegalodonConfig
 from .parts import Ctx, FFNConfig, HeadConfig, MixerConfig, Output, PartConfig
 from .swiglu import SwiGLU, SwiGLUConfig
 from .transformer import Transformer, TransformerConfig
@@ -40,6 +41,8 @@ __all__ = [
     "HeadConfig",
     "LMHead",
     "LMHeadConfig",
+    "Megalodon",
+    "MegalodonConfig",
     "MixerConfig",
     "ModelConfig",
     "Output",

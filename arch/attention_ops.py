@@ -15,11 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def apply_rope(
+    x_BTHD: jax.Array, positions_BT: jax.Array, theta: float, interleaved: bool = False
+) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half layout as in HF Llama.
 
     Positions are per token, so packed documents restart at 0. Angles in float32; output in
-    x's dtype. Pairs (i, i + D/2) rotate by positions * theta^(-2i/D).
+    x's dtype. Pairs (i, i + D/2) rotate by positions * theta^(-2i/D); with `interleaved`,
+    pairs (2i, 2i + 1) do (the complex-number layout of Meta's Llama and Megalodon code).
     """
     d = x_BTHD.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
@@ -27,8 +30,12 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     cos = jnp.cos(angles_BTF)[:, :, None, :]  # [B,T,1,D/2]
     sin = jnp.sin(angles_BTF)[:, :, None, :]
     x = x_BTHD.astype(jnp.float32)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    else:
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTHD.dtype)
 
 

@@ -48,14 +48,17 @@ def param(
     *,
     std: float | None,
     dtype: jnp.dtype,
+    init: jax.nn.initializers.Initializer | None = None,
 ) -> nnx.Param:
-    """A parameter initialised N(0, std) (or ones when std is None) with logical axis names.
+    """A parameter initialised N(0, std) (or ones when std is None, or by `init` when given)
+    with logical axis names.
 
     eager_sharding=False: the trainer initialises under jit with out_shardings derived from
     the names, so the variable must not try to shard itself at creation (that would need a
     mesh and rules inside every test).
     """
-    init = jax.nn.initializers.ones if std is None else jax.nn.initializers.normal(std)
+    if init is None:
+        init = jax.nn.initializers.ones if std is None else jax.nn.initializers.normal(std)
     init = nnx.with_partitioning(init, tuple(names), eager_sharding=False)
     return nnx.Param(init(rngs.params(), tuple(shape), dtype))
 
@@ -98,7 +101,8 @@ class Linear(nnx.Module):
 
     `names` are the logical names of W's axes, e.g. ("embed", "heads", "head_dim") for a query
     projection [D,H,Dh]. The output has x's leading axes followed by out_shape, in
-    `compute_dtype` (or `out_dtype`).
+    `compute_dtype` (or `out_dtype`). With `bias`, b[*out_shape] (zeros, named like W's output
+    axes) is added; `init` replaces the N(0, std) init of W.
     """
 
     def __init__(
@@ -107,15 +111,25 @@ class Linear(nnx.Module):
         out_shape: int | Sequence[int],
         names: Sequence[str],
         *,
-        std: float,
+        std: float | None,
         param_dtype,
         compute_dtype,
         rngs: nnx.Rngs,
+        bias: bool = False,
+        init: jax.nn.initializers.Initializer | None = None,
     ):
         in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         assert len(names) == len(in_shape) + len(out_shape), (names, in_shape, out_shape)
-        self.kernel = param(rngs, in_shape + out_shape, names, std=std, dtype=param_dtype)
+        shape = in_shape + out_shape
+        self.kernel = param(rngs, shape, names, std=std, dtype=param_dtype, init=init)
+        zeros = jax.nn.initializers.zeros
+        out_names = names[len(in_shape) :]
+        self.bias = (
+            param(rngs, out_shape, out_names, std=None, dtype=param_dtype, init=zeros)
+            if bias
+            else None
+        )
         self.n_in = len(in_shape)
         self.compute_dtype = compute_dtype
 
@@ -124,14 +138,20 @@ class Linear(nnx.Module):
         x = x.astype(self.compute_dtype)
         n = self.n_in
         dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=out_dtype)
+        y = jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
 
 
 class Embed(nnx.Module):
     """Token embedding table [V, D] named ("vocab", "embed"); `attend` is the tied LM head."""
 
-    def __init__(self, vocab: int, dim: int, *, std: float, param_dtype, compute_dtype, rngs):
-        self.table = param(rngs, (vocab, dim), ("vocab", "embed"), std=std, dtype=param_dtype)
+    def __init__(
+        self, vocab: int, dim: int, *, std: float, param_dtype, compute_dtype, rngs, init=None
+    ):
+        names = ("vocab", "embed")
+        self.table = param(rngs, (vocab, dim), names, std=std, dtype=param_dtype, init=init)
         self.compute_dtype = compute_dtype
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:

@@ -66,8 +66,11 @@ def test_every_parameter_axis_is_declared_with_a_rule_and_a_role(name):
         for axis in names:
             assert axis in declared, (path, axis)
             assert declared[axis].role != "activation", (path, axis)
-        # A matrix is whatever has two non-stack axes and no vector axis; the rest is a vector.
-        assert axes.is_matrix(names) == (len(names) - axes.stack_prefix(names) >= 2), path
+        # A matrix (decayed, projectable) has two non-stack axes and no vector axis: per-channel
+        # tables such as Megalodon's CEMA alpha [embed, cema_ndim] are not matrices.
+        dims = names[axes.stack_prefix(names) :]
+        vector = any(declared[a].role == "vector" for a in dims)
+        assert axes.is_matrix(names) == (len(dims) >= 2 and not vector), path
 
 
 def test_undeclared_axis_is_an_error_not_a_replication():

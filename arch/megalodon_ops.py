@@ -1,0 +1,197 @@
+"""Megalodon's two recurrent operators as pure functions: complex EMA (CEMA) and TimestepNorm.
+
+Both carry a small state across the sequence, and both are written so one function serves every
+use: a whole sequence from a zero state, a sequence split into segments with the state carried
+between them, a device's slice of a sequence-parallel run, and incremental decoding.
+
+CEMA (official `modules/complex_exponential_moving_average.py` and its CUDA ops), per channel d
+and EMA dimension n, with p = sigmoid(alpha), q = (1 - sigmoid(alpha) sigmoid(delta)) e^{i th_n},
+th_n = n sigmoid(theta) 2 pi / N (n = 1..N), eta = (gamma_re + i gamma_im) / sqrt(N):
+
+    h_t = p x_t + q h_{t-1}                 (complex, h_{-1} = h0)
+    y_t = Re(sum_n eta_n h_{t,n}) + omega x_t
+
+Unrolled: y_t = sum_{j<=t} k[t-j] x_j + Re(sum_n eta q^{t+1} h0) + omega x_t with the kernel
+k[m] = Re(sum_n eta p q^m), and the state after S steps is h_S = q^S h0 + sum_j p q^{S-1-j} x_j
+(the official `ema_parameters` / `fftconv` / `ema_hidden`). Here a sequence is cut into
+segments of S tokens: each segment's convolution is an FFT of length 2S in float32, its bias and
+final state are small einsums with q^0..q^S, and a `lax.scan` carries h between segments. The
+per-token cost therefore depends on S, not on the sequence length (the official code and
+`megalodon-jax` run one FFT over the whole local sequence). All complex numbers are kept as
+(real, imaginary) float32 pairs, so nothing needs complex dtypes.
+
+TimestepNorm (official `modules/timestep_norm.py`, CPU reference `csrc/ops/timestep_norm.cc`):
+features in G groups; at each position t the mean and population variance over all elements of
+the group at positions <= t (a Welford merge of each token's group mean and variance, weight 1
+per token), then y = (x - mean_t) / sqrt(var_t + eps) * (w + 1) + b. The state is
+(count [B] int32, mean [B,G], var [B,G]) float32; the official prior is count 0, mean 0, var 1.
+Computed here by a cumulative sum of moments shifted by an anchor (the incoming mean, or the
+first token's) so float32 does not cancel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class NormState:
+    """TimestepNorm statistics so far: count [B] int32, mean and var [B,G] float32."""
+
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, groups: int) -> NormState:
+        """The official prior: nothing seen, mean 0, variance 1 (prior_count 0)."""
+        return cls(
+            count=jnp.zeros((batch,), jnp.int32),
+            mean=jnp.zeros((batch, groups), jnp.float32),
+            var=jnp.ones((batch, groups), jnp.float32),
+        )
+
+
+def timestep_norm(
+    x_BLD: jax.Array,
+    weight_D: jax.Array,
+    bias_D: jax.Array,
+    state: NormState,
+    *,
+    groups: int,
+    eps: float,
+) -> tuple[jax.Array, NormState]:
+    """Cumulative group normalisation of x [B,L,D] from `state`; returns (y in x's dtype, the
+    state after the last position)."""
+    b, length, d = x_BLD.shape
+    x = x_BLD.astype(jnp.float32).reshape(b, length, groups, d // groups)
+    mu_BLG = jnp.mean(x, axis=-1)
+    var_BLG = jnp.mean(jnp.square(x - mu_BLG[..., None]), axis=-1)
+    seen = state.count[:, None] > 0
+    anchor_BG = jax.lax.stop_gradient(jnp.where(seen, state.mean, mu_BLG[:, 0]))
+    c0 = state.count.astype(jnp.float32)[:, None, None]
+    off0 = (state.mean - anchor_BG)[:, None]
+    shifted = mu_BLG - anchor_BG[:, None]
+    s1 = c0 * off0 + jnp.cumsum(shifted, axis=1)
+    s2 = c0 * (state.var[:, None] + jnp.square(off0)) + jnp.cumsum(var_BLG + shifted**2, axis=1)
+    n = c0 + jnp.arange(1, length + 1, dtype=jnp.float32)[None, :, None]
+    offset = s1 / n
+    mean_BLG = anchor_BG[:, None] + offset
+    var_BLG = jnp.maximum(s2 / n - jnp.square(offset), 0.0)
+    y = (x - mean_BLG[..., None]) * jax.lax.rsqrt(var_BLG + eps)[..., None]
+    y = y.reshape(b, length, d) * (weight_D.astype(jnp.float32) + 1) + bias_D.astype(jnp.float32)
+    new = NormState(count=state.count + length, mean=mean_BLG[:, -1], var=var_BLG[:, -1])
+    return y.astype(x_BLD.dtype), new
+
+
+@struct.dataclass
+class CEMACoeffs:
+    """p [D,N]; eta_re, eta_im [D,N]; powers q^0..q^S as pow_re, pow_im [D,N,S+1]."""
+
+    p: jax.Array
+    eta_re: jax.Array
+    eta_im: jax.Array
+    pow_re: jax.Array
+    pow_im: jax.Array
+
+
+def cema_coeffs(alpha, delta, theta, gamma, max_len: int) -> CEMACoeffs:
+    """The official coefficients (float32) from alpha, delta [D,N], theta [D], gamma [D,N,2],
+    with q's powers up to `max_len`."""
+    alpha, delta = alpha.astype(jnp.float32), delta.astype(jnp.float32)
+    n = alpha.shape[-1]
+    p = jax.nn.sigmoid(alpha)
+    log_mag = jnp.log1p(-p * jax.nn.sigmoid(delta))  # log |q|
+    wavelets = jnp.arange(1, n + 1, dtype=jnp.float32)
+    phase = wavelets * jax.nn.sigmoid(theta.astype(jnp.float32))[:, None] * (2 * math.pi / n)
+    j = jnp.arange(max_len + 1, dtype=jnp.float32)
+    mag = jnp.exp(log_mag[..., None] * j)
+    angle = phase[..., None] * j
+    eta = gamma.astype(jnp.float32) / math.sqrt(n)
+    return CEMACoeffs(
+        p=p,
+        eta_re=eta[..., 0],
+        eta_im=eta[..., 1],
+        pow_re=mag * jnp.cos(angle),
+        pow_im=mag * jnp.sin(angle),
+    )
+
+
+def _eta_times(c: CEMACoeffs, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:
+    """eta q^j for j in [lo, hi) as (re, im) [D,N,hi-lo]."""
+    qr, qi = c.pow_re[..., lo:hi], c.pow_im[..., lo:hi]
+    er, ei = c.eta_re[..., None], c.eta_im[..., None]
+    return er * qr - ei * qi, er * qi + ei * qr
+
+
+def cema_kernel(c: CEMACoeffs, length: int) -> jax.Array:
+    """k[j, d] = Re(sum_n eta p q^j), j < length: [length, D]."""
+    kr, _ = _eta_times(c, 0, length)
+    return jnp.einsum("dn,dnj->jd", c.p, kr)
+
+
+def fft_causal_conv(x_BLD: jax.Array, k_LD: jax.Array) -> jax.Array:
+    """y[t] = sum_{j<=t} k[t-j] x[j] along axis 1, by a zero-padded real FFT of length 2L."""
+    n = 2 * x_BLD.shape[1]
+    spectrum = jnp.fft.rfft(x_BLD, n=n, axis=1) * jnp.fft.rfft(k_LD, n=n, axis=0)
+    y = jnp.fft.irfft(spectrum, n=n, axis=1)
+    return y[:, : x_BLD.shape[1]]
+
+
+def cema_segment(
+    x_BSD: jax.Array, h: tuple[jax.Array, jax.Array], c: CEMACoeffs, omega_D: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One segment of S tokens (S <= the powers' length - 1) from state h = (re, im) [B,D,N]:
+    returns (y [B,S,D] float32, the state after the segment)."""
+    s = x_BSD.shape[1]
+    x = x_BSD.astype(jnp.float32)
+    h_re, h_im = h
+    y = fft_causal_conv(x, cema_kernel(c, s))
+    br, bi = _eta_times(c, 1, s + 1)  # eta q^{t+1}
+    y = y + jnp.einsum("dnt,bdn->btd", br, h_re) - jnp.einsum("dnt,bdn->btd", bi, h_im)
+    y = y + omega_D.astype(jnp.float32) * x
+    # h_S = q^S h0 + sum_j p q^{S-1-j} x_j
+    qr, qi = c.pow_re[..., s], c.pow_im[..., s]
+    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]  # p q^{S-1-j}, j = 0..S-1
+    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
+    new_re = qr * h_re - qi * h_im + jnp.einsum("dnj,bjd->bdn", vr, x)
+    new_im = qr * h_im + qi * h_re + jnp.einsum("dnj,bjd->bdn", vi, x)
+    return y, (new_re, new_im)
+
+
+def cema(
+    x_BLD: jax.Array,
+    h: tuple[jax.Array, jax.Array],
+    c: CEMACoeffs,
+    omega_D: jax.Array,
+    *,
+    segment: int,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """CEMA over x [B,L,D] from state h, `segment` tokens at a time (the last segment may be
+    shorter); `c` needs powers up to min(L, segment). Returns (y [B,L,D] float32, final h)."""
+    b, length, d = x_BLD.shape
+    full, rest = divmod(length, segment)
+    outs = []
+    if full:
+        segs = x_BLD[:, : full * segment].reshape(b, full, segment, d).swapaxes(0, 1)
+
+        def step(carry, x_BSD):
+            y, carry = cema_segment(x_BSD, carry, c, omega_D)
+            return carry, y
+
+        h, ys = jax.lax.scan(step, h, segs)
+        outs.append(ys.swapaxes(0, 1).reshape(b, full * segment, d))
+    if rest:
+        y, h = cema_segment(x_BLD[:, full * segment :], h, c, omega_D)
+        outs.append(y)
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], h
+
+
+def zero_cema_state(batch: int, dim: int, ndim: int) -> tuple[jax.Array, jax.Array]:
+    """h = 0: (re, im) [B,D,N] float32."""
+    z = jnp.zeros((batch, dim, ndim), jnp.float32)
+    return z, z
