@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from menagerie.arch.megalodon import MegalodonConfig
 
+FAMILIES = ("megalodon",)
 SENSITIVE = ("timenorm", "cema", "norm", "rmsnorm", ".gamma", ".beta", ".alpha")
 
 
@@ -145,3 +146,17 @@ def save_official(cfg: MegalodonConfig, params: dict, out_dir: Path, *, dtype: s
         state[name] = t
     torch.save(state, out_dir / "consolidated.pth")
     (out_dir / "config.json").write_text(json.dumps(official_config(cfg), indent=2) + "\n")
+
+
+def write(run, out_dir: Path, dtype: str) -> None:
+    """The `--format megalodon` export of a loaded run (`export.run.LoadedRun`)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from menagerie.train.errors import ConfigError
+
+        raise ConfigError(
+            "--format megalodon writes a torch checkpoint; install torch first "
+            "(pip install torch, or pip install 'menagerie[export]')"
+        ) from None
+    save_official(run.cfg.model, run.params, out_dir, dtype=dtype)

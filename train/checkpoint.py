@@ -506,6 +506,21 @@ class Checkpointer:
             f"no readable checkpoint in '{self.directory}' (tried steps {failures}); {advice}"
         )
 
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The checkpoint of `step` as (state, meta); CheckpointError naming the saved steps if
+        there is none, or if it cannot be read."""
+        steps = self.steps()
+        if step not in steps:
+            raise CheckpointError(
+                f"'{self.directory}' has no checkpoint of step {step}; saved steps: "
+                f"{', '.join(map(str, steps)) or 'none'}"
+            )
+        reasons: list[str] = []
+        restored = self._restore(step, abstract_state, reasons.append)
+        if restored is None:
+            raise CheckpointError(f"{reasons[0].split('; trying')[0]}; pick another --step")
+        return restored
+
     def _restore(self, step: int, abstract_state: Any, warn) -> tuple[Any, dict] | None:
         try:
             restored = self.manager.restore(

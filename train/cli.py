@@ -3,6 +3,7 @@
     menagerie train   [--config FILE] [--start-over] [key.sub=value ...]
     menagerie eval    [--config FILE] [key.sub=value ...]
     menagerie prepare [--config FILE] --out DIR [--force] [key.sub=value ...]
+    menagerie export  RUN_DIR --format megalodon --out DIR [--step N] [--dtype bfloat16]
 
 Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
 with status 2; `--debug` shows the traceback instead. Multi-process (multi-host) runs start one
@@ -41,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     common(pr)
     pr.add_argument("--out", required=True, help="output folder (must be empty or new)")
     pr.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    from menagerie.export import FORMATS
+
+    x = sub.add_parser("export", help="write a run's checkpoint in another format")
+    x.add_argument("run_dir", help="folder of a trained run")
+    x.add_argument("--format", required=True, choices=sorted(FORMATS), help="output format")
+    x.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    x.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -121,6 +131,14 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from menagerie.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out, step=args.step, dtype=args.dtype)
+    print(f"wrote {args.format} export of {args.run_dir} to {out}")
+    return 0
+
+
 def _distributed(handler):
     def run(args) -> int:
         from .distributed import initialize
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _distributed(cmd_train),
         "eval": _distributed(cmd_eval),
         "prepare": cmd_prepare,
+        "export": cmd_export,
     }[args.command]
     if args.debug:
         return handler(args)
