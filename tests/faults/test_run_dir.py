@@ -35,18 +35,22 @@ def test_second_trainer_on_a_held_run_dir_is_refused_naming_the_holder(tmp_path,
     # No checkpoint is written while the others run (checkpoint.every=1000), so eval reads
     # a checkpoint that stays.
     holder = cli_popen(*train_args(run, "train.steps=100000", "checkpoint.every=1000"))
+    started = [holder]
     try:
         wait_for_step(run, 4, holder)
-        second = cli_popen(*train_args(run, "train.steps=100000"), split_stderr=True)
-        reader = cli_popen("eval", f"run_dir={run}", split_stderr=True)
-        second, reader = cli_wait(second, reader, timeout=120)
+        # The finished run's own command: a second trainer that got in all the same would find
+        # nothing left to train and end at once (exit 0, nothing compiled), not run on.
+        started.append(cli_popen(*train_args(run), split_stderr=True))
+        started.append(cli_popen("eval", f"run_dir={run}", split_stderr=True))
+        second, reader = cli_wait(*started[1:], timeout=120)
         line = assert_one_error_line(second, f"pid {holder.pid}")
         assert socket.gethostname() in line and "another run" in line, line
         assert reader.returncode == 0 and "step 3: eval loss" in reader.stdout, reader.stderr
         holder.send_signal(signal.SIGTERM)
         out, _ = holder.communicate(timeout=120)
     finally:
-        holder.kill()
+        for proc in started:  # none outlives a failed check
+            proc.kill()
     assert holder.returncode == 0, out[-2000:]
     assert "SIGTERM: saved step" in out
     assert not (run / ".lock").exists()
