@@ -75,10 +75,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if not rules or mesh is None or mesh.empty:
         return x
     table: dict = {}
+    manual = set(mesh.manual_axes)  # inside shard_map: those axes are the code's, not XLA's
     for logical, mesh_axes in rules:  # first match wins, as in flax's rule lookup
-        table.setdefault(logical, mesh_axes)
+        table.setdefault(logical, _without(mesh_axes, manual))
     spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _without(mesh_axes, manual: set):
+    """A rule's mesh axes minus the manual ones (None when nothing is left)."""
+    if mesh_axes is None or not manual:
+        return mesh_axes
+    kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
+    kept = tuple(a for a in kept if a not in manual)
+    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 class RMSNorm(nnx.Module):

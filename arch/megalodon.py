@@ -38,6 +38,7 @@ Where this differs from the official code, on purpose:
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Literal
 
@@ -234,9 +235,17 @@ class TimestepNorm(nnx.Module):
     def zero_state(self, batch: int) -> ops.NormState:
         return ops.NormState.zeros(batch, self.groups)
 
-    def __call__(self, x_BLD, state: ops.NormState) -> tuple[jax.Array, ops.NormState]:
+    def _local(self, x_BLD, state: ops.NormState) -> tuple[jax.Array, ops.NormState]:
         w, b = self.weight[...], self.bias[...]
         return ops.timestep_norm(x_BLD, w, b, state, groups=self.groups, eps=self.eps)
+
+    def __call__(self, x_BLD, state: ops.NormState) -> tuple[jax.Array, ops.NormState]:
+        """(y, statistics after the last token). Under `sequence_parallel`, x is this device's
+        block and its incoming statistics are those of every earlier block (and `state`)."""
+        if _SEQUENCE_AXIS.get() is None:
+            return self._local(x_BLD, state)
+        incoming, final = _prefix(state, ops.norm_summary(x_BLD, self.groups), ops.merge_norm)
+        return self._local(x_BLD, incoming)[0], final
 
 
 class MultiHeadComplexEMA(nnx.Module):
@@ -259,11 +268,83 @@ class MultiHeadComplexEMA(nnx.Module):
     def zero_state(self, batch: int) -> tuple[jax.Array, jax.Array]:
         return ops.zero_cema_state(batch, self.omega.shape[0], self.ndim)
 
-    def __call__(self, x_BLD, h) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """y [B,L,D] float32 and the state after the last token."""
-        seg = min(self.segment, x_BLD.shape[1])
+    def _coeffs(self, length: int) -> tuple[ops.CEMACoeffs, int]:
+        seg = min(self.segment, length)
         c = ops.cema_coeffs(self.alpha[...], self.delta[...], self.theta[...], self.gamma[...], seg)
-        return ops.cema(x_BLD, h, c, self.omega[...], segment=seg)
+        return c, seg
+
+    def __call__(self, x_BLD, h) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """y [B,L,D] float32 and the state after the last token. Under `sequence_parallel`, x is
+        this device's block and its incoming state is what every earlier block (and `h`)
+        leaves: each block's state from zero is all-gathered and combined in order."""
+        length = x_BLD.shape[1]
+        c, seg = self._coeffs(length)
+        if _SEQUENCE_AXIS.get() is None:
+            return ops.cema(x_BLD, h, c, self.omega[...], segment=seg)
+        zero = jax.tree.map(jnp.zeros_like, h)
+        local = ops.cema_final_state(x_BLD, zero, c, segment=seg)
+
+        def then(h_before, block_state):
+            advanced = ops.cema_advance(h_before, c, length)
+            return advanced[0] + block_state[0], advanced[1] + block_state[1]
+
+        incoming, final = _prefix(h, local, then)
+        return ops.cema(x_BLD, incoming, c, self.omega[...], segment=seg)[0], final
+
+
+_SEQUENCE_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "megalodon_sequence_axis", default=None
+)
+
+
+def _sequence_devices(length: int, chunk: int) -> int:
+    """Devices along the active mesh's `sequence` axis when each gets whole chunks of the
+    `length` tokens; else 1 (the compiler then places the whole-sequence computation)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "sequence" not in mesh.axis_names:
+        return 1
+    p = mesh.shape["sequence"]
+    return p if p > 1 and length % p == 0 and (length // p) % chunk == 0 else 1
+
+
+def _prefix(initial, mine, combine):
+    """Sequence parallelism's exclusive scan over the `sequence` axis: (what precedes this
+    device's block, what follows the last block), from every block's summary `mine`."""
+    axis = _SEQUENCE_AXIS.get()
+    every = jax.lax.all_gather(mine, axis)  # leading axis: blocks in sequence order
+    index = jax.lax.axis_index(axis)
+    before = current = initial
+    for k in range(jax.lax.axis_size(axis)):
+        before = jax.tree.map(lambda b, c, k=k: jnp.where(index == k, c, b), before, current)
+        current = combine(current, jax.tree.map(lambda a, k=k: a[k], every))
+    return before, current
+
+
+def sequence_parallel(fn, module: nnx.Module, x_BLD: jax.Array, state, chunk: int):
+    """`fn(module, x, state) -> (y, state)` with x split over the mesh axis `sequence`, each
+    device running its own contiguous block (the official "chunk parallelism"); the state
+    passed in and returned is the whole sequence's (replicated). Without such an axis (or when
+    a device would not hold whole chunks) `fn` runs on the whole sequence."""
+    if _SEQUENCE_AXIS.get() is not None or _sequence_devices(x_BLD.shape[1], chunk) == 1:
+        return fn(module, x_BLD, state)
+    graphdef, params = nnx.split(module)
+    seq = jax.sharding.PartitionSpec(None, "sequence", None)
+    rep = jax.sharding.PartitionSpec()
+
+    def body(params, x, state):
+        token = _SEQUENCE_AXIS.set("sequence")
+        try:
+            return fn(nnx.merge(graphdef, params), x, state)
+        finally:
+            _SEQUENCE_AXIS.reset(token)
+
+    return jax.shard_map(
+        body,
+        in_specs=(rep, seq, rep),
+        out_specs=(seq, rep),
+        axis_names={"sequence"},
+        check_vma=False,
+    )(params, x_BLD, state)
 
 
 def _rms(x: jax.Array, eps: float) -> jax.Array:
@@ -312,9 +393,7 @@ class MegaLayer(nnx.Module):
         cfg = self.cfg
         b, length, _ = x_BLD.shape
         compute = dtype_of(cfg.compute_dtype)
-        norm_state, h = state
-        xt, norm_state = self.timenorm(x_BLD, norm_state)
-        c, h = self.cema(xt, h)
+        xt, c, state = self._recurrent(x_BLD, state)
         mx = (_rms(c, cfg.norm_eps) * (self.rmsnorm[...].astype(jnp.float32) + 1)).astype(compute)
         mx = constrain(mx, (BATCH, SEQ, ACT_EMBED))
         q, k = self._qk(mx)
@@ -324,7 +403,14 @@ class MegaLayer(nnx.Module):
             q, k, v, chunk_size=cfg.chunk_size, causal=True, scale=1.0, impl=cfg.attention_impl
         )
         y = self.wh1(mx) + self.wh2(o.reshape(b, length, -1) * r)
-        return (y + x_BLD).astype(x_BLD.dtype), (norm_state, h)
+        return (y + x_BLD).astype(x_BLD.dtype), state
+
+    def _recurrent(self, x_BLD: jax.Array, state) -> tuple[jax.Array, jax.Array, tuple]:
+        """TimestepNorm then CEMA from `state`: (xt, CEMA output, state after the last token)."""
+        norm_state, h = state
+        xt, norm_state = self.timenorm(x_BLD, norm_state)
+        c, h = self.cema(xt, h)
+        return xt, c, (norm_state, h)
 
 
 class NormalizedFFN(nnx.Module):
@@ -365,9 +451,14 @@ class MegaBlock(nnx.Module):
     def __init__(self, cfg: MegalodonConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.mega = MegaLayer(cfg, rngs=rngs)
         self.nffn = NormalizedFFN(cfg, rngs=rngs, layer=layer)
+        self.chunk_size = cfg.chunk_size
 
     def step(self, x_BLD: jax.Array, state) -> tuple[jax.Array, tuple]:
-        """The block from an incoming recurrent state; returns the outgoing one."""
+        """The block from an incoming recurrent state; returns the outgoing one. With the
+        mesh axis `sequence`, each device runs its own block of the sequence."""
+        return sequence_parallel(MegaBlock._step, self, x_BLD, state, self.chunk_size)
+
+    def _step(self, x_BLD: jax.Array, state) -> tuple[jax.Array, tuple]:
         with jax.named_scope("mega_block"):
             y, state = self.mega(x_BLD, state)
             out = constrain(self.nffn(y, x_BLD), (BATCH, SEQ, ACT_EMBED))
@@ -423,7 +514,9 @@ class Megalodon(nnx.Module):
             x = x * math.sqrt(self.cfg.d_model)
         x = constrain(x, (BATCH, SEQ, ACT_EMBED))
         x, aux = run_layers(self.blocks, x, ctx, self.cfg)
-        x, _ = self.final_norm(x, self.final_norm.zero_state(x.shape[0]))
+        zero = self.final_norm.zero_state(x.shape[0])
+        chunk = self.cfg.chunk_size
+        x, _ = sequence_parallel(TimestepNorm.__call__, self.final_norm, x, zero, chunk)
         if self.output is None:
             logits = self.embed.attend(x)
         else:

@@ -88,13 +88,37 @@ def timestep_norm(
     return y.astype(x_BLD.dtype), new
 
 
+def norm_summary(x_BLD: jax.Array, groups: int) -> NormState:
+    """The statistics of x [B,L,D] alone (count L, group mean and population variance)."""
+    b, length, d = x_BLD.shape
+    x = x_BLD.astype(jnp.float32).reshape(b, length, groups, d // groups)
+    mean = jnp.mean(x, axis=(1, 3))
+    var = jnp.mean(jnp.square(x - mean[:, None, :, None]), axis=(1, 3))
+    return NormState(count=jnp.full((b,), length, jnp.int32), mean=mean, var=var)
+
+
+def merge_norm(a: NormState, b: NormState) -> NormState:
+    """Statistics of a's tokens followed by b's (Chan et al.'s pairwise merge)."""
+    na, nb = a.count.astype(jnp.float32)[:, None], b.count.astype(jnp.float32)[:, None]
+    n = jnp.maximum(na + nb, 1.0)
+    delta = b.mean - a.mean
+    mean = a.mean + delta * nb / n
+    var = (na * a.var + nb * b.var) / n + jnp.square(delta) * na * nb / jnp.square(n)
+    mean = jnp.where(na > 0, mean, b.mean)
+    var = jnp.where(na > 0, var, b.var)
+    return NormState(count=a.count + b.count, mean=mean, var=var)
+
+
 @struct.dataclass
 class CEMACoeffs:
-    """p [D,N]; eta_re, eta_im [D,N]; powers q^0..q^S as pow_re, pow_im [D,N,S+1]."""
+    """p [D,N]; eta_re, eta_im [D,N]; log|q| and arg q [D,N]; powers q^0..q^S as pow_re,
+    pow_im [D,N,S+1]."""
 
     p: jax.Array
     eta_re: jax.Array
     eta_im: jax.Array
+    log_mag: jax.Array
+    phase: jax.Array
     pow_re: jax.Array
     pow_im: jax.Array
 
@@ -116,6 +140,8 @@ def cema_coeffs(alpha, delta, theta, gamma, max_len: int) -> CEMACoeffs:
         p=p,
         eta_re=eta[..., 0],
         eta_im=eta[..., 1],
+        log_mag=log_mag,
+        phase=phase,
         pow_re=mag * jnp.cos(angle),
         pow_im=mag * jnp.sin(angle),
     )
@@ -154,13 +180,7 @@ def cema_segment(
     br, bi = _eta_times(c, 1, s + 1)  # eta q^{t+1}
     y = y + jnp.einsum("dnt,bdn->btd", br, h_re) - jnp.einsum("dnt,bdn->btd", bi, h_im)
     y = y + omega_D.astype(jnp.float32) * x
-    # h_S = q^S h0 + sum_j p q^{S-1-j} x_j
-    qr, qi = c.pow_re[..., s], c.pow_im[..., s]
-    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]  # p q^{S-1-j}, j = 0..S-1
-    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
-    new_re = qr * h_re - qi * h_im + jnp.einsum("dnj,bjd->bdn", vr, x)
-    new_im = qr * h_im + qi * h_re + jnp.einsum("dnj,bjd->bdn", vi, x)
-    return y, (new_re, new_im)
+    return y, _state_segment(h, x, c)
 
 
 def cema(
@@ -189,6 +209,37 @@ def cema(
         y, h = cema_segment(x_BLD[:, full * segment :], h, c, omega_D)
         outs.append(y)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], h
+
+
+def cema_advance(h: tuple[jax.Array, jax.Array], c: CEMACoeffs, n: int):
+    """q^n h: the state after n zero inputs."""
+    mag = jnp.exp(c.log_mag * n)
+    qr, qi = mag * jnp.cos(c.phase * n), mag * jnp.sin(c.phase * n)
+    return qr * h[0] - qi * h[1], qr * h[1] + qi * h[0]
+
+
+def _state_segment(h, x_BSD: jax.Array, c: CEMACoeffs):
+    """h_S = q^S h + sum_j p q^{S-1-j} x_j over one segment (the official `ema_hidden`)."""
+    s = x_BSD.shape[1]
+    x = x_BSD.astype(jnp.float32)
+    qr, qi = c.pow_re[..., s], c.pow_im[..., s]
+    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]
+    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
+    new_re = qr * h[0] - qi * h[1] + jnp.einsum("dnj,bjd->bdn", vr, x)
+    new_im = qr * h[1] + qi * h[0] + jnp.einsum("dnj,bjd->bdn", vi, x)
+    return new_re, new_im
+
+
+def cema_final_state(x_BLD: jax.Array, h, c: CEMACoeffs, *, segment: int):
+    """Only the state after x [B,L,D] (no outputs): what a sequence-parallel block sends on."""
+    b, length, d = x_BLD.shape
+    full, rest = divmod(length, segment)
+    if full:
+        segs = x_BLD[:, : full * segment].reshape(b, full, segment, d).swapaxes(0, 1)
+        h, _ = jax.lax.scan(lambda h, x: (_state_segment(h, x, c), None), h, segs)
+    if rest:
+        h = _state_segment(h, x_BLD[:, full * segment :], c)
+    return h
 
 
 def zero_cema_state(batch: int, dim: int, ndim: int) -> tuple[jax.Array, jax.Array]:
