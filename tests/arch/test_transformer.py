@@ -176,6 +176,40 @@ def test_remat_variants_same_loss_and_grads():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, results[0][1])
 
 
+def _saved_for_backward(remat, scan_layers, tokens):
+    """Shapes of the residuals the forward pass keeps for the backward pass (the leaves of
+    `jax.vjp`'s closure, traced with eval_shape: nothing runs) and their total bytes."""
+    graphdef, state = nnx.split(
+        _model_from(_weights(scan_layers=scan_layers), remat=remat, scan_layers=scan_layers),
+        nnx.Param,
+    )
+    vjp = jax.eval_shape(lambda s, t: jax.vjp(_loss_fn(graphdef), s, t)[1], state, tokens)
+    leaves = jax.tree.leaves(vjp)
+    return [a.shape for a in leaves], sum(a.size * a.dtype.itemsize for a in leaves)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_policy_decides_what_is_saved_for_the_backward(scan_layers):
+    """remat="full" keeps only each layer's input [B, T, D] for the backward pass; "dots" also
+    the outputs of its matmuls without batch dims (not the attention scores, which have batch
+    dims); "none" every intermediate. Same loss and gradients (the test above), less saved."""
+    b, t, d, h, f, n = 3, 16, TINY["d_model"], TINY["n_heads"], TINY["mlp_dim"], TINY["n_layers"]
+    tokens = _tokens(b=b, t=t + 1)
+    saved = {r: _saved_for_backward(r, scan_layers, tokens) for r in ("none", "full", "dots")}
+    nbytes = {r: v[1] for r, v in saved.items()}
+    assert nbytes["none"] > nbytes["dots"] > nbytes["full"], nbytes
+    # dots adds per layer q, k, v [B, T, H, Dh], o [B, T, D], gate, up [B, T, F]; not down,
+    # whose output is only added to the residual stream (its backward needs nothing).
+    assert nbytes["dots"] - nbytes["full"] == n * b * t * 4 * (4 * d + 2 * f)  # float32
+    if scan_layers:  # per-layer residuals come stacked [L, B, ...] (B = 3 != L = 2)
+        stacked = {
+            r: sorted(s for s in shapes if s[:2] == (n, b)) for r, (shapes, _) in saved.items()
+        }
+        assert stacked["full"] == [(n, b, t, d)]
+        assert set(stacked["dots"]) == {(n, b, t, d), (n, b, t, h, d // h), (n, b, t, f)}
+        assert len(stacked["none"]) > len(stacked["dots"])
+
+
 def test_every_param_has_logical_names():
     for scan in (True, False):
         _, state = _abstract(scan_layers=scan, tie_embeddings=False)

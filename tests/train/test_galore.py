@@ -220,31 +220,112 @@ def test_stagger_refreshes_one_layer_at_a_time():
         assert changed[step] == tuple(step % 4 == i for i in range(4)), (step, changed[step])
 
 
+def _refresh_steps(tx, grads, shape, steps):
+    """Per matrix of a [B, m, n] stack, the steps at which it refreshed its projector;
+    grads(t) -> the gradient [B, m, n] at step t."""
+    state, update = tx.init({"w": jnp.zeros(shape)}), jax.jit(tx.update)
+    refreshed = [[] for _ in range(shape[0])]
+    for t in range(steps):
+        _, state = update({"w": jnp.asarray(grads(t), jnp.float32)}, state)
+        for b, p in enumerate(np.asarray(state.proj_step["w"])):
+            if p == t:
+                refreshed[b].append(t)
+    return refreshed
+
+
 def test_lazy_refresh_doubles_the_gap_when_the_subspace_stops_moving():
+    """Q-GaLore's lazy refresh: once the queue of top-singular-vector |cos| is full and its mean
+    is >= the threshold, each refresh doubles the gap, per matrix; a matrix whose subspace
+    keeps moving keeps its gap."""
     tx = scale_by_lowrank(
-        {"w": MatrixDims()}, rank=2, update_proj_gap=2, lazy_refresh=True, lazy_queue=2
+        STACK, rank=2, update_proj_gap=2, lazy_refresh=True, lazy_queue=2, lazy_threshold=0.4
     )
-    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((12, 8)), jnp.float32)}
-    state = tx.init({"w": jnp.zeros((12, 8))})
-    for _ in range(8):  # constant gradient: cos = 1 at every refresh
-        _, state = tx.update(g, state)
-    assert int(state.gap["w"]) > 2
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    v, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    s = np.diag(2.0 ** -np.arange(8))
+    still = u[:, :8] @ s @ v.T  # 12 x 8: right side, top vector v[:, 0]
+    turned = u[:, :8] @ s @ v[:, [3, 1, 2, 0, 4, 5, 6, 7]].T  # top vector v[:, 3]: cos = 0
+    # Matrix 0: one gradient throughout (cos = 1). Matrix 1: the top vector alternates between
+    # two orthogonal ones from one refresh to the next (cos = 0).
+    grads = lambda t: np.stack([still, turned if t // 2 % 2 else still])
+    refreshed = _refresh_steps(tx, grads, (2, 12, 8), 17)
+    # Cos pushed at 2 (queue not full) and 4 (full, mean 1): the gap doubles to 4, then 8.
+    assert refreshed[0] == [0, 2, 4, 8, 16], refreshed
+    assert refreshed[1] == list(range(0, 17, 2)), refreshed
+
+
+def _rotation(rng, k, angle):
+    """A k x k rotation by `angle` in k // 2 random planes: orthogonal, not symmetric."""
+    q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    c, s = np.cos(angle), np.sin(angle)
+    b = np.eye(k)
+    for i in range(0, k - 1, 2):
+        b[i : i + 2, i : i + 2] = [[c, -s], [s, c]]
+    return q @ b @ q.T
+
+
+def _rotated_pair(rng, m, n, angle=0.5):
+    """Two [m, n] gradients with well-separated singular values whose singular vectors on
+    both sides are rotated by `angle` from the first to the second."""
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    p = min(m, n)
+    s = np.diag(2.0 ** -np.arange(p))
+    old = u[:, :p] @ s @ v[:, :p].T
+    new = (_rotation(rng, m, angle) @ u)[:, :p] @ s @ (_rotation(rng, n, angle) @ v)[:, :p].T
+    return old.astype(np.float32), new.astype(np.float32)
+
+
+REFRESH_SHAPES = {"tall": (12, 8), "wide": (8, 12)}  # std: right side (Q [8, r]), left side
+
+
+def _refresh_on_a_rotated_gradient(mode):
+    """Gap 2: steps 0, 1 on the old gradients, the refresh at step 2 on the rotated ones.
+    Returns (state before the refresh, state after it, the step-2 gradients)."""
+    rng = np.random.default_rng(0)
+    pairs = {k: _rotated_pair(rng, *s) for k, s in REFRESH_SHAPES.items()}
+    dims = {k: MatrixDims() for k in REFRESH_SHAPES}
+    tx = scale_by_lowrank(dims, rank=3, update_proj_gap=2, moments_on_refresh=mode)
+    state = tx.init({k: jnp.zeros(s) for k, s in REFRESH_SHAPES.items()})
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        _, state = update({k: jnp.asarray(p[0]) for k, p in pairs.items()}, state)
+    g_new = {k: p[1] for k, p in pairs.items()}
+    _, after = update(jax.tree.map(jnp.asarray, g_new), state)
+    return state, after, g_new
+
+
+def _expected_moments(before, after, g, k, rotate):
+    """Adam's step-2 moments in float64: the old moments rotated by C = Q_newᵀ Q_old (M <- C M,
+    V <- C∘C V on the left; M <- M Cᵀ, V <- V (C∘C)ᵀ on the right) or kept, then the new R."""
+    f64 = lambda x: np.asarray(x, np.float64)
+    q_old, q_new, mu, nu = f64(before.projector[k]), f64(after.projector[k]), before.mu, before.nu
+    c = q_new.T @ q_old if rotate else np.eye(q_new.shape[1])
+    if k == "wide":  # left: R = Qᵀ G [r, n]
+        r, mu, nu = q_new.T @ f64(g), c @ f64(mu[k]), (c * c) @ f64(nu[k])
+    else:  # right: R = G Q [m, r]
+        r, mu, nu = f64(g) @ q_new, f64(mu[k]) @ c.T, f64(nu[k]) @ (c * c).T
+    return 0.9 * mu + 0.1 * r, 0.999 * nu + 0.001 * r * r
 
 
 def test_reproject_rotates_moments_into_the_new_basis():
-    # With a constant gradient the new basis equals the old one: moments must be unchanged
-    # by the re-projection, so the run equals "keep".
-    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((12, 8)), jnp.float32)}
-    runs = []
+    """moments_on_refresh="reproject" rotates the moments of a refreshed matrix into its new
+    basis (M <- Q_newᵀ Q_old M on the left side, its transpose on the right; V by the squared
+    entries), on both sides; "keep" (the official) leaves them as they are, and the two differ."""
+    runs = {}
     for mode in ("keep", "reproject"):
-        tx = scale_by_lowrank(
-            {"w": MatrixDims()}, rank=3, update_proj_gap=2, moments_on_refresh=mode
-        )
-        state = tx.init({"w": jnp.zeros((12, 8))})
-        for _ in range(5):
-            u, state = tx.update(g, state)
-        runs.append(np.asarray(u["w"]))
-    np.testing.assert_allclose(runs[0], runs[1], atol=1e-6)
+        before, after, g = _refresh_on_a_rotated_gradient(mode)
+        runs[mode] = after
+        for k in REFRESH_SHAPES:
+            c = np.asarray(after.projector[k]).T @ np.asarray(before.projector[k])
+            # A real rotation: not the identity, and not symmetric (or C and Cᵀ would agree).
+            assert np.abs(c - np.eye(3)).max() > 0.1 and np.abs(c - c.T).max() > 0.1, c
+            mu, nu = _expected_moments(before, after, g[k], k, rotate=mode == "reproject")
+            np.testing.assert_allclose(after.mu[k], mu, atol=1e-6, err_msg=f"{mode} mu {k}")
+            np.testing.assert_allclose(after.nu[k], nu, atol=1e-8, err_msg=f"{mode} nu {k}")
+    for k in REFRESH_SHAPES:
+        assert np.abs(runs["keep"].mu[k] - runs["reproject"].mu[k]).max() > 0.01, k
 
 
 def test_fallback_to_full_rank_is_reported_once():
