@@ -1,4 +1,5 @@
-"""Helpers for tests that run the real `menagerie` CLI: fresh processes, run folders, snapshots."""
+"""Helpers for tests that run the real `menagerie` CLI: fresh processes, run folders, snapshots,
+saved checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from menagerie.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,34 @@ def snapshot(root: Path) -> dict[str, str]:
         elif p.is_dir():
             out[str(p.relative_to(root)) + "/"] = "dir"
     return out
+
+
+def saved_state(step_dir: Path) -> dict:
+    """The state saved in one checkpoint folder (`<run_dir>/checkpoints/<step>`), as numpy
+    arrays, whatever mesh or process count it was saved from."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(Path(step_dir) / "state").item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(Path(step_dir) / "state", restore_args=args)
+
+
+def assert_close_states(got: dict, want: dict, rtol: float) -> float:
+    """Every array of two saved states within `rtol` of the largest |entry| of `want`'s array
+    (0: bitwise); returns the largest such relative difference."""
+    import jax
+
+    worst = 0.0
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+    flat_got = jax.tree_util.tree_leaves_with_path(got)
+    assert len(flat_got) == len(flat_want)
+    for path, x in flat_got:
+        y = flat_want[path]
+        assert x.shape == y.shape and x.dtype == y.dtype, path
+        scale = max(float(np.max(np.abs(y), initial=0.0)), 1e-30)
+        diff = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0)) / scale
+        worst = max(worst, diff)
+        assert diff <= rtol, f"{jax.tree_util.keystr(path)}: relative difference {diff:.1e}"
+    return worst

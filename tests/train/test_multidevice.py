@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .conftest import ROOT, TINY, cli_env, cli_wait
+from .conftest import ROOT, TINY, assert_close_states, cli_env, cli_wait, saved_state
 
 MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 # Measured on this code (CPU, 2026-11-30), 8 devices vs 1, worst of 6 steps: relative difference
@@ -93,37 +93,6 @@ def _train_steps_logged(run_dir) -> list[int]:
     """Every train row's step, in the order written (a resumed run appends its steps)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows if r.get("kind") == "train"]
-
-
-def saved_state(step_dir: Path) -> dict:
-    """The state saved in one checkpoint folder (`<run_dir>/checkpoints/<step>`), as numpy
-    arrays, whatever mesh or process count it was saved from."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(Path(step_dir) / "state").item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(Path(step_dir) / "state", restore_args=args)
-
-
-def assert_close_states(got: dict, want: dict, rtol: float) -> float:
-    """Every array of two saved states within `rtol` of the largest |entry| of `want`'s array
-    (0: bitwise); returns the largest such relative difference."""
-    import jax
-
-    worst = 0.0
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
-    flat_got = jax.tree_util.tree_leaves_with_path(got)
-    assert len(flat_got) == len(flat_want)
-    for path, x in flat_got:
-        y = flat_want[path]
-        assert x.shape == y.shape and x.dtype == y.dtype, path
-        scale = max(float(np.max(np.abs(y), initial=0.0)), 1e-30)
-        diff = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0)) / scale
-        worst = max(worst, diff)
-        assert diff <= rtol, f"{jax.tree_util.keystr(path)}: relative difference {diff:.1e}"
-    return worst
 
 
 def test_data_fsdp_tensor_mesh_matches_one_device_and_resumes_on_one(tmp_path):

@@ -12,8 +12,7 @@ import sys
 
 import numpy as np
 
-from .conftest import ROOT, TINY, cli_env
-from .test_multidevice import assert_close_states, saved_state
+from .conftest import ROOT, TINY, assert_close_states, cli_env, saved_state
 
 ARGS = [
     "train",
