@@ -51,7 +51,11 @@ class OptimConfig(Choice):
     eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied to matrices only (not to norms, biases or vectors)."""
+    """Decoupled weight decay, on the parameters `weight_decay_on` selects."""
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
+    """Which parameters weight decay applies to: matrices (by axis roles, `arch.axes.is_matrix`;
+    not norm scales, biases or other vectors) or all of them (plain torch AdamW on
+    `model.parameters()`, as the official Megalodon code trains)."""
     clip_norm: float | None = 1.0
     """Global gradient-norm clipping threshold; null disables clipping."""
 
@@ -100,7 +104,7 @@ class OptimConfig(Choice):
 
 
 class AdamWConfig(OptimConfig):
-    """AdamW (Loshchilov & Hutter 2019) with decay on matrices only."""
+    """AdamW (Loshchilov & Hutter 2019), decay on `weight_decay_on` (default: matrices)."""
 
     name: Literal["adamw"] = "adamw"
     """Selects this optimizer."""
@@ -113,7 +117,7 @@ class AdamWConfig(OptimConfig):
             b2=self.b2,
             eps=self.eps,
             weight_decay=self.weight_decay,
-            mask=decay_mask(logical_names),
+            mask=decay_mask(logical_names, self.weight_decay_on),
         )
         return opt, schedule
 
@@ -200,7 +204,7 @@ class LowRankConfig(OptimConfig):
             schedule,
             matrix_dims(logical_names, self.lowrank_params),
             weight_decay=self.weight_decay,
-            weight_decay_mask=decay_mask(logical_names),
+            weight_decay_mask=decay_mask(logical_names, self.weight_decay_on),
             options=self.options(),
         )
         return opt, schedule
@@ -308,13 +312,20 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def decay_mask(logical_names: Any) -> Any:
-    """True for matrices (`arch.axes.is_matrix`: two or more non-stack axes, no vector axis).
+def decay_mask(logical_names: Any, on: Literal["matrices", "all"] = "matrices") -> Any:
+    """Which parameters weight decay applies to (`optim.weight_decay_on`): with "matrices",
+    True for matrices (`arch.axes.is_matrix`: two or more non-stack axes, no vector axis);
+    with "all", True for every parameter.
 
     Args:
       logical_names: a pytree (same structure as the parameters) whose leaves are tuples of
         logical axis names, as `train.mesh.logical_names` returns.
+      on: "matrices" or "all".
     """
+    if on == "all":
+        return jax.tree.map(lambda _: True, logical_names, is_leaf=_is_leaf)
+    if on != "matrices":
+        raise ValueError(f"weight decay on {on!r}; choose 'matrices' or 'all'")
     return jax.tree.map(axes.is_matrix, logical_names, is_leaf=_is_leaf)
 
 
