@@ -292,7 +292,8 @@ class MultiHeadComplexEMA(nnx.Module):
         return ops.cema(x_BLD, incoming, c, self.omega[...], segment=seg)[0], final
 
 
-_SEQUENCE_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# Inside `sequence_parallel`: (mesh axis name, this device's block index as an int32 array).
+_SEQUENCE_AXIS: contextvars.ContextVar[tuple[str, jax.Array] | None] = contextvars.ContextVar(
     "megalodon_sequence_axis", default=None
 )
 
@@ -310,9 +311,8 @@ def _sequence_devices(length: int, chunk: int) -> int:
 def _prefix(initial, mine, combine):
     """Sequence parallelism's exclusive scan over the `sequence` axis: (what precedes this
     device's block, what follows the last block), from every block's summary `mine`."""
-    axis = _SEQUENCE_AXIS.get()
+    axis, index = _SEQUENCE_AXIS.get()
     every = jax.lax.all_gather(mine, axis)  # leading axis: blocks in sequence order
-    index = jax.lax.axis_index(axis)
     before = current = initial
     for k in range(jax.lax.axis_size(axis)):
         before = jax.tree.map(lambda b, c, k=k: jnp.where(index == k, c, b), before, current)
@@ -330,9 +330,12 @@ def sequence_parallel(fn, module: nnx.Module, x_BLD: jax.Array, state, chunk: in
     graphdef, params = nnx.split(module)
     seq = jax.sharding.PartitionSpec(None, "sequence", None)
     rep = jax.sharding.PartitionSpec()
+    blocks = jax.sharding.get_abstract_mesh().shape["sequence"]
 
-    def body(params, x, state):
-        token = _SEQUENCE_AXIS.set("sequence")
+    def body(params, x, state, index):
+        # The block index comes in as data, not lax.axis_index: XLA:CPU executables loaded
+        # from the persistent compilation cache get partition ids wrong and deadlock.
+        token = _SEQUENCE_AXIS.set(("sequence", index[0]))
         try:
             return fn(nnx.merge(graphdef, params), x, state)
         finally:
@@ -340,11 +343,11 @@ def sequence_parallel(fn, module: nnx.Module, x_BLD: jax.Array, state, chunk: in
 
     return jax.shard_map(
         body,
-        in_specs=(rep, seq, rep),
+        in_specs=(rep, seq, rep, jax.sharding.PartitionSpec("sequence")),
         out_specs=(seq, rep),
         axis_names={"sequence"},
         check_vma=False,
-    )(params, x_BLD, state)
+    )(params, x_BLD, state, jnp.arange(blocks, dtype=jnp.int32))
 
 
 def _rms(x: jax.Array, eps: float) -> jax.Array:

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from . import axes
+
 
 @struct.dataclass
 class NormState:
@@ -162,10 +164,35 @@ def cema_kernel(c: CEMACoeffs, length: int) -> jax.Array:
 
 def fft_causal_conv(x_BLD: jax.Array, k_LD: jax.Array) -> jax.Array:
     """y[t] = sum_{j<=t} k[t-j] x[j] along axis 1, by a zero-padded real FFT of length 2L."""
+    return _rows_on_their_devices(_fft_conv, x_BLD, k_LD)
+
+
+def _fft_conv(x_BLD: jax.Array, k_LD: jax.Array) -> jax.Array:
     n = 2 * x_BLD.shape[1]
     spectrum = jnp.fft.rfft(x_BLD, n=n, axis=1) * jnp.fft.rfft(k_LD, n=n, axis=0)
-    y = jnp.fft.irfft(spectrum, n=n, axis=1)
-    return y[:, : x_BLD.shape[1]]
+    return jnp.fft.irfft(spectrum, n=n, axis=1)[:, : x_BLD.shape[1]]
+
+
+def _rows_on_their_devices(fn, x_BLD: jax.Array, k_LD: jax.Array) -> jax.Array:
+    """fn(x, k) with x's batch rows split over the active mesh's batch axes, each device on its
+    own rows. XLA's SPMD partitioner does not split FFTs over a batch: left to it, every device
+    all-gathers the whole batch and transforms all of it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return fn(x_BLD, k_LD)
+    batch = axes.get("batch").mesh
+    names = tuple(
+        a
+        for a in ((batch,) if isinstance(batch, str) else batch or ())
+        if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes
+    )
+    devices = math.prod(mesh.shape[a] for a in names)
+    if not names or x_BLD.shape[0] % devices:
+        return fn(x_BLD, k_LD)
+    rows, rep = jax.sharding.PartitionSpec(names), jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        fn, in_specs=(rows, rep), out_specs=rows, axis_names=set(names), check_vma=False
+    )(x_BLD, k_LD)
 
 
 def cema_segment(
