@@ -6,6 +6,13 @@ the official module names and shapes, torch `Linear` weights as [out, in], the T
 buffers (prior_count 0, prior_mean 0, prior_logv 0) and the RoPE `freqs` buffer. Arrays are
 numpy here; `save_official` writes them with torch (an optional dependency, imported there).
 `official_config` is the official `ModelConf` of the config, by its field names.
+
+The folder is what the official `megalodon.reloading.reload_model(dir)` reads: `consolidated.pth`,
+`config.json` ({"model": ModelConf fields, "tokenizer": TokenizerConf fields}) and
+`consolidate_config.json` ({"model_parallel_size": 1, "dtype": "fp32" | "bf16"}). The official
+code tokenizes with a SentencePiece model whose size must equal `vocab_size`: the tokenizer
+path is left null (pass `tokenizer_path=` to `reload_model`), and a byte-level run's table
+(384 rows) has no SentencePiece counterpart.
 """
 
 from __future__ import annotations
@@ -132,8 +139,8 @@ def _to_numpy(tree: Any) -> Any:
 
 def save_official(cfg: MegalodonConfig, params: dict, out_dir: Path, *, dtype: str = "float32"):
     """Write `consolidated.pth` (torch.save of the official state dict; matrices in `dtype`,
-    norms, CEMA and q/k affines kept float32 as the official code keeps them) and
-    `config.json` (the official `ModelConf` fields) into `out_dir`."""
+    norms, CEMA and q/k affines kept float32 as the official code keeps them),
+    `config.json` and `consolidate_config.json` into `out_dir` (see the module docstring)."""
     import torch  # optional dependency: `pip install menagerie[export]`
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +152,11 @@ def save_official(cfg: MegalodonConfig, params: dict, out_dir: Path, *, dtype: s
             t = t.to(torch_dtype)
         state[name] = t
     torch.save(state, out_dir / "consolidated.pth")
-    (out_dir / "config.json").write_text(json.dumps(official_config(cfg), indent=2) + "\n")
+    conf = {"model": official_config(cfg), "tokenizer": {"path": None}}
+    official_dtype = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    consolidate = {"model_parallel_size": 1, "dtype": official_dtype}
+    for name, value in (("config.json", conf), ("consolidate_config.json", consolidate)):
+        (out_dir / name).write_text(json.dumps(value, indent=2) + "\n")
 
 
 def write(run, out_dir: Path, dtype: str) -> None:

@@ -1,8 +1,8 @@
 """Loading a trained run from Python: the entry point of every export and evaluation.
 
-    run = load_run("runs/tiny")            # newest readable checkpoint; step=N for another
-    out = run.model(tokens_BT)             # the built NNX model with the checkpoint's parameters
-    run.tokenizer.encode("text"); run.cfg  # its tokenizer and resolved RunConfig; run.step
+run = load_run("runs/tiny")            # newest readable checkpoint; step=N for another
+out = run.model(tokens_BT)             # the built NNX model with the checkpoint's parameters
+run.tokenizer.encode("text"); run.cfg  # its tokenizer and resolved RunConfig; run.step
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from flax import nnx
-
 from menagerie.train.checkpoint import CONFIG_FILE, Checkpointer
 from menagerie.train.config import RunConfig, build_config, read_yaml, upgrade_saved
 from menagerie.train.errors import CheckpointError

@@ -482,7 +482,7 @@ def test_logits_equal_megalodon_jax_loading_our_export(name, tmp_path):
 
     cfg, model = parity_model(name)
     save_official(cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tmp_path)
-    conf = json.loads((tmp_path / "config.json").read_text())
+    conf = json.loads((tmp_path / "config.json").read_text())["model"]
     fields = {f.name for f in dataclasses.fields(UpstreamConfig)}
     upstream_cfg = UpstreamConfig(**{k: v for k, v in conf.items() if k in fields})
 

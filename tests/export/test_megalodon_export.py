@@ -56,9 +56,13 @@ def _official_model(out):
     from megalodon_jax.config import MegalodonConfig
     from megalodon_jax.convert import load_upstream_checkpoint
 
-    conf = json.loads((out / "config.json").read_text())
+    conf = json.loads((out / "config.json").read_text())["model"]
+    assert json.loads((out / "consolidate_config.json").read_text()) == {
+        "model_parallel_size": 1,
+        "dtype": "fp32",
+    }
     cfg = MegalodonConfig(**{k: conf[k] for k in OFFICIAL_KEYS})
-    return load_upstream_checkpoint(out / "consolidated.pth", cfg, key=jax.random.key(0))
+    return load_upstream_checkpoint(out, cfg, key=jax.random.key(0))  # the folder, as official
 
 
 def test_export_loads_in_megalodon_jax_with_the_same_logits(run, tmp_path):
