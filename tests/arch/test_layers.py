@@ -43,7 +43,7 @@ def test_attention_bf16_keeps_dtype():
     assert out.dtype == jnp.bfloat16
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.gpu  # cuDNN attention: skipped off a GPU; bench/gpu_check.sh runs it
 def test_cudnn_attention_matches_xla():
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     b, t, h, kvh, d = 2, 128, 4, 2, 64
