@@ -14,24 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from ..cli_testing import cli, snapshot
+from ..cli_testing import MEGALODON_TINY_MODEL, cli, snapshot
 
 torch = pytest.importorskip("torch")
 mj = pytest.importorskip("megalodon_jax")
 
-MODEL = {
-    "family": "megalodon",
-    "d_model": 32,
-    "n_layers": 2,
-    "num_heads": 2,
-    "z_dim": 16,
-    "value_dim": 32,
-    "ffn_hidden_dim": 48,
-    "cema_ndim": 4,
-    "chunk_size": 16,
-    "norm_num_groups": 4,
-    "swiglu": True,
-}
+MODEL = MEGALODON_TINY_MODEL | {"swiglu": True}
 OFFICIAL_KEYS = (
     "vocab_size model_dim num_layers num_heads z_dim value_dim ffn_hidden_dim cema_ndim "
     "chunk_size norm_num_groups norm_eps rope_base swiglu rescale_nffn scale_emb share_emb"

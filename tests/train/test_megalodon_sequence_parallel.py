@@ -23,21 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_testing import MEGALODON_TINY_MODEL
 from .conftest import ROOT, assert_close_states, cli_env, saved_state
 
-MODEL = {
-    "family": "megalodon",
-    "d_model": 32,
-    "n_layers": 2,
-    "num_heads": 2,
-    "z_dim": 16,
-    "value_dim": 32,
-    "ffn_hidden_dim": 48,
-    "cema_ndim": 4,
-    "chunk_size": 16,
-    "cema_segment": 8,
-    "norm_num_groups": 4,
-}
+MODEL = MEGALODON_TINY_MODEL | {"cema_segment": 8}  # two CEMA segments per chunk
 MESHES = {
     "whole": ["mesh.data=4"],
     "sequence4": ["mesh.data=1", "mesh.sequence=4"],
