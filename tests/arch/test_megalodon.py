@@ -472,9 +472,8 @@ def test_logits_equal_megalodon_jax_loading_our_export(name, tmp_path):
     the strict `load_upstream_state_dict`; the model here is built abstractly
     (`eqx.filter_eval_shape`) instead, which saves ~20 s of eager initialisation: every
     parameter must then come from our file, or the forward fails on an abstract array."""
-    torch = pytest.importorskip("torch")
-    eqx = pytest.importorskip("equinox")
-    pytest.importorskip("megalodon_jax")
+    import equinox as eqx  # megalodon-jax and torch are in the test extra: never skipped
+    import torch
     from megalodon_jax.config import MegalodonConfig as UpstreamConfig
     from megalodon_jax.convert import load_upstream_state_dict
     from megalodon_jax.model import MegalodonForCausalLM

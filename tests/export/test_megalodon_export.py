@@ -12,12 +12,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # torch and megalodon-jax are in the test extra: never skipped
 import yaml
 
 from ..cli_testing import MEGALODON_TINY_MODEL, cli, snapshot
-
-torch = pytest.importorskip("torch")
-mj = pytest.importorskip("megalodon_jax")
 
 MODEL = MEGALODON_TINY_MODEL | {"swiglu": True}
 OFFICIAL_KEYS = (
