@@ -43,7 +43,14 @@ from menagerie.arch import ModelConfig
 
 from .config import RunConfig, upgrade_saved
 from .distributed import barrier
-from .errors import CheckpointError, TrainingError, run_folder_error, run_folder_io, shown
+from .errors import (
+    CheckpointError,
+    ClosedOnExit,
+    TrainingError,
+    run_folder_error,
+    run_folder_io,
+    shown,
+)
 from .optim import OptimConfig
 from .step import all_finite
 
@@ -370,7 +377,7 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
     return True
 
 
-class Checkpointer:
+class Checkpointer(ClosedOnExit):
     """Orbax `CheckpointManager` with fall-back restore and the metadata we need to resume.
 
     Every failure to write (also one that an async save reports later, at the next `save`,
@@ -563,17 +570,6 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
-
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        """Closes; an error already on its way out wins over one from closing."""
-        if exc_type is None:
-            self.close()
-        else:
-            with contextlib.suppress(Exception):
-                self.close()
 
 
 def _checkpoint_error(e: Exception, doing: str, directory: Path) -> CheckpointError:

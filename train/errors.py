@@ -88,3 +88,21 @@ def run_folder_io(doing: str, path: str | Path | None = None):
         yield
     except OSError as e:
         raise run_folder_error(e, doing, path) from e
+
+
+class ClosedOnExit:
+    """`with obj:` calls `obj.close()` on the way out; an error already on its way out wins
+    over one from closing (it would otherwise be replaced by the closing error)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.close()

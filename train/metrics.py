@@ -8,7 +8,6 @@ measured once at start-up, the fastest of a few sizes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -19,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .errors import run_folder_io
+from .errors import ClosedOnExit, run_folder_io
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
 PEAK_FLOPS: dict[str, float] = {
@@ -66,7 +65,7 @@ def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
     return measure_matmul_peak(), "measured float32 matmul"
 
 
-class MetricsWriter:
+class MetricsWriter(ClosedOnExit):
     """Appends metrics to `<run_dir>/metrics.jsonl` and TensorBoard (process 0 only). An OS
     error on them (a full disk) is one CheckpointError line (`errors.run_folder_io`)."""
 
@@ -105,17 +104,6 @@ class MetricsWriter:
                 self._file.close()
             if self._tb is not None:
                 self._tb.close()
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        """Closes; an error already on its way out wins over one from closing."""
-        if exc_type is None:
-            self.close()
-        else:
-            with contextlib.suppress(Exception):
-                self.close()
 
 
 def _to_float(v: Any) -> float:
