@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import contextvars
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import pydantic
-from flax import nnx
+from flax import nnx, struct
 from menagerie.kernels.chunked_attention import chunked_attention
 
 from . import megalodon_ops as ops
@@ -355,6 +355,17 @@ def _rms(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
+def empty_layer_cache(cfg: MegalodonConfig, batch: int) -> ops.LayerCache:
+    """One MEGA layer's decoding state before the first token."""
+    shape, dt = (batch, cfg.chunk_size, cfg.num_heads), dtype_of(cfg.compute_dtype)
+    return ops.LayerCache(
+        norm=ops.NormState.zeros(batch, cfg.norm_num_groups),
+        cema=ops.zero_cema_state(batch, cfg.d_model, cfg.cema_ndim),
+        keys=jnp.zeros((*shape, cfg.z_dim // cfg.num_heads), dt),
+        values=jnp.zeros((*shape, cfg.value_dim // cfg.num_heads), dt),
+    )
+
+
 class MegaLayer(nnx.Module):
     """The MEGA layer (official `MovingAverageGatedAttention`); output includes + x."""
 
@@ -375,8 +386,9 @@ class MegaLayer(nnx.Module):
     def zero_state(self, batch: int) -> tuple[ops.NormState, tuple[jax.Array, jax.Array]]:
         return self.timenorm.zero_state(batch), self.cema.zero_state(batch)
 
-    def _qk(self, mx_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Shared z, per-head RMS-normalised, then the q and k affines; RoPE per chunk."""
+    def _qk(self, mx_BLD: jax.Array, pos_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Shared z, per-head RMS-normalised, then the q and k affines; RoPE at `pos_BL` (the
+        position in the chunk: RoPE restarts in every chunk)."""
         cfg = self.cfg
         b, length, _ = mx_BLD.shape
         hz = cfg.z_dim // cfg.num_heads
@@ -385,28 +397,49 @@ class MegaLayer(nnx.Module):
         gamma = gamma.reshape(2, cfg.num_heads, hz)
         beta = self.beta[...].astype(jnp.float32).reshape(2, cfg.num_heads, hz)
         q, k = z * gamma[0] + beta[0], z * gamma[1] + beta[1]
-        pos = jnp.broadcast_to(jnp.arange(length) % cfg.chunk_size, (b, length))
-        q = apply_rope(q, pos, cfg.rope_base, interleaved=True)
-        k = apply_rope(k, pos, cfg.rope_base, interleaved=True)
+        q = apply_rope(q, pos_BL, cfg.rope_base, interleaved=True)
+        k = apply_rope(k, pos_BL, cfg.rope_base, interleaved=True)
         compute = dtype_of(cfg.compute_dtype)
         return q.astype(compute), k.astype(compute)
+
+    def _project(self, x_BLD: jax.Array, state, start) -> tuple[jax.Array, ...]:
+        """Everything before attention, for tokens at positions start, start+1, ...:
+        (mx, q, k, v, r, state after the last token)."""
+        cfg = self.cfg
+        b, length, _ = x_BLD.shape
+        xt, c, state = self._recurrent(x_BLD, state)
+        compute = dtype_of(cfg.compute_dtype)
+        mx = (_rms(c, cfg.norm_eps) * (self.rmsnorm[...].astype(jnp.float32) + 1)).astype(compute)
+        mx = constrain(mx, (BATCH, SEQ, ACT_EMBED))
+        pos = jnp.broadcast_to((start + jnp.arange(length)) % cfg.chunk_size, (b, length))
+        q, k = self._qk(mx, pos)
+        v = jax.nn.silu(self.wv(xt)).reshape(b, length, cfg.num_heads, -1)
+        r = jax.nn.silu(self.wr(mx))
+        return mx, q, k, v, r, state
+
+    def _output(self, x_BLD, mx_BLD, o_BLHE, r_BLE) -> jax.Array:
+        """mx Wh1 + bh1 + (o * r) Wh2 + x."""
+        b, length = x_BLD.shape[:2]
+        y = self.wh1(mx_BLD) + self.wh2(o_BLHE.reshape(b, length, -1) * r_BLE)
+        return (y + x_BLD).astype(x_BLD.dtype)
 
     def __call__(self, x_BLD: jax.Array, state) -> tuple[jax.Array, tuple]:
         """(MEGA(x) + x, state after the last token) from the incoming state."""
         cfg = self.cfg
-        b, length, _ = x_BLD.shape
-        compute = dtype_of(cfg.compute_dtype)
-        xt, c, state = self._recurrent(x_BLD, state)
-        mx = (_rms(c, cfg.norm_eps) * (self.rmsnorm[...].astype(jnp.float32) + 1)).astype(compute)
-        mx = constrain(mx, (BATCH, SEQ, ACT_EMBED))
-        q, k = self._qk(mx)
-        v = jax.nn.silu(self.wv(xt)).reshape(b, length, cfg.num_heads, -1)
-        r = jax.nn.silu(self.wr(mx))
+        mx, q, k, v, r, state = self._project(x_BLD, state, 0)
         o = chunked_attention(
             q, k, v, chunk_size=cfg.chunk_size, causal=True, scale=1.0, impl=cfg.attention_impl
         )
-        y = self.wh1(mx) + self.wh2(o.reshape(b, length, -1) * r)
-        return (y + x_BLD).astype(x_BLD.dtype), state
+        return self._output(x_BLD, mx, o, r), state
+
+    def decode(
+        self, x_BLD: jax.Array, cache: ops.LayerCache, start
+    ) -> tuple[jax.Array, ops.LayerCache]:
+        """`__call__` for tokens at positions start.. of a sequence whose earlier tokens left
+        `cache`; returns the cache after them."""
+        mx, q, k, v, r, state = self._project(x_BLD, (cache.norm, cache.cema), start)
+        o, (keys, values) = ops.attend_cached(q, k, v, cache.keys, cache.values, start)
+        return self._output(x_BLD, mx, o, r), ops.LayerCache(*state, keys, values)
 
     def _recurrent(self, x_BLD: jax.Array, state) -> tuple[jax.Array, jax.Array, tuple]:
         """TimestepNorm then CEMA from `state`: (xt, CEMA output, state after the last token)."""
@@ -472,6 +505,21 @@ class MegaBlock(nnx.Module):
         out, _ = self.step(x_BLD, self.mega.zero_state(x_BLD.shape[0]))
         return out, {}
 
+    def decode(self, x_BLD: jax.Array, cache: ops.LayerCache, start) -> tuple[jax.Array, Any]:
+        """The block for tokens at positions start.. (see `MegaLayer.decode`)."""
+        y, cache = self.mega.decode(x_BLD, cache, start)
+        return self.nffn(y, x_BLD), cache
+
+
+@struct.dataclass
+class DecodeState:
+    """Incremental decoding state: per-layer caches stacked over layers [n_layers, ...], the
+    final TimestepNorm's statistics, and the number of tokens seen (int32 scalar)."""
+
+    layers: ops.LayerCache
+    final_norm: ops.NormState
+    position: jax.Array
+
 
 class Megalodon(nnx.Module):
     """Embedding (x sqrt(D) with scale_emb) -> MegaBlocks -> final TimestepNorm -> output."""
@@ -512,17 +560,55 @@ class Megalodon(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, ctx: Ctx | None = None, **ctx_fields) -> Output:
         """tokens [B,T] int32 -> Output(logits [B,T,V] float32, aux_loss 0, metrics {})."""
         ctx = Ctx.make(tokens_BT, **ctx_fields) if ctx is None else ctx
-        x = self.embed(tokens_BT)
-        if self.cfg.scale_emb:
-            x = x * math.sqrt(self.cfg.d_model)
-        x = constrain(x, (BATCH, SEQ, ACT_EMBED))
-        x, aux = run_layers(self.blocks, x, ctx, self.cfg)
+        x, aux = run_layers(self.blocks, self._embed(tokens_BT), ctx, self.cfg)
         zero = self.final_norm.zero_state(x.shape[0])
         chunk = self.cfg.chunk_size
         x, _ = sequence_parallel(TimestepNorm.__call__, self.final_norm, x, zero, chunk)
-        if self.output is None:
-            logits = self.embed.attend(x)
-        else:
-            logits = self.output(x, out_dtype=jnp.float32)
         loss, metrics = reduce_aux(aux, stacked=True)
-        return Output(logits=logits, aux_loss=loss, metrics=metrics)
+        return Output(logits=self._logits(x), aux_loss=loss, metrics=metrics)
+
+    def _embed(self, tokens_BT: jax.Array) -> jax.Array:
+        x = self.embed(tokens_BT)
+        if self.cfg.scale_emb:
+            x = x * math.sqrt(self.cfg.d_model)
+        return constrain(x, (BATCH, SEQ, ACT_EMBED))
+
+    def _logits(self, x_BTD: jax.Array) -> jax.Array:
+        if self.output is None:
+            return self.embed.attend(x_BTD)
+        return self.output(x_BTD, out_dtype=jnp.float32)
+
+    def init_state(self, batch: int) -> DecodeState:
+        """The decoding state before the first token of `batch` sequences."""
+        cfg = self.cfg
+        one = empty_layer_cache(cfg, batch)
+        layers = jax.tree.map(lambda a: jnp.stack([a] * cfg.n_layers), one)
+        zero = jnp.zeros((), jnp.int32)
+        return DecodeState(layers, self.final_norm.zero_state(batch), zero)
+
+    def decode(self, tokens_BT: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+        """Logits [B,T,V] float32 of T more tokens (one for a decode step, a prompt piece for
+        prefill; any T, across chunk boundaries too) and the state after them. Token by token
+        this gives what the full forward pass gives for the whole sequence."""
+        x, layers = self._decode_layers(self._embed(tokens_BT), state.layers, state.position)
+        x, final_norm = self.final_norm(x, state.final_norm)
+        position = state.position + tokens_BT.shape[1]
+        return self._logits(x), DecodeState(layers, final_norm, position)
+
+    def _decode_layers(self, x_BTD, caches: ops.LayerCache, start):
+        if self.cfg.scan_layers:
+
+            @nnx.scan(
+                in_axes=(0, nnx.Carry, 0, None),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            def scan_fn(block, x, cache, start):
+                return block.decode(x, cache, start)
+
+            return scan_fn(self.blocks, x_BTD, caches, start)
+        out = []
+        for i, block in enumerate(self.blocks):
+            x_BTD, cache = block.decode(x_BTD, jax.tree.map(lambda a, i=i: a[i], caches), start)
+            out.append(cache)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *out)

@@ -27,6 +27,10 @@ per token), then y = (x - mean_t) / sqrt(var_t + eps) * (w + 1) + b. The state i
 (count [B] int32, mean [B,G], var [B,G]) float32; the official prior is count 0, mean 0, var 1.
 Computed here by a cumulative sum of moments shifted by an anchor (the incoming mean, or the
 first token's) so float32 does not cancel.
+
+Incremental decoding adds a third piece of state per layer, the keys and values of the current,
+unfinished attention chunk (`LayerCache`, `attend_cached`): attention never looks past its own
+chunk, so the cache never holds more than `chunk_size` tokens, whatever the context.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import struct
+from menagerie.kernels.sparse_attention import attention_reference
 
 from . import axes
 
@@ -273,3 +278,47 @@ def zero_cema_state(batch: int, dim: int, ndim: int) -> tuple[jax.Array, jax.Arr
     """h = 0: (re, im) [B,D,N] float32."""
     z = jnp.zeros((batch, dim, ndim), jnp.float32)
     return z, z
+
+
+@struct.dataclass
+class LayerCache:
+    """One MEGA layer's decoding state: TimestepNorm statistics, CEMA state (re, im) [B,D,N],
+    and the current chunk's keys [B,C,H,Z/H] (after RoPE) and values [B,C,H,E/H]; slot j holds
+    the chunk's j-th token, and only the first (position % C) slots are filled."""
+
+    norm: NormState
+    cema: tuple[jax.Array, jax.Array]
+    keys: jax.Array
+    values: jax.Array
+
+
+def attend_cached(q_BTHD, k_BTHD, v_BTHE, keys_BCHD, values_BCHE, start):
+    """Chunked causal attention (scale 1) for T new tokens at positions start..start+T-1, given
+    the cached keys and values of the chunk holding `start` (C = the cache length). The T tokens
+    may cross chunk boundaries. Returns (o [B,T,H,E], the cache after the last new token)."""
+    t, c = q_BTHD.shape[1], keys_BCHD.shape[1]
+    first = start - start % c  # the cached chunk's first position
+    keys = jnp.concatenate([keys_BCHD, k_BTHD.astype(keys_BCHD.dtype)], axis=1)
+    values = jnp.concatenate([values_BCHE, v_BTHE.astype(values_BCHE.dtype)], axis=1)
+    slot = jnp.arange(c + t)
+    key_pos = jnp.where(slot < c, first + slot, start + slot - c)
+    filled = (slot >= c) | (slot < start - first)
+    query_pos = start + jnp.arange(t)[:, None]
+    keep = filled & (key_pos <= query_pos) & (key_pos // c == query_pos // c)  # [T, C+T]
+    o = attention_reference(q_BTHD, keys, values, keep[None, None, None], scale=1.0)
+    return o, _next_chunk_cache(keys, values, start, t, c)
+
+
+def _next_chunk_cache(keys, values, start, t: int, c: int):
+    """The slots of the chunk holding position start+t (its tokens before start+t), gathered
+    from the cached-then-new buffers [B,C+T,...]; unfilled slots are zero."""
+    end = start + t
+    first, new_first = start - start % c, end - end % c
+    pos = new_first + jnp.arange(c)
+    src = jnp.clip(jnp.where(pos < start, pos - first, c + pos - start), 0, c + t - 1)
+    filled = (pos < end)[None, :, None, None]
+
+    def gather(a):
+        return jnp.where(filled, jnp.take(a, src, axis=1), 0).astype(a.dtype)
+
+    return gather(keys), gather(values)

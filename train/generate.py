@@ -1,8 +1,12 @@
 """Sampling from a trained model, for the sample printed at the end of a run.
 
-This recomputes the whole window for each new token (one compiled program, a fixed-size buffer):
-simple and exact for the short samples the trainer prints. Cached decoding (KV cache and the
-other recurrent states) is still to be written, with the export work.
+Two paths, chosen by the model:
+- A model with incremental decoding (`init_state(batch)` and `decode(tokens, state) -> (logits,
+  state)`, today Megalodon) prefills the prompt in pieces, then runs one compiled step per new
+  token on its carried state: no window, no recompilation per token.
+- Any other model recomputes the whole window for each new token (one compiled program, a
+  fixed-size buffer): simple and exact for the short samples the trainer prints. The baseline's
+  KV cache is still to be written, with the export work.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+PREFILL_PIECE = 256  # prompt tokens per prefill call: at most two compiled prefill shapes
 
 
 def sample(
@@ -26,32 +32,82 @@ def sample(
     seed: int = 0,
     stop_id: int | None = None,
 ) -> np.ndarray:
-    """Returns the generated ids (without the prompt), int32 [n <= max_new_tokens]."""
-    prompt_ids = np.asarray(prompt_ids, np.int32)[-(window - 1) :]
+    """Returns the generated ids (without the prompt), int32 [n <= max_new_tokens]. `window`
+    bounds the context of models without incremental decoding."""
+    prompt_ids = np.asarray(prompt_ids, np.int32)
+    if not len(prompt_ids):
+        raise ValueError("the sample prompt encodes to no tokens: set train.sample_prompt")
+    picks = _Picker(temperature, seed)
+    if hasattr(nnx.merge(graphdef, params), "decode"):
+        tokens = _decoded(graphdef, params, prompt_ids, picks, max_new_tokens)
+    else:
+        tokens = _windowed(graphdef, params, prompt_ids, picks, max_new_tokens, window)
+    out = []
+    for tok in tokens:
+        if stop_id is not None and tok == stop_id:
+            break
+        out.append(tok)
+    return np.asarray(out, np.int32)
+
+
+class _Picker:
+    """The next token from logits [V]: argmax at temperature <= 0, else a categorical sample
+    with a key split off per token."""
+
+    def __init__(self, temperature: float, seed: int):
+        self.temperature, self.key = temperature, jax.random.key(seed)
+
+    def next_key(self) -> jax.Array:
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def __call__(self, logits_V: jax.Array, key: jax.Array) -> jax.Array:
+        if self.temperature <= 0:
+            return jnp.argmax(logits_V).astype(jnp.int32)
+        return jax.random.categorical(key, logits_V / self.temperature).astype(jnp.int32)
+
+
+def _decoded(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int):
+    """Yields new tokens: the prompt prefilled in pieces, then one jitted step per token."""
+
+    @jax.jit
+    def prefill(params, tokens_1T, state):
+        logits, state = nnx.merge(graphdef, params).decode(tokens_1T, state)
+        return logits[0, -1], state
+
+    @jax.jit
+    def step(params, token, state, key):
+        logits, state = nnx.merge(graphdef, params).decode(token.reshape(1, 1), state)
+        return pick(logits[0, -1], key), state
+
+    state = nnx.merge(graphdef, params).init_state(1)
+    for start in range(0, len(prompt_ids), PREFILL_PIECE):
+        piece = jnp.asarray(prompt_ids[None, start : start + PREFILL_PIECE])
+        logits, state = prefill(params, piece, state)
+    token = pick(logits, pick.next_key())
+    for i in range(max_new_tokens):
+        yield int(token)
+        if i + 1 < max_new_tokens:
+            token, state = step(params, token, state, pick.next_key())
+
+
+def _windowed(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int, window: int):
+    """Yields new tokens, each from the whole last `window` tokens recomputed."""
+    prompt_ids = prompt_ids[-(window - 1) :]
     buf = np.zeros((1, window), np.int32)
     buf[0, : len(prompt_ids)] = prompt_ids
     length = len(prompt_ids)
 
     @jax.jit
     def next_token(params, tokens_1T, length, key):
-        model = nnx.merge(graphdef, params)
-        logits_1TV = model(tokens_1T).logits
-        logits_V = jax.lax.dynamic_index_in_dim(logits_1TV[0], length - 1, keepdims=False)
-        if temperature <= 0:
-            return jnp.argmax(logits_V).astype(jnp.int32)
-        return jax.random.categorical(key, logits_V / temperature).astype(jnp.int32)
+        logits_1TV = nnx.merge(graphdef, params)(tokens_1T).logits
+        return pick(jax.lax.dynamic_index_in_dim(logits_1TV[0], length - 1, False), key)
 
-    key = jax.random.key(seed)
-    out = []
     for _ in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        tok = int(next_token(params, buf, length, sub))
-        if stop_id is not None and tok == stop_id:
-            break
-        out.append(tok)
+        tok = int(next_token(params, buf, length, pick.next_key()))
+        yield tok
         if length == window:  # slide the window left by one
             buf[0, :-1] = buf[0, 1:]
             length -= 1
         buf[0, length] = tok
         length += 1
-    return np.asarray(out, np.int32)

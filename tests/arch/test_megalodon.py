@@ -562,3 +562,34 @@ def test_changing_token_t_leaves_earlier_logits_unchanged():
         assert before < 1e-5, f"token {t} changed earlier logits by {before:.3g}"
         after = np.abs(logits[1, t:] - logits[0, t:]).max(axis=-1)
         assert after.min() > 1e-3, f"token {t} did not reach every later position"
+
+
+# 6. Incremental decoding.
+
+decode_of = quick_module_fn(lambda model, tokens, state: model.decode(tokens, state))
+
+
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_decoding_gives_the_logits_of_the_full_forward_pass(name):
+    """`init_state`, then `decode` of prompt pieces that start mid-chunk and cross chunk
+    boundaries (3, 9, 9 tokens), then one token per call across another boundary, give the
+    full forward pass's logits (float32, 1e-5 relative) at the longer PARITY length (3.4 or 4
+    chunks of 8), for both PARITY models (scanned / looped layers, 2 / 1 heads, tied /
+    untied). Catches: the key/value cache kept across a chunk boundary (attention must
+    restart per chunk) or cleared mid-chunk, a layer's TimestepNorm or CEMA state not carried
+    (or carried into the wrong layer), the final norm's statistics restarted per call, a cache
+    slot written at the wrong place. (RoPE at the absolute position instead of the position
+    in the chunk is not a bug to catch: within one chunk only the difference of positions
+    counts.)"""
+    cfg, model = parity_model(name)
+    length = PARITY[name][1][-1]
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, length)), jnp.int32)
+    full = np.asarray(logits_of(model, tokens))
+    state, got, start = model.init_state(2), [], 0
+    for size in [3, 9, 9] + [1] * (length - 21):
+        logits, state = decode_of(model, tokens[:, start : start + size], state)
+        got.append(np.asarray(logits))
+        start += size
+    close(np.concatenate(got, axis=1), full, 1e-5, name)
+    assert int(state.position) == length
