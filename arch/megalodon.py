@@ -32,6 +32,10 @@ Where this differs from the official code, on purpose:
 - No dropout (the official 7B run used none); the official `rescale_nffn` layer scale is kept.
 - Weight decay: the official optimizer decays every parameter; menagerie decays matrices by
   default (`optim.weight_decay_on`), and the Megalodon presets set `all` to match.
+- Decoding (`Megalodon.init_state` / `decode`) continues the exact cumulative TimestepNorm
+  statistics, so it equals the forward pass at any length; the official `inference.py`
+  replaces them by statistics over the last 6 chunks once 8 chunks have passed
+  (`truncate_cache`), a windowed norm this port does not reproduce.
 - The official `efficient_attn` CUDA path is replaced by `menagerie.kernels.chunked_attention`
   (`attention_impl`: the Pallas kernel on GPU/TPU, the jnp reference on CPU).
 """
