@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-from flax import nnx
+import jax.numpy as jnp
+from flax import nnx, struct
+from menagerie.kernels.sparse_attention import attention_reference
 
 from .attention_ops import apply_rope, attention
 from .axes import Axis, declare
 from .config import ModelConfig, check_positive
-from .layers import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, SEQ, constrain, linear
+from .layers import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, SEQ, constrain, dtype_of, linear
 from .parts import Aux, Ctx, MixerConfig
 
 declare(
@@ -90,6 +92,15 @@ class AttentionConfig(MixerConfig):
         return float(6 * self.num_params(model) + attention_scores)
 
 
+@struct.dataclass
+class KVCache:
+    """Keys (after RoPE) and values of positions 0..S-1: [B,S,K,Dh] each; position p's slot is
+    p, and only the positions already decoded are filled."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
 class Attention(nnx.Module):
     """Causal multi-head / grouped-query self-attention with RoPE (Llama)."""
 
@@ -101,16 +112,39 @@ class Attention(nnx.Module):
         self.o = linear(model, (h, hd), d, ("heads", "head_dim", "embed"), rngs=rngs)
         self.rope_theta = cfg.rope_theta
         self.impl = cfg.impl
+        self.cache_shape = (k, hd)
+        self.cache_dtype = dtype_of(model.compute_dtype)
+
+    def _qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, ...]:
+        q_BTHD = constrain(self.q(x_BTD), (BATCH, SEQ, ACT_HEADS, None))
+        k_BTKD = constrain(self.k(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
+        v_BTKD = constrain(self.v(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
+        q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta)
+        k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta)
+        return q_BTHD, k_BTKD, v_BTKD
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         with jax.named_scope("attention"):
-            q_BTHD = constrain(self.q(x_BTD), (BATCH, SEQ, ACT_HEADS, None))
-            k_BTKD = constrain(self.k(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
-            v_BTKD = constrain(self.v(x_BTD), (BATCH, SEQ, ACT_KV_HEADS, None))
-            q_BTHD = apply_rope(q_BTHD, ctx.positions, self.rope_theta)
-            k_BTKD = apply_rope(k_BTKD, ctx.positions, self.rope_theta)
+            q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, ctx.positions)
             o_BTHD = attention(
                 q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=ctx.segment_ids, causal=True, impl=self.impl
             )
             y_BTD = constrain(self.o(o_BTHD), (BATCH, SEQ, ACT_EMBED))
         return y_BTD, {}
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` sequences of at most `max_len` tokens."""
+        zeros = jnp.zeros((batch, max_len, *self.cache_shape), self.cache_dtype)
+        return KVCache(zeros, zeros)
+
+    def decode(self, x_BTD: jax.Array, cache: KVCache, start) -> tuple[jax.Array, KVCache]:
+        """`__call__` for T tokens at positions start..start+T-1 of one document whose earlier
+        tokens fill `cache`: writes theirs, attends over the cache (float32 softmax)."""
+        t, max_len = x_BTD.shape[1], cache.keys.shape[1]
+        positions = jnp.broadcast_to(start + jnp.arange(t), x_BTD.shape[:2])
+        q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, positions)
+        write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, 1)
+        cache = KVCache(write(cache.keys, k_BTKD), write(cache.values, v_BTKD))
+        keep = jnp.arange(max_len)[None, :] <= positions[0][:, None]  # [T, S]
+        o_BTHD = attention_reference(q_BTHD, cache.keys, cache.values, keep[None, None, None])
+        return self.o(o_BTHD), cache

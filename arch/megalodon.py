@@ -58,7 +58,7 @@ from .axes import Axis, declare
 from .config import ModelConfig, check_positive
 from .layers import ACT_EMBED, BATCH, SEQ, Embed, Linear, constrain, dtype_of, param
 from .parts import Aux, Ctx, Output, reduce_aux
-from .stack import run_layers, stack_layers
+from .stack import decode_layers, run_layers, stack_layers, stacked
 
 declare(
     Axis("z", "feature", "tensor", lowrank=True, doc="Megalodon shared q/k width Z"),
@@ -582,11 +582,13 @@ class Megalodon(nnx.Module):
             return self.embed.attend(x_BTD)
         return self.output(x_BTD, out_dtype=jnp.float32)
 
-    def init_state(self, batch: int) -> DecodeState:
-        """The decoding state before the first token of `batch` sequences."""
-        cfg = self.cfg
-        one = empty_layer_cache(cfg, batch)
-        layers = jax.tree.map(lambda a: jnp.stack([a] * cfg.n_layers), one)
+    decodes = True  # has init_state / decode (see train.generate)
+    state_grows = False  # the same state size at any context length
+
+    def init_state(self, batch: int, max_len: int | None = None) -> DecodeState:
+        """The decoding state before the first token of `batch` sequences; its size does not
+        depend on the length (`max_len` is not needed)."""
+        layers = stacked(empty_layer_cache(self.cfg, batch), self.cfg)
         zero = jnp.zeros((), jnp.int32)
         return DecodeState(layers, self.final_norm.zero_state(batch), zero)
 
@@ -594,25 +596,8 @@ class Megalodon(nnx.Module):
         """Logits [B,T,V] float32 of T more tokens (one for a decode step, a prompt piece for
         prefill; any T, across chunk boundaries too) and the state after them. Token by token
         this gives what the full forward pass gives for the whole sequence."""
-        x, layers = self._decode_layers(self._embed(tokens_BT), state.layers, state.position)
+        x = self._embed(tokens_BT)
+        x, layers = decode_layers(self.blocks, x, state.layers, state.position, self.cfg)
         x, final_norm = self.final_norm(x, state.final_norm)
         position = state.position + tokens_BT.shape[1]
         return self._logits(x), DecodeState(layers, final_norm, position)
-
-    def _decode_layers(self, x_BTD, caches: ops.LayerCache, start):
-        if self.cfg.scan_layers:
-
-            @nnx.scan(
-                in_axes=(0, nnx.Carry, 0, None),
-                out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            def scan_fn(block, x, cache, start):
-                return block.decode(x, cache, start)
-
-            return scan_fn(self.blocks, x_BTD, caches, start)
-        out = []
-        for i, block in enumerate(self.blocks):
-            x_BTD, cache = block.decode(x_BTD, jax.tree.map(lambda a, i=i: a[i], caches), start)
-            out.append(cache)
-        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *out)

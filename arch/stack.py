@@ -8,6 +8,9 @@ are one module whose parameters have a leading "layers" axis (`nnx.vmap` at buil
 call), so compile time does not grow with depth; looped layers are an `nnx.List` (per-layer
 parameters, easier to debug). Either way the aux dicts come back stacked over layers, ready for
 `parts.reduce_aux(aux, stacked=True)`.
+
+Incremental decoding goes through `decode_layers`: each layer's `decode(x, cache, start) -> (x,
+cache)`, with the caches stacked over layers like scanned parameters.
 """
 
 from __future__ import annotations
@@ -72,3 +75,28 @@ def run_layers(layers: Any, x: jax.Array, ctx: Ctx, model: ModelConfig) -> tuple
         x, aux = layer_fn(layer, x, ctx)
         auxes.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+def decode_layers(layers: Any, x: jax.Array, caches: Any, start: jax.Array, model: ModelConfig):
+    """Every layer's `decode(x, cache, start)` in order: (x, the caches after, stacked [L])."""
+    if model.scan_layers:
+
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, 0, None),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
+        def scan_fn(layer, x, cache, start):
+            return layer.decode(x, cache, start)
+
+        return scan_fn(layers, x, caches, start)
+    out = []
+    for i, layer in enumerate(layers):
+        x, cache = layer.decode(x, jax.tree.map(lambda a, i=i: a[i], caches), start)
+        out.append(cache)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *out)
+
+
+def stacked(cache: Any, model: ModelConfig) -> Any:
+    """One layer's cache repeated for each of the model's layers (leading axis [L])."""
+    return jax.tree.map(lambda a: jnp.stack([a] * model.n_layers), cache)

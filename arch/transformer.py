@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import jax
+import jax.numpy as jnp
 import pydantic
-from flax import nnx
+from flax import nnx, struct
 
 from .attention import AttentionConfig
 from .config import ModelConfig
 from .layers import ACT_EMBED, BATCH, SEQ, Embed, constrain, dtype_of, rms_norm
 from .lm_head import LMHeadConfig
 from .parts import Aux, Ctx, FFNConfig, HeadConfig, MixerConfig, Output, reduce_aux
-from .stack import run_layers, stack_layers
+from .stack import decode_layers, run_layers, stack_layers, stacked
 from .swiglu import SwiGLUConfig
 
 
@@ -87,6 +88,30 @@ class Block(nnx.Module):
             x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
         return x_BTD, {"mixer": mixer_aux, "ffn": ffn_aux}
 
+    def decode(self, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
+        """The block for T tokens at positions start.. given the mixer's cache (FFN parts
+        are per token, so they need none)."""
+        y_BTD, cache = self.mixer.decode(self.mixer_norm(x_BTD), cache, start)
+        x_BTD = x_BTD + y_BTD
+        y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), _decode_ctx(x_BTD, start))
+        return x_BTD + y_BTD, cache
+
+
+@struct.dataclass
+class DecodeState:
+    """Incremental decoding state: the mixers' caches stacked over layers [n_layers, ...] and
+    the number of tokens seen (int32 scalar)."""
+
+    layers: Any
+    position: jax.Array
+
+
+def _decode_ctx(x_BT: jax.Array, start: jax.Array) -> Ctx:
+    """The context of T tokens at positions start.. of one document (no targets)."""
+    b, t = x_BT.shape[:2]
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return Ctx.make(jnp.zeros((b, t), jnp.int32), positions=positions)
+
 
 class Transformer(nnx.Module):
     """Embed -> n_layers Blocks (scanned or looped) -> final RMSNorm -> head."""
@@ -122,3 +147,28 @@ class Transformer(nnx.Module):
             aux_loss=block_loss + head_loss,
             metrics=block_metrics | head_metrics,
         )
+
+    state_grows = True  # the KV cache holds every token of the context
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this model has incremental decoding: its mixer part has a cache."""
+        mixer = self.blocks.mixer if self.cfg.scan_layers else self.blocks[0].mixer
+        return hasattr(mixer, "decode")
+
+    def init_state(self, batch: int, max_len: int) -> DecodeState:
+        """The decoding state before the first token of `batch` sequences of at most
+        `max_len` tokens (the attention cache holds them all)."""
+        mixer = self.blocks.mixer if self.cfg.scan_layers else self.blocks[0].mixer
+        caches = stacked(mixer.init_cache(batch, max_len), self.cfg)
+        return DecodeState(caches, jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_BT: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+        """Logits [B,T,V] float32 of T more tokens (a prompt piece, or one) and the state after
+        them; token by token this gives what the full forward pass gives."""
+        start = state.position
+        x_BTD = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
+        x_BTD, caches = decode_layers(self.blocks, x_BTD, state.layers, start, self.cfg)
+        ctx = _decode_ctx(tokens_BT, start)
+        logits_BTV, _ = self.head(self.final_norm(x_BTD), ctx, embed=self.embed)
+        return logits_BTV, DecodeState(caches, start + tokens_BT.shape[1])

@@ -1,12 +1,15 @@
-"""Sampling from a trained model, for the sample printed at the end of a run.
+"""Sampling from a trained model: the sample printed at the end of a run.
 
 Two paths, chosen by the model:
-- A model with incremental decoding (`init_state(batch)` and `decode(tokens, state) -> (logits,
-  state)`, today Megalodon) prefills the prompt in pieces, then runs one compiled step per new
-  token on its carried state: no window, no recompilation per token.
+- A model with incremental decoding (`decodes`, `init_state(batch, max_len)` and
+  `decode(tokens, state) -> (logits, state)`: the transformer family with the attention mixer,
+  and Megalodon) prefills the prompt in pieces, then runs one compiled step per new token on
+  its carried state; nothing is recompiled per token. A model whose state grows with the
+  context (`state_grows`: the attention KV cache) keeps at most `window` tokens: when the cache
+  is full, the last half window is prefilled again into a fresh one. Megalodon's state is the
+  same size at any length, so its context is the whole sequence.
 - Any other model recomputes the whole window for each new token (one compiled program, a
-  fixed-size buffer): simple and exact for the short samples the trainer prints. The baseline's
-  KV cache is still to be written, with the export work.
+  fixed-size buffer).
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ def sample(
     """Returns the generated ids (without the prompt), int32 [n <= max_new_tokens]. `window`
     bounds the context of models without incremental decoding."""
     prompt_ids = np.asarray(prompt_ids, np.int32)
+    if window < 2:
+        raise ValueError(f"the sampling window must hold at least 2 tokens, got {window}")
     if not len(prompt_ids):
         raise ValueError("the sample prompt encodes to no tokens: set train.sample_prompt")
     picks = _Picker(temperature, seed)
-    if hasattr(nnx.merge(graphdef, params), "decode"):
-        tokens = _decoded(graphdef, params, prompt_ids, picks, max_new_tokens)
+    model = nnx.merge(graphdef, params)
+    if getattr(model, "decodes", False):
+        window = window if model.state_grows else None
+        tokens = _decoded(graphdef, params, prompt_ids, picks, max_new_tokens, window)
     else:
         tokens = _windowed(graphdef, params, prompt_ids, picks, max_new_tokens, window)
     out = []
@@ -67,8 +74,9 @@ class _Picker:
         return jax.random.categorical(key, logits_V / self.temperature).astype(jnp.int32)
 
 
-def _decoded(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int):
-    """Yields new tokens: the prompt prefilled in pieces, then one jitted step per token."""
+def _decoded(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int, window):
+    """Yields new tokens: the prompt prefilled in pieces, then one jitted step per token; with
+    a `window`, a full cache is refilled from the last window // 2 tokens (at least 2)."""
 
     @jax.jit
     def prefill(params, tokens_1T, state):
@@ -80,15 +88,25 @@ def _decoded(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int):
         logits, state = nnx.merge(graphdef, params).decode(token.reshape(1, 1), state)
         return pick(logits[0, -1], key), state
 
-    state = nnx.merge(graphdef, params).init_state(1)
-    for start in range(0, len(prompt_ids), PREFILL_PIECE):
-        piece = jnp.asarray(prompt_ids[None, start : start + PREFILL_PIECE])
-        logits, state = prefill(params, piece, state)
+    def prefilled(ids):
+        state = nnx.merge(graphdef, params).init_state(1, window)
+        for start in range(0, len(ids), PREFILL_PIECE):
+            piece = jnp.asarray(ids[None, start : start + PREFILL_PIECE])
+            logits, state = prefill(params, piece, state)
+        return logits, state
+
+    seen = list(prompt_ids[-(window - 1) :] if window else prompt_ids)
+    logits, state = prefilled(np.asarray(seen, np.int32))
     token = pick(logits, pick.next_key())
     for i in range(max_new_tokens):
         yield int(token)
-        if i + 1 < max_new_tokens:
-            token, state = step(params, token, state, pick.next_key())
+        seen.append(int(token))
+        if i + 1 == max_new_tokens:
+            break
+        if window and len(seen) > window:  # the cache is full: start a fresh one
+            del seen[: len(seen) - max(2, window // 2)]
+            logits, state = prefilled(np.asarray(seen[:-1], np.int32))
+        token, state = step(params, token, state, pick.next_key())
 
 
 def _windowed(graphdef, params, prompt_ids, pick: _Picker, max_new_tokens: int, window: int):
