@@ -3,7 +3,11 @@
     menagerie train   [--config FILE] [--start-over] [key.sub=value ...]
     menagerie eval    [--config FILE] [key.sub=value ...]
     menagerie prepare [--config FILE] --out DIR [--force] [key.sub=value ...]
-    menagerie export  RUN_DIR --format megalodon --out DIR [--step N] [--dtype bfloat16]
+    menagerie export  RUN_DIR --format hf|megalodon --out DIR [--step N] [--dtype bfloat16]
+                      [--verify]
+    menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
+    menagerie generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K
+                       --top-p P --seed S --step N]
 
 Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
 with status 2; `--debug` shows the traceback instead. Multi-process (multi-host) runs start one
@@ -50,8 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (must be new or empty)")
     x.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    x.add_argument("--verify", action="store_true", help="compare logits with the run (hf)")
     x.add_argument("--debug", action="store_true", help="show tracebacks")
+    i = sub.add_parser("import-hf", help="make a run of a local Hugging Face Llama checkpoint")
+    i.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors)")
+    i.add_argument("--out", required=True, help="run folder to create (must be new or empty)")
+    i.add_argument("--debug", action="store_true", help="show tracebacks")
+    i.add_argument("overrides", nargs="*", help="dotted overrides (before --out)")
+    _generate_parser(sub)
     return p
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt with a trained run (streamed)")
+    g.add_argument("run_dir", help="folder of a trained run")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 or less: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus probability (1: all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _load(args):
@@ -134,8 +158,45 @@ def cmd_prepare(args) -> int:
 def cmd_export(args) -> int:
     from menagerie.export import export_run
 
-    out = export_run(args.run_dir, args.format, args.out, step=args.step, dtype=args.dtype)
+    out = export_run(
+        args.run_dir, args.format, args.out, step=args.step, dtype=args.dtype, verify=args.verify
+    )
     print(f"wrote {args.format} export of {args.run_dir} to {out}")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from menagerie.export.hf_import import describe, import_hf
+
+    print(describe(import_hf(args.model_dir, args.out, args.overrides)))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from menagerie.export.run import load_run
+
+    from .errors import ConfigError
+    from .generate import generate
+
+    if args.max_new_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(
+            f"--max-new-tokens {args.max_new_tokens}, --top-k {args.top_k}, --top-p "
+            f"{args.top_p}: need max-new-tokens >= 1, top-k >= 0 and 0 < top-p <= 1"
+        )
+    run = load_run(args.run_dir, args.step)
+    print(args.prompt, end="", flush=True)
+    times: list[float] = []
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    generate(
+        run,
+        args.prompt,
+        on_text=lambda text: print(text, end="", flush=True),
+        times=times,
+        **{k: getattr(args, k) for k in options},
+    )
+    print()
+    rate = f", {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s" if len(times) > 2 else ""
+    print(f"[{len(times)} tokens from step {run.step}{rate} after the first two]", file=sys.stderr)
     return 0
 
 
@@ -156,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _distributed(cmd_eval),
         "prepare": cmd_prepare,
         "export": cmd_export,
+        "import-hf": cmd_import_hf,
+        "generate": cmd_generate,
     }[args.command]
     if args.debug:
         return handler(args)

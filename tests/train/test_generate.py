@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from menagerie.arch import MegalodonConfig, TransformerConfig, build
+from menagerie.export.run import load_run
 from menagerie.train import generate
+from menagerie.train.cli import main
+
+from ..cli_testing import MEGALODON_TINY_MODEL, ROOT
 
 # Megalodon chunks of 8 tokens: a 10-token prompt and 14 new tokens cross three boundaries.
 CONFIGS = {
@@ -83,9 +88,53 @@ def test_greedy_decoding_with_the_state_equals_the_full_forward_and_compiles_onc
             graphdef, params, prompt, max_new_tokens=14, window=16, temperature=0.0
         )
     compiled = [r.getMessage().split()[1] for r in caplog.records if "Compiling" in r.getMessage()]
-    assert compiled.count("jit(step)") == 1, compiled
+    assert compiled.count("jit(_step)") == 1, compiled
     if name == "megalodon":
-        assert got.tolist() == expected and compiled.count("jit(prefill)") == 1, compiled
+        assert got.tolist() == expected and compiled.count("jit(_prefill)") == 1, compiled
     else:
         assert len(got) == 14 and got.tolist()[:7] == expected[:7]
-        assert compiled.count("jit(prefill)") == 2, compiled
+        assert compiled.count("jit(_prefill)") == 2, compiled
+
+
+def test_top_k_and_top_p_sample_only_from_the_kept_tokens():
+    """With probabilities 0.4, 0.3, 0.2, 0.1 (shuffled over the vocabulary): top_k=3 draws
+    only the three likeliest and each of them; top_p=0.5 draws only the two whose preceding
+    mass is below 0.5; top_k=1 is the argmax. Catches: top-k keeping k+1 or k-1 tokens, the
+    nucleus cut one token late or early (or never keeping the first), sampled positions in
+    the sorted order returned instead of token ids."""
+    logits = jnp.log(jnp.asarray([0.1, 0.3, 0.4, 0.2]))  # likeliest: 2, 1, 3, 0
+
+    def draws(**kw):
+        picks = jax.vmap(generate.Sampling(1.0, **kw), in_axes=(None, 0))
+        return set(np.asarray(picks(logits, jax.random.split(jax.random.key(0), 300))).tolist())
+
+    assert draws(top_k=3) == {2, 1, 3}
+    assert draws(top_p=0.5) == {2, 1}
+    assert draws(top_k=1) == {2}
+
+
+def test_generate_cli_streams_the_text_of_the_python_api(tmp_path, capsys):
+    """`menagerie generate` on a trained (2-step) Megalodon run prints the prompt and then
+    exactly the text `generate(load_run(run), ...)` returns with the same options, and a
+    tokens/s line on stderr; bad options and a folder without a run give one `error:` line
+    and exit 2. Catches: a CLI option not passed on (seed, top-k, temperature), text lost or
+    repeated while streaming, the stderr count wrong."""
+    run = tmp_path / "run"
+    model = [f"model.{k}={v}" for k, v in MEGALODON_TINY_MODEL.items()]
+    short = ["train.steps=2", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=0"]
+    short.append("train.sample_tokens=0")
+    preset = str(ROOT / "configs" / "megalodon" / "tiny.yaml")
+    assert main(["train", "-c", preset, f"run_dir={run}", *model, *short]) == 0
+    capsys.readouterr()
+    options = dict(max_new_tokens=24, temperature=0.7, top_k=20, seed=3)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    assert main(["generate", str(run), "--prompt", "def f", *flags]) == 0
+    printed = capsys.readouterr()
+    expected = generate.generate(load_run(run), "def f", **options)
+    assert printed.out == "def f" + expected + "\n"
+    assert re.search(r"\[\d+ tokens from step 2, [\d.]+ tokens/s", printed.err), printed.err
+    assert main(["generate", str(run), "--prompt", "x", "--top-p", "0"]) == 2
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), errors
+    assert "top-p" in errors[0] and "holds no run" in errors[1]
