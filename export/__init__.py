@@ -26,6 +26,7 @@ from menagerie.train.errors import ConfigError, run_folder_io
 FORMATS = {
     "hf": "menagerie.export.hf",
     "megalodon": "menagerie.export.megalodon",
+    "torch": "menagerie.export.pytorch",
 }
 
 
