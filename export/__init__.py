@@ -1,6 +1,6 @@
 """menagerie.export: trained runs out of menagerie, and Hugging Face checkpoints in.
 
-    menagerie export RUN_DIR [--step N] --format hf|megalodon --out DIR [--dtype bfloat16]
+    menagerie export RUN_DIR [--step N] --format hf|megalodon|torch --out DIR [--dtype bfloat16]
                      [--verify]
     menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
 
@@ -59,7 +59,7 @@ def export_run(
     if hasattr(module, "check"):
         module.check(cfg.model)
     if verify and not hasattr(module, "reference_logits"):
-        raise ConfigError(f"--verify is not available for --format {fmt} yet (only hf)")
+        raise ConfigError(f"--verify is not available for --format {fmt} yet (hf, torch have it)")
     if verify:
         module.verify_requirements()
     out = Path(out)
