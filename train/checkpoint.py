@@ -340,8 +340,10 @@ _all_finite = jax.jit(all_finite)
 def _quiet_failed_saves() -> None:
     """A failed Orbax save prints tracebacks from its threads (absl records), from TensorStore
     writes that finish after Orbax closed their event loop (unraisable "Event loop is closed")
-    and from its abandoned futures (asyncio records); the Checkpointer reports the failure as
-    one line, so these are dropped. MENAGERIE_ORBAX_LOGS=1 keeps them. Idempotent."""
+    and from its abandoned futures (asyncio records); a failed restore leaves Orbax coroutines
+    that raise when collected (unraisable, "Encountered error while reading array index"). The
+    Checkpointer reports each failure as one line, so these are dropped. MENAGERIE_ORBAX_LOGS=1
+    keeps them. Idempotent."""
     if os.environ.get("MENAGERIE_ORBAX_LOGS") or getattr(sys.unraisablehook, "_menagerie", 0):
         return
     for name in ("absl", "asyncio"):
@@ -349,9 +351,9 @@ def _quiet_failed_saves() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not (
-            unraisable.exc_type is RuntimeError and "loop is closed" in str(unraisable.exc_value)
-        ):
+        exc = unraisable.exc_value
+        closed_loop = isinstance(exc, RuntimeError) and "loop is closed" in str(exc)
+        if not (closed_loop or _from_orbax(exc, unraisable.exc_traceback)):
             previous(unraisable)
 
     hook._menagerie = 1
@@ -360,21 +362,26 @@ def _quiet_failed_saves() -> None:
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:
     """False for a record Orbax logged, or one about an exception that went through Orbax or
-    came from TensorStore (its errors name the OCDBT database or TensorStore)."""
-    inside = f"{os.sep}orbax{os.sep}"
-    if inside in record.pathname:
+    came from TensorStore."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
         return False
     if not record.exc_info or record.exc_info[1] is None:
         return True
-    text = str(record.exc_info[1]).lower()
+    return not _from_orbax(record.exc_info[1], record.exc_info[2])
+
+
+def _from_orbax(exc: BaseException | None, tb) -> bool:
+    """Whether an exception came from TensorStore (its errors name the OCDBT database or
+    TensorStore) or its traceback `tb` went through Orbax."""
+    text = str(exc).lower()
     if "ocdbt" in text or "tensorstore" in text:
-        return False
-    tb = record.exc_info[2]
+        return True
+    inside = f"{os.sep}orbax{os.sep}"
     while tb is not None:
         if inside in tb.tb_frame.f_code.co_filename:
-            return False
+            return True
         tb = tb.tb_next
-    return True
+    return False
 
 
 class Checkpointer(ClosedOnExit):

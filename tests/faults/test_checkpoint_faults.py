@@ -1,11 +1,15 @@
 """Checkpoint faults through the real CLI: an unreadable newest checkpoint (moved aside, the
 step saved again), a non-finite update (never committed, never saved), a disk that fills during
-a save (the run stops with one line, the earlier checkpoints stay resumable), and eval of a run
-with no readable checkpoint (read-only, no advice it cannot take)."""
+a save (the run stops with one line, the earlier checkpoints stay resumable), eval of a run
+with no readable checkpoint (read-only, no advice it cannot take), and Orbax's leftovers of a
+failed restore kept off stderr."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import jax
@@ -137,3 +141,36 @@ def test_eval_without_a_readable_checkpoint_gives_advice_eval_can_take(tmp_path,
         _garble(run / "checkpoints" / str(step))
     line = ws.fails(["eval", f"run_dir={run}"], "no readable checkpoint")
     assert "--start-over" not in line, line
+
+
+def _collected_while_suspended(message: str) -> None:
+    """A coroutine that raises Exception(message) when it is closed, as Orbax's array reads do
+    after a failed restore: collecting it while suspended makes an unraisable exception."""
+
+    @types.coroutine
+    def pending():
+        yield
+
+    async def read():
+        try:
+            await pending()
+        finally:
+            raise Exception(message)  # noqa: B012 - what the reads do
+
+    coro = read()
+    coro.send(None)
+    del coro
+    gc.collect()
+
+
+def test_failed_restore_leftovers_are_dropped_but_other_unraisables_are_not(tmp_path, monkeypatch):
+    """The CI failure of 2026-11-30: eval printed Orbax's coroutine traceback after its one
+    line. Checkpointer drops unraisable errors from TensorStore reads and keeps the rest."""
+    monkeypatch.delenv("MENAGERIE_ORBAX_LOGS", raising=False)
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    Checkpointer(tmp_path, every=1, keep_last=1, keep_every=None).close()
+    _collected_while_suspended("error while reading array index. See full TensorStore details")
+    assert seen == []
+    _collected_while_suspended("a bug of ours")
+    assert seen == ["a bug of ours"]
