@@ -29,6 +29,14 @@ MEGALODON_TINY_MODEL = {
 }
 
 
+# For a process whose XLA programs only make something to test (a checkpoint to export) or run a
+# few steps whose numbers are compared only with runs compiled the same way: XLA:CPU compiles
+# Megalodon's programs slowly, mostly in LLVM's optimizer (the kernel tests' FAST_COMPILE, for a
+# whole process). Not for numbers checked against a tolerance measured with the defaults: code
+# from LLVM -O0 rounds differently (a 1-vs-8-device loss difference went from 9e-8 to 3e-7).
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -36,14 +44,15 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `menagerie ...` in a fresh process; returns the completed process."""
+def cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `menagerie ...` in a fresh process (`env`: variables to add to `cli_env()`); returns
+    the completed process."""
     return subprocess.run(
         [sys.executable, "-m", "menagerie.train.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=cli_env(),
+        env={**cli_env(), **(env or {})},
         cwd=ROOT,
     )
 

@@ -19,18 +19,22 @@ def _reference_attention(q, k, v, segment_ids):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
 
 
+def _normal(seed: int, *shapes) -> list[jax.Array]:
+    """Standard normal float32 arrays drawn on the host: a jax.random draw compiles a program
+    per shape (1-2 s each on XLA:CPU), more than these tests take otherwise."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes]
+
+
 @pytest.mark.parametrize("q_block", [256, 5])  # one block; 3 uneven causal query blocks
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_attention_matches_reference(heads, kv_heads, q_block):
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     b, t, d = 2, 12, 8
-    q = jax.random.normal(kq, (b, t, heads, d))
-    k = jax.random.normal(kk, (b, t, kv_heads, d))
-    v = jax.random.normal(kv, (b, t, kv_heads, d))
+    q, k, v, ct = _normal(0, (b, t, heads, d), *[(b, t, kv_heads, d)] * 2, (b, t, heads, d))
     seg = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
     attn = jax.jit(lambda *a: attention_ops.attention(*a[:3], segment_ids_BT=a[3], q_block=q_block))
     np.testing.assert_allclose(attn(q, k, v, seg), _reference_attention(q, k, v, seg), atol=1e-5)
-    ct = jax.random.normal(kq, q.shape)  # gradients too: the blocks slice k and v
+    # gradients too (cotangent ct): the blocks slice k and v
     grads = jax.grad(lambda *a: jnp.sum(attn(*a, seg) * ct), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: jnp.sum(_reference_attention(*a, seg) * ct), argnums=(0, 1, 2))
     for got, want in zip(grads, ref(q, k, v), strict=True):
@@ -57,16 +61,14 @@ def test_cudnn_attention_matches_xla():
 
 
 def test_rope_is_identity_at_position_zero():
-    x = jax.random.normal(jax.random.key(1), (1, 1, 2, 8))
+    [x] = _normal(1, (1, 1, 2, 8))
     out = jax.jit(attention_ops.apply_rope, static_argnums=2)(x, jnp.zeros((1, 1), jnp.int32), 1e4)
     np.testing.assert_allclose(out, x)
 
 
 @pytest.mark.parametrize("shift", [1, 7, 100])
 def test_rope_dot_product_depends_only_on_offset(shift):
-    kq, kk = jax.random.split(jax.random.key(2))
-    q = jax.random.normal(kq, (1, 1, 1, 16))
-    k = jax.random.normal(kk, (1, 1, 1, 16))
+    q, k = _normal(2, (1, 1, 1, 16), (1, 1, 1, 16))
 
     @jax.jit
     def score(m, n):
@@ -108,7 +110,7 @@ def test_linear_contracts_trailing_axes_and_names_params():
         compute_dtype=jnp.float32,
         rngs=nnx.Rngs(0),
     )
-    x = jax.random.normal(jax.random.key(4), (4, 7, 2, 3))
+    [x] = _normal(4, (4, 7, 2, 3))
     np.testing.assert_allclose(
         lin(x), jnp.einsum("bthd,hde->bte", x, lin.kernel[...]), rtol=1e-5, atol=1e-6
     )

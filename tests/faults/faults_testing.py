@@ -102,6 +102,10 @@ import pytest  # noqa: E402
 
 from ..cli_testing import TINY  # noqa: E402
 
+# A constant learning rate without warmup: the train step is then one program whatever
+# train.steps is (a cosine decay, or a warmup cut to a shorter run, depends on it), so the
+# session's compilation cache compiles it once for all the runs of these tests.
+ONE_PROGRAM = ["optim.schedule=constant", "optim.warmup_steps=0"]
 QUICK_TRAIN = [
     "-c",
     str(TINY),
@@ -110,11 +114,13 @@ QUICK_TRAIN = [
     "train.sample_tokens=0",
     "checkpoint.every=1",
     "log.every=1",
+    *ONE_PROGRAM,
 ]
 
 
 def train_args(run_dir, *extra: str) -> list[str]:
-    """`train` of the tiny model into run_dir: 3 steps, a checkpoint and a log row at each."""
+    """`train` of the tiny model into run_dir: 3 steps, a checkpoint and a log row at each, and
+    ONE_PROGRAM's learning rate (any train.steps given in `extra` trains the same program)."""
     return ["train", *QUICK_TRAIN, f"run_dir={run_dir}", *extra]
 
 

@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 from ..cli_testing import TINY
-from .faults_testing import Workspace, run_cli
+from .faults_testing import ONE_PROGRAM, Workspace, run_cli
 
-QUICK = ["train.steps=2", "train.eval_batches=0", "train.sample_tokens=0", "checkpoint.every=0"]
+QUICK = [
+    "train.steps=2",
+    "train.eval_batches=0",
+    "train.sample_tokens=0",
+    "checkpoint.every=0",
+    *ONE_PROGRAM,  # the finished run trains the program of faults_testing's runs
+]
 
 
 @pytest.fixture(scope="module")
