@@ -20,8 +20,9 @@ N(0, 1/D) at 3 sigma; every norm scale stored as 0 and applied as 1 + w; CEMA as
 `MultiHeadComplexEMA`.
 
 Where this differs from the official code, on purpose:
-- CEMA runs segment by segment (`cema_segment` tokens, default `chunk_size`) with its state
-  carried by a scan, instead of one FFT over the whole local sequence: the same numbers, and a
+- CEMA cuts the sequence into segments (`cema_segment` tokens, default `chunk_size`), all
+  convolved at once by FFTs of length 2 x segment, with only the [B,D,N] state carried between
+  segments by a scan, instead of one FFT over the whole local sequence: the same numbers, and a
   per-token cost that does not grow with the context.
 - A length L > chunk_size that is not a multiple of it is allowed: the last chunk is shorter,
   which is exactly what padding the sequence to a multiple gives for the real tokens (all
@@ -37,7 +38,8 @@ Where this differs from the official code, on purpose:
   replaces them by statistics over the last 6 chunks once 8 chunks have passed
   (`truncate_cache`), a windowed norm this port does not reproduce.
 - The official `efficient_attn` CUDA path is replaced by `menagerie.kernels.chunked_attention`
-  (`attention_impl`: the Pallas kernel on GPU/TPU, the jnp reference on CPU).
+  (`attention_impl` "auto": the Pallas kernel on GPU; elsewhere "xla", each chunk through
+  `kernels.blocked_attention`, which skips the masked upper blocks of the chunk).
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ class MegalodonConfig(ModelConfig):
     """Multiply the embeddings by sqrt(d_model)."""
     rescale_nffn: bool = False
     """Layer scale on the NFFN output, initialised 0.1 * 0.5^layer (official; off in presets)."""
-    attention_impl: Literal["auto", "reference", "pallas", "interpret"] = "auto"
-    """Chunked attention: auto (Pallas on GPU/TPU, jnp reference on CPU) or one of those."""
+    attention_impl: Literal["auto", "xla", "reference", "pallas", "interpret"] = "auto"
+    """Chunked attention: auto (Pallas on GPU, xla elsewhere) or one of those."""
 
     @pydantic.model_validator(mode="after")
     def _check_megalodon(self) -> MegalodonConfig:

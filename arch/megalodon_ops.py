@@ -14,8 +14,9 @@ th_n = n sigmoid(theta) 2 pi / N (n = 1..N), eta = (gamma_re + i gamma_im) / sqr
 Unrolled: y_t = sum_{j<=t} k[t-j] x_j + Re(sum_n eta q^{t+1} h0) + omega x_t with the kernel
 k[m] = Re(sum_n eta p q^m), and the state after S steps is h_S = q^S h0 + sum_j p q^{S-1-j} x_j
 (the official `ema_parameters` / `fftconv` / `ema_hidden`). Here a sequence is cut into
-segments of S tokens: each segment's convolution is an FFT of length 2S in float32, its bias and
-final state are small einsums with q^0..q^S, and a `lax.scan` carries h between segments. The
+segments of S tokens: all segments' convolutions are FFTs of length 2S in float32, done at
+once; each segment's state from zero and its entering state's part of y are small einsums with
+q^0..q^S, and a `lax.scan` over segments carries only the [B,D,N] state between them. The
 per-token cost therefore depends on S, not on the sequence length (the official code and
 `megalodon-jax` run one FFT over the whole local sequence). All complex numbers are kept as
 (real, imaginary) float32 pairs, so nothing needs complex dtypes.
@@ -200,21 +201,6 @@ def _rows_on_their_devices(fn, x_BLD: jax.Array, k_LD: jax.Array) -> jax.Array:
     )(x_BLD, k_LD)
 
 
-def cema_segment(
-    x_BSD: jax.Array, h: tuple[jax.Array, jax.Array], c: CEMACoeffs, omega_D: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One segment of S tokens (S <= the powers' length - 1) from state h = (re, im) [B,D,N]:
-    returns (y [B,S,D] float32, the state after the segment)."""
-    s = x_BSD.shape[1]
-    x = x_BSD.astype(jnp.float32)
-    h_re, h_im = h
-    y = fft_causal_conv(x, cema_kernel(c, s))
-    br, bi = _eta_times(c, 1, s + 1)  # eta q^{t+1}
-    y = y + jnp.einsum("dnt,bdn->btd", br, h_re) - jnp.einsum("dnt,bdn->btd", bi, h_im)
-    y = y + omega_D.astype(jnp.float32) * x
-    return y, _state_segment(h, x, c)
-
-
 def cema(
     x_BLD: jax.Array,
     h: tuple[jax.Array, jax.Array],
@@ -225,22 +211,58 @@ def cema(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """CEMA over x [B,L,D] from state h, `segment` tokens at a time (the last segment may be
     shorter); `c` needs powers up to min(L, segment). Returns (y [B,L,D] float32, final h)."""
+    outs = []
+    for x_BFSD in _segments(x_BLD, segment):
+        y, h = _cema_segments(x_BFSD, h, c, omega_D)
+        outs.append(y.reshape(y.shape[0], -1, y.shape[-1]))
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], h
+
+
+def _segments(x_BLD: jax.Array, segment: int) -> list[jax.Array]:
+    """x as float32 [B,F,S,D] pieces: the full segments of `segment` tokens, then the rest."""
     b, length, d = x_BLD.shape
     full, rest = divmod(length, segment)
-    outs = []
-    if full:
-        segs = x_BLD[:, : full * segment].reshape(b, full, segment, d).swapaxes(0, 1)
+    x = x_BLD.astype(jnp.float32)
+    pieces = [x[:, : full * segment].reshape(b, full, segment, d)] if full else []
+    return pieces + ([x[:, None, full * segment :]] if rest else [])
 
-        def step(carry, x_BSD):
-            y, carry = cema_segment(x_BSD, carry, c, omega_D)
-            return carry, y
 
-        h, ys = jax.lax.scan(step, h, segs)
-        outs.append(ys.swapaxes(0, 1).reshape(b, full * segment, d))
-    if rest:
-        y, h = cema_segment(x_BLD[:, full * segment :], h, c, omega_D)
-        outs.append(y)
-    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], h
+def _cema_segments(
+    x_BFSD: jax.Array, h: tuple[jax.Array, jax.Array], c: CEMACoeffs, omega_D: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """F consecutive segments of S tokens (S <= the powers' length - 1) from state h = (re, im)
+    [B,D,N]: (y [B,F,S,D] float32, the state after them). All segments are convolved at once,
+    and so are their states from zero; only the carry of the state between segments (q^S h + the
+    segment's own) is sequential, a scan over [B,D,N] arrays."""
+    b, f, s, d = x_BFSD.shape
+    entering, h = _carry(h, _local_states(x_BFSD, c), c, s)
+    y = fft_causal_conv(x_BFSD.reshape(b * f, s, d), cema_kernel(c, s)).reshape(x_BFSD.shape)
+    br, bi = _eta_times(c, 1, s + 1)  # eta q^{t+1}: the entering state's part of y_t
+    y = y + jnp.einsum("dnt,bfdn->bftd", br, entering[0])
+    y = y - jnp.einsum("dnt,bfdn->bftd", bi, entering[1])
+    return y + omega_D.astype(jnp.float32) * x_BFSD, h
+
+
+def _local_states(x_BFSD: jax.Array, c: CEMACoeffs) -> tuple[jax.Array, jax.Array]:
+    """Each segment's state from zero, sum_j p q^{S-1-j} x_j (the official `ema_hidden`):
+    (re, im) [B,F,D,N]."""
+    s = x_BFSD.shape[2]
+    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]
+    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
+    return jnp.einsum("dnj,bfjd->bfdn", vr, x_BFSD), jnp.einsum("dnj,bfjd->bfdn", vi, x_BFSD)
+
+
+def _carry(h, local, c: CEMACoeffs, s: int):
+    """The state entering each of F segments of s tokens, (re, im) [B,F,D,N], and the state
+    after the last: h_{f+1} = q^s h_f + local_f."""
+    qr, qi = c.pow_re[..., s], c.pow_im[..., s]
+
+    def step(h, u):
+        nxt = (qr * h[0] - qi * h[1] + u[0], qr * h[1] + qi * h[0] + u[1])
+        return nxt, h
+
+    h, entering = jax.lax.scan(step, h, jax.tree.map(lambda a: a.swapaxes(0, 1), local))
+    return jax.tree.map(lambda a: a.swapaxes(0, 1), entering), h
 
 
 def cema_advance(h: tuple[jax.Array, jax.Array], c: CEMACoeffs, n: int):
@@ -250,27 +272,10 @@ def cema_advance(h: tuple[jax.Array, jax.Array], c: CEMACoeffs, n: int):
     return qr * h[0] - qi * h[1], qr * h[1] + qi * h[0]
 
 
-def _state_segment(h, x_BSD: jax.Array, c: CEMACoeffs):
-    """h_S = q^S h + sum_j p q^{S-1-j} x_j over one segment (the official `ema_hidden`)."""
-    s = x_BSD.shape[1]
-    x = x_BSD.astype(jnp.float32)
-    qr, qi = c.pow_re[..., s], c.pow_im[..., s]
-    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]
-    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
-    new_re = qr * h[0] - qi * h[1] + jnp.einsum("dnj,bjd->bdn", vr, x)
-    new_im = qr * h[1] + qi * h[0] + jnp.einsum("dnj,bjd->bdn", vi, x)
-    return new_re, new_im
-
-
 def cema_final_state(x_BLD: jax.Array, h, c: CEMACoeffs, *, segment: int):
     """Only the state after x [B,L,D] (no outputs): what a sequence-parallel block sends on."""
-    b, length, d = x_BLD.shape
-    full, rest = divmod(length, segment)
-    if full:
-        segs = x_BLD[:, : full * segment].reshape(b, full, segment, d).swapaxes(0, 1)
-        h, _ = jax.lax.scan(lambda h, x: (_state_segment(h, x, c), None), h, segs)
-    if rest:
-        h = _state_segment(h, x_BLD[:, full * segment :], c)
+    for x_BFSD in _segments(x_BLD, segment):
+        _, h = _carry(h, _local_states(x_BFSD, c), c, x_BFSD.shape[2])
     return h
 
 

@@ -4,7 +4,11 @@ Imports nothing but jax and numpy (the GPU check runs with no other package inst
 """
 
 from menagerie.kernels import masks
-from menagerie.kernels.chunked_attention import chunked_attention, chunked_attention_reference
+from menagerie.kernels.chunked_attention import (
+    chunked_attention,
+    chunked_attention_reference,
+    chunked_attention_xla,
+)
 from menagerie.kernels.dispatch import IMPLS, KernelUnsupportedError, platform, resolve_impl
 from menagerie.kernels.sparse_attention import (
     BlockSizes,
@@ -18,6 +22,7 @@ __all__ = [
     "KernelUnsupportedError",
     "chunked_attention",
     "chunked_attention_reference",
+    "chunked_attention_xla",
     "masks",
     "platform",
     "resolve_impl",

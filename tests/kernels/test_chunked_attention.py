@@ -1,5 +1,5 @@
-"""chunked_attention: the Pallas kernel (interpreted on CPU) against the per-chunk reference,
-and the reference against naive per-chunk softmax attention."""
+"""chunked_attention: the Pallas kernel (interpreted on CPU) and the xla path (blocked queries)
+against the per-chunk reference, and the reference against naive per-chunk softmax attention."""
 
 import functools
 
@@ -13,6 +13,7 @@ from menagerie.kernels import (
     BlockSizes,
     chunked_attention,
     chunked_attention_reference,
+    chunked_attention_xla,
     masks,
     sparse_attention_reference,
 )
@@ -69,6 +70,26 @@ def test_kernel_matches_reference(b, t, hq, hkv, dqk, dv, chunk, causal, dtype, 
     ref = functools.partial(chunked_attention, impl="reference", **kw)
     o = assert_matches(fn, ref, q, k, v)
     assert o.shape == (b, t, hq, dv) and o.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,dqk,dv,chunk,causal,q_block",
+    [
+        (1, 70, 4, 2, 16, 40, 24, True, 8),  # ragged T (padded last chunk), 3 uneven blocks, GQA
+        (2, 64, 2, 1, 8, 24, 64, True, 16),  # one chunk, 4 query blocks
+        (1, 45, 2, 1, 32, 64, 20, False, 8),  # non-causal: one block seeing the whole chunk
+    ],
+)
+def test_xla_path_matches_reference(b, t, hq, hkv, dqk, dv, chunk, causal, q_block):
+    """What "auto" runs off GPU: values and gradients. Catches a block that scores too few keys
+    or too many, padding a short last chunk visible, v's width taken from q's."""
+    q, k, v = random_qkv(5, b, t, t, hq, hkv, dqk, dv)
+    seg = jnp.asarray([[0] * 10 + [1] * 30 + [2] * (t - 40)] * b, jnp.int32)
+    for kw in (dict(scale=0.7), dict(segment_ids=seg)):
+        kw |= dict(chunk_size=chunk, causal=causal)
+        # small query blocks, so that these short chunks are cut into several
+        fn = functools.partial(chunked_attention_xla, q_block=q_block, **kw)
+        assert_matches(fn, functools.partial(chunked_attention, impl="reference", **kw), q, k, v)
 
 
 def test_segment_ids(impl):
