@@ -34,6 +34,7 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: list[str] = ())
     `overrides` are dotted config overrides (data.source=..., train.steps=...). Returns `out`."""
     from menagerie.train.checkpoint import CONFIG_FILE
     from menagerie.train.config import build_config
+    from menagerie.train.trainer import Trainer
 
     model_dir, out = Path(model_dir), Path(out)
     config = _read_config(model_dir)
@@ -59,7 +60,7 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: list[str] = ())
             # Before the Trainer: it reads the tokenizer file, and takes a folder that holds
             # this config.yaml for the run's own (it refuses other non-empty folders).
             (out / CONFIG_FILE).write_text(cfg.to_yaml())
-        _save_step_0(cfg, params)
+        Trainer(cfg).save_initial(params)  # the Trainer prepares the data with the tokenizer
     except BaseException:
         _remove_written(out, created)
         raise
@@ -123,39 +124,6 @@ def _params(model: Any, tensors: dict[str, Any]) -> dict:
 
     abstract = nnx.eval_shape(lambda: arch.build(model, rngs=nnx.Rngs(0)))
     return hf.from_hf_state_dict(model, tensors, nnx.to_pure_dict(nnx.split(abstract)[1]))
-
-
-def _save_step_0(cfg: Any, params: dict) -> None:
-    """Checkpoint 0 of the run `cfg` holding `params`, through the Trainer's state layout."""
-    import jax
-    import jax.numpy as jnp
-    from menagerie.train.checkpoint import Checkpointer
-    from menagerie.train.trainer import Trainer
-
-    trainer = Trainer(cfg)  # prepares the data with the tokenizer
-    abstract = trainer.abstract_state()
-    optimizer = trainer.optimizer
-
-    def fresh(params):
-        counters = {
-            k: jnp.zeros(v.shape, v.dtype)
-            for k, v in abstract.items()
-            if k not in ("params", "opt_state")
-        }
-        return counters | {"params": params, "opt_state": optimizer.init(params)}
-
-    with trainer.context():
-        state = jax.jit(fresh, out_shardings=trainer.state_shardings)(params)
-    keep = trainer.cfg.checkpoint
-    with Checkpointer(
-        trainer.run_dir,
-        every=0,
-        keep_last=keep.keep_last,
-        keep_every=keep.keep_every,
-        async_save=False,
-    ) as ckpt:
-        ckpt.prepare_writes()
-        ckpt.save(0, state, trainer._meta(0), force=True)
 
 
 def _remove_written(out: Path, created: bool) -> None:

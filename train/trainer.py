@@ -150,21 +150,37 @@ class Trainer:
         }
 
     def init_state(self) -> dict:
-        model_cfg, optimizer = self.cfg.model, self.optimizer
+        model_cfg = self.cfg.model
 
         def init(key):
             model = arch.build(model_cfg, rngs=nnx.Rngs(params=key))
-            params = nnx.to_pure_dict(nnx.split(model)[1])
-            return {
-                "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": optimizer.init(params),
-                "bad_steps": jnp.zeros((), jnp.int32),
-                "skipped": jnp.zeros((), jnp.int32),
-            }
+            return self._fresh_state(nnx.to_pure_dict(nnx.split(model)[1]))
 
         key = jax.random.key(self.cfg.train.seed)
         return jax.jit(init, out_shardings=self.state_shardings)(key)
+
+    def _fresh_state(self, params: dict) -> dict:
+        """Step 0 of training `params`: a fresh optimizer state, the counters at zero."""
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": self.optimizer.init(params),
+            "bad_steps": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
+
+    def save_initial(self, params: dict) -> None:
+        """Checkpoint 0 of this run holding `params` (a pure dict shaped like the model's) and
+        a fresh optimizer state: how imported or hand-made weights become a run that `train`
+        continues and `export` reads."""
+        with self.context():
+            state = jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+        c = self.cfg.checkpoint
+        with Checkpointer(
+            self.run_dir, every=0, keep_last=c.keep_last, keep_every=c.keep_every, async_save=False
+        ) as ckpt:
+            ckpt.prepare_writes()
+            ckpt.save(0, state, self._meta(0), force=True)
 
     def abstract_state(self) -> dict:
         shapes = jax.eval_shape(self.init_state)

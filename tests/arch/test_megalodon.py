@@ -31,6 +31,8 @@ from menagerie.arch import megalodon_ops as ops
 from menagerie.arch.megalodon import MegaBlock
 from menagerie.kernels.chunked_attention import chunked_attention
 
+from tests.random_params import random_module
+
 TINY = dict(
     d_model=16,
     n_layers=2,
@@ -44,33 +46,6 @@ TINY = dict(
     vocab_size=50,
     vocab_multiple=1,
 )
-
-
-def _scale(names: list, shape: tuple) -> float:
-    """The spread of a random parameter: matrices ~ 1/sqrt(fan in), the rest O(0.3..1)."""
-    name = names[-1]
-    if name == "kernel":
-        return 1 / math.sqrt(shape[-2])
-    if name == "table":
-        return 1 / math.sqrt(shape[-1])
-    if "cema" in names:
-        return {"theta": 1.0, "gamma": 1.0}.get(name, 0.5)
-    return 0.3  # biases, norm scales and shifts, q/k gamma and beta, the NFFN layer scale
-
-
-def random_module(factory, seed: int):
-    """`factory()`'s module (built abstractly, no initialisers run) with random parameters."""
-    graphdef, state = nnx.split(nnx.eval_shape(factory))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        value = rng.standard_normal(leaf.shape) * _scale(names, leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 def random_cema_params(rng, d: int, n: int) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import re
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from menagerie.export import pytorch as torch_format
 from menagerie.train.cli import main
 
 from ..cli_testing import MEGALODON_TINY_MODEL, cli_env
+from ..random_params import random_module
 
 TINY = dict(
     d_model=16,
@@ -68,30 +68,9 @@ CONFIGS = {
 }
 
 
-def _spread(names: list, shape: tuple) -> float:
-    """Matrices ~ 1/sqrt(fan in), the embedding ~ 1/sqrt(D), the rest O(0.3..1)."""
-    name = names[-1]
-    if name == "kernel":
-        return 1 / math.sqrt(shape[-2])
-    if name == "table":
-        return 1 / math.sqrt(shape[-1])
-    if "cema" in names:
-        return {"theta": 1.0, "gamma": 1.0}.get(name, 0.5)
-    return 0.3  # biases, norm scales and shifts, q/k gamma and beta, the NFFN layer scale
-
-
 def random_model(cfg, seed: int):
     """Our model of `cfg` (built abstractly) with random parameters."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: arch.build(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        value = rng.standard_normal(leaf.shape) * _spread(names, leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    params = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
-    return nnx.merge(graphdef, params)
+    return random_module(lambda: arch.build(cfg, rngs=nnx.Rngs(0)), seed)
 
 
 # Tiny programs run once: compiled without XLA's backend optimisations, which took longer
@@ -147,10 +126,8 @@ RUN_MODEL = MEGALODON_TINY_MODEL | {"tie_embeddings": False, "swiglu": True}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny Megalodon run folder (config.yaml, checkpoint 0 of random parameters) made
-    through the Trainer's state layout and the Checkpointer: a trained run's files, without
-    compiling a train step."""
-    from menagerie.train.checkpoint import Checkpointer
+    """A tiny Megalodon run folder (config.yaml, checkpoint 0 of random parameters) made by
+    `Trainer.save_initial`: a trained run's files, without compiling a train step."""
     from menagerie.train.config import build_config
     from menagerie.train.trainer import Trainer
 
@@ -165,29 +142,8 @@ def run_dir(tmp_path_factory):
         "train": {"seq_len": 40, "batch_size": 2},
     }
     trainer = Trainer(build_config(raw, [f"run_dir={root / 'run'}"]))  # writes config.yaml
-    params = nnx.to_pure_dict(nnx.state(random_model(trainer.cfg.model, seed=5), nnx.Param))
-    abstract = trainer.abstract_state()
-
-    def fresh(params):  # step 0 and the other counters, a fresh optimizer state
-        counters = {
-            k: jnp.zeros(v.shape, v.dtype)
-            for k, v in abstract.items()
-            if k not in ("params", "opt_state")
-        }
-        return counters | {"params": params, "opt_state": trainer.optimizer.init(params)}
-
-    with trainer.context():
-        state = jax.jit(fresh, out_shardings=trainer.state_shardings)(params)
-    keep = trainer.cfg.checkpoint
-    with Checkpointer(
-        trainer.run_dir,
-        every=0,
-        keep_last=keep.keep_last,
-        keep_every=keep.keep_every,
-        async_save=False,
-    ) as ckpt:
-        ckpt.prepare_writes()
-        ckpt.save(0, state, trainer._meta(0), force=True)
+    model = random_model(trainer.cfg.model, seed=5)
+    trainer.save_initial(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     return root / "run"
 
 
