@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -450,14 +451,26 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+_THREAD_LOCKS: dict[Path, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(entry: Path) -> threading.Lock:
+    """This process's lock for one cache entry."""
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(entry, threading.Lock())
+
+
 def auto_prepare(cfg: DataConfig) -> Path:
     """A prepared folder for `cfg`: `cfg.source` itself if prepared, else one in the cache.
 
     A folder given as `source` carries its own tokenizer; `cfg.tokenizer` is then not used, and
     a problem with it is one DataError. A cache entry is ours: a broken one is rebuilt, and the
     temporaries of interrupted prepares on this host are removed. Concurrent callers serialise
-    on a lock file per entry; each builds in a temporary folder renamed into place, so no one
-    ever sees a half-written entry.
+    on a lock file per entry (threads of one process also on a thread lock: they share the
+    temporary folder's name, and where flock is emulated by POSIX record locks, as on NFS, a
+    process's threads do not exclude each other); each builds in a temporary folder renamed into
+    place, so no one ever sees a half-written entry.
     """
     if cfg.source != "stdlib" and (Path(cfg.source).expanduser() / "meta.json").exists():
         folder = Path(cfg.source).expanduser()
@@ -481,7 +494,7 @@ def auto_prepare(cfg: DataConfig) -> Path:
                 validate_prepared(final)
                 return final
             raise
-        with lock:
+        with _thread_lock(final), lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _remove_stale_temporaries(parent)
             if final.exists():
