@@ -17,6 +17,14 @@ from .attention import Attention, AttentionConfig
 from .config import Choice, Config, ModelConfig
 from .lm_head import LMHead, LMHeadConfig
 from .megalodon import Megalodon, MegalodonConfig
+from .mosaics import (
+    ContextMemory,
+    ContextMemoryConfig,
+    Mosaics,
+    MosaicsConfig,
+    PersistentMemory,
+    PersistentMemoryConfig,
+)
 from .parts import Ctx, FFNConfig, HeadConfig, MixerConfig, Output, PartConfig
 from .swiglu import SwiGLU, SwiGLUConfig
 from .transformer import Transformer, TransformerConfig
@@ -34,6 +42,8 @@ def build(cfg: ModelConfig, *, rngs: Any) -> Any:
 __all__ = [
     "Attention",
     "AttentionConfig",
+    "ContextMemory",
+    "ContextMemoryConfig",
     "Choice",
     "Config",
     "Ctx",
@@ -45,8 +55,12 @@ __all__ = [
     "MegalodonConfig",
     "MixerConfig",
     "ModelConfig",
+    "Mosaics",
+    "MosaicsConfig",
     "Output",
     "PartConfig",
+    "PersistentMemory",
+    "PersistentMemoryConfig",
     "SwiGLU",
     "SwiGLUConfig",
     "Transformer",

@@ -178,7 +178,8 @@ def _windowed(graphdef, params, prompt_ids, sampling, keys, max_new_tokens: int,
     @jax.jit
     def next_token(params, tokens_1T, length, key):
         logits_1TV = nnx.merge(graphdef, params)(tokens_1T).logits
-        return sampling(jax.lax.dynamic_index_in_dim(logits_1TV[0], length - 1, False), key)
+        logits_V = jax.lax.dynamic_index_in_dim(logits_1TV[0], length - 1, axis=0, keepdims=False)
+        return sampling(logits_V, key)
 
     for _ in range(max_new_tokens):
         tok = int(next_token(params, buf, length, next(keys)))

@@ -1,0 +1,383 @@
+"""Memory Mosaics (Zhang, Nolte, Sadhukhan, Chen, Bottou; ICLR 2025): associative memories as
+two parts, the contextual memory (a mixer) and the persistent memory (an FFN), and the
+official `StackAssoMem` as the family `mosaics`.
+
+Written from the official naive model (facebookresearch/MemoryMosaics @ 1fff63b,
+`Library/memory_mosaics/models/memory_mosaics.py` and `memory.py`). Per head h of width
+hs = D / H, with every per-head scalar exponent-scaled by 10 as in the code:
+
+    k~_t   = x_t W_k                                     (the official Conv1d of kernel 1)
+    kbar_t = (1 - e^-b) sum_{s<=t} e^{-b (t-s)} k~_s      b = 10 |leaky_key_beta_h|
+    k_t    = e^{min(10 kernel_beta_h, 5)} kbar_t / |kbar_t|
+    v~_t   = x_t W_v,  u_t = (1 - lam_h) v~_{t+1} + lam_h v~_t   (v~_T = 0: one step ahead)
+    v_t    = e^{10 value_beta_h} u_t / |u_t|
+    y_t    = sum_{s<t} softmax_s(k_t . k_s) v_s  (y_0 = 0),  out = y W_c
+
+The persistent memory has its own W_k, leaky average and scalars, keys scaled by the square
+e^{2 min(10 kernel_beta, 5)} and not normalised after, and reads pmem_count fixed memories:
+y = e^{10 value_beta} mean_j softmax(k M_k^j^T) M_v^j, out = y W_c. The family is pre-norm
+blocks x + ctx(LN1 x), x + pmem(LN2 x) (LayerNorm without bias), no positional embedding, a
+final LayerNorm and the tied head with logits / sqrt(D). Initialisation: matrices N(0,
+1/fan_in), both c_proj N(0, 1/(D n_layers)), memories N(0, 1/hs), the embedding (tied)
+N(0, 1/D), leaky_key_beta linspace(0.5, 5, H) / 10, kernel_beta 0.1, value_beta -0.05, lam
+U(0, 1). Per-head scalars are "vector" axes: not weight-decayed, as the official split (dim < 2).
+
+Computed differently, with the same numbers:
+- The leaky average is the recurrence h_t = e^-b h_{t-1} + (1 - e^-b) k~_t run by
+  `lax.associative_scan`: linear in T (the official builds a T x T matrix).
+- Retrieval goes through `kernels.sparse_attention` with `masks.StrictlyCausal()` (scale 1):
+  the Pallas kernel on GPU, the reference elsewhere; row 0 sees nothing and gets zeros.
+
+Deviations:
+- No dropout (the official recipe has 0.05 on the attention weights and residuals).
+- The L2 norms floor the squared norm at 1e-30 (the official divides as is: NaN for a zero
+  vector); nothing else changes.
+- Packed documents are not separated: like the official training on windows of one stream,
+  `ctx.segment_ids` is not read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import pydantic
+from flax import nnx
+from menagerie.kernels import masks
+from menagerie.kernels.sparse_attention import sparse_attention
+
+from . import attention as _attention  # noqa: F401 - declares the "heads" and "head_dim" axes
+from .axes import Axis, declare
+from .config import ModelConfig, check_positive
+from .layers import ACT_EMBED, BATCH, SEQ, Embed, Linear, constrain, dtype_of, param
+from .parts import Aux, Ctx, FFNConfig, MixerConfig, Output, reduce_aux
+from .stack import run_layers, stack_layers
+
+declare(
+    Axis("mem_heads", "vector", None, doc="per-head scalars of a memory (rates, scales)"),
+    Axis("pmem_copies", "feature", None, doc="independent persistent memories, averaged"),
+    Axis("pmem_slots", "feature", "tensor", doc="key/value pairs of a persistent memory"),
+)
+
+EXP_SCALE = 10.0  # every per-head scalar enters as exp(10 p) or 10 |p| (official exp_param_scale)
+KERNEL_BETA_MAX = 5.0  # the clamp on 10 kernel_beta (official kernel_beta_upbound)
+
+
+def _check_heads(cfg, model: ModelConfig, prefix: str) -> None:
+    """n_heads positive and a divisor of d_model (one line naming the keys otherwise)."""
+    check_positive(cfg, prefix, ints=("n_heads",))
+    if model.d_model % cfg.n_heads:
+        raise ValueError(
+            f"{prefix}n_heads={cfg.n_heads} does not divide model.d_model={model.d_model}"
+        )
+
+
+class ContextMemoryConfig(MixerConfig):
+    """The contextual associative memory (official `InContextAssoMemBlock`)."""
+
+    kind: Literal["context_memory"] = "context_memory"
+    """Selects this mixer."""
+    n_heads: int = 4
+    """Memory heads H; each has its own leak rate and scales on D / H features."""
+    impl: Literal["auto", "reference", "pallas", "interpret"] = "auto"
+    """Retrieval: `kernels.sparse_attention` impl (auto: Pallas on GPU, reference elsewhere)."""
+
+    def check(self, model: ModelConfig) -> None:
+        _check_heads(self, model, "model.mixer.")
+
+    def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> ContextMemory:
+        return ContextMemory(self, model, rngs=rngs)
+
+    def num_params(self, model: ModelConfig) -> int:
+        """W_k, W_v, W_c [D,D] and four scalars per head."""
+        return 3 * model.d_model**2 + 4 * self.n_heads
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
+        """6 * 3 D^2 for the matmuls, 6 T D for k k^T and the weighted sum of v (causal: half
+        of 12 T D, as the attention part counts)."""
+        return float(6 * 3 * model.d_model**2 + 6 * seq_len * model.d_model)
+
+
+class PersistentMemoryConfig(FFNConfig):
+    """The persistent associative memory (official `PersistentAssoMemBlock` + `Pmem`)."""
+
+    kind: Literal["persistent_memory"] = "persistent_memory"
+    """Selects this FFN."""
+    n_heads: int = 4
+    """Memory heads H; each has its own leak rate and scales on D / H features."""
+    size: int | None = None
+    """Key/value pairs P per memory. None: round(3.5 D), the official match to an MLP."""
+    copies: int = 1
+    """Independent memories averaged (official `pmem_count`)."""
+
+    def slots(self, model: ModelConfig) -> int:
+        return round(3.5 * model.d_model) if self.size is None else self.size
+
+    def check(self, model: ModelConfig) -> None:
+        _check_heads(self, model, "model.ffn.")
+        check_positive(self, "model.ffn.", ints=("size", "copies"))
+
+    def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> PersistentMemory:
+        return PersistentMemory(self, model, rngs=rngs)
+
+    def num_params(self, model: ModelConfig) -> int:
+        """W_k, W_c [D,D], copies x (M_k, M_v) [H,P,hs] and three scalars per head."""
+        d = model.d_model
+        return 2 * d * d + 2 * self.copies * self.slots(model) * d + 3 * self.n_heads
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
+        """6 * (2 D^2 + 2 copies P D): the two projections and, per copy, k M_k^T and p M_v."""
+        d = model.d_model
+        return float(6 * (2 * d * d + 2 * self.copies * self.slots(model) * d))
+
+
+def _scalar(rngs: nnx.Rngs, model: ModelConfig, values: jax.Array) -> nnx.Param:
+    """A per-head scalar parameter [H] initialised to `values`."""
+    init = lambda key, shape, dtype: jnp.broadcast_to(values, shape).astype(dtype)  # noqa: E731
+    return param(rngs, values.shape, ("mem_heads",), std=None, dtype=_pdt(model), init=init)
+
+
+def _pdt(model: ModelConfig):
+    return dtype_of(model.param_dtype)
+
+
+def _heads_linear(model: ModelConfig, h: int, *, rngs: nnx.Rngs, out: bool = False) -> Linear:
+    """W [D,H,hs] (a key or value map, std 1/sqrt(D)), or with `out` the output map c_proj
+    [H,hs,D] (std 1/sqrt(D n_layers))."""
+    d, hs = model.d_model, model.d_model // h
+    std = 1 / math.sqrt(d * (model.n_layers if out else 1))
+    in_shape, out_shape = ((h, hs), d) if out else (d, (h, hs))
+    names = ("heads", "head_dim", "embed") if out else ("embed", "heads", "head_dim")
+    return Linear(
+        in_shape,
+        out_shape,
+        names,
+        std=std,
+        param_dtype=_pdt(model),
+        compute_dtype=dtype_of(model.compute_dtype),
+        rngs=rngs,
+    )
+
+
+def leaky_average(k_BTHD: jax.Array, beta_H: jax.Array) -> jax.Array:
+    """kbar_t = (1 - e^-b) sum_{s<=t} e^{-b (t-s)} k_s per head, by an associative scan of
+    h_t = a h_{t-1} + (1 - a) k_t with a = e^-b: O(T), no T x T matrix. float32."""
+    a_H = jnp.exp(-beta_H.astype(jnp.float32))
+    a = jnp.broadcast_to(a_H[None, None, :, None], k_BTHD.shape)
+    b = (1.0 - a) * k_BTHD.astype(jnp.float32)
+
+    def combine(left, right):
+        (a1, b1), (a2, b2) = left, right
+        return a1 * a2, a2 * b1 + b2
+
+    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+
+
+def unit(x: jax.Array) -> jax.Array:
+    """x / |x| over the last axis (float32; the squared norm floored at 1e-30)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-30))
+
+
+def _kernel_scale(kernel_beta_H: jax.Array) -> jax.Array:
+    """e^{min(10 kernel_beta, 5)} per head [H,1] (float32)."""
+    kb = EXP_SCALE * kernel_beta_H.astype(jnp.float32)
+    return jnp.exp(jnp.minimum(kb, KERNEL_BETA_MAX))[:, None]
+
+
+def _value_scale(value_beta_H: jax.Array) -> jax.Array:
+    """e^{10 value_beta} per head [H,1] (float32)."""
+    return jnp.exp(EXP_SCALE * value_beta_H.astype(jnp.float32))[:, None]
+
+
+class _Keys(nnx.Module):
+    """A memory's key extractor: W_k, then the per-head leaky average, then unit length."""
+
+    def __init__(self, model: ModelConfig, h: int, *, rngs: nnx.Rngs):
+        self.wk = _heads_linear(model, h, rngs=rngs)
+        self.leaky_key_beta = _scalar(rngs, model, jnp.linspace(0.5, 5.0, h) / EXP_SCALE)
+        self.kernel_beta = _scalar(rngs, model, jnp.full((h,), 0.1))
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        """Unit keys [B,T,H,hs] float32 (scaled by the caller)."""
+        beta = EXP_SCALE * jnp.abs(self.leaky_key_beta[...])
+        return unit(leaky_average(self.wk(x_BTD), beta))
+
+
+class ContextMemory(nnx.Module):
+    """y_t = sum_{s<t} softmax_s(k_t . k_s) v_s with one-step-ahead values; see the module
+    docstring."""
+
+    def __init__(self, cfg: ContextMemoryConfig, model: ModelConfig, *, rngs: nnx.Rngs):
+        h = cfg.n_heads
+        self.keys = _Keys(model, h, rngs=rngs)
+        self.wv = _heads_linear(model, h, rngs=rngs)
+        self.coef = param(
+            rngs, (h,), ("mem_heads",), std=None, dtype=_pdt(model), init=jax.random.uniform
+        )
+        self.value_beta = _scalar(rngs, model, jnp.full((h,), -0.05))
+        self.c_proj = _heads_linear(model, h, rngs=rngs, out=True)
+        self.impl = cfg.impl
+
+    def values(self, x_BTD: jax.Array) -> jax.Array:
+        """v_t = e^{10 value_beta} unit((1 - lam) v~_{t+1} + lam v~_t), v~_T = 0: [B,T,H,hs]."""
+        v = self.wv(x_BTD).astype(jnp.float32)
+        ahead = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+        lam = self.coef[...].astype(jnp.float32)[:, None]
+        return _value_scale(self.value_beta[...]) * unit((1 - lam) * ahead + lam * v)
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        del ctx  # one stream: documents are not separated (module docstring)
+        with jax.named_scope("context_memory"):
+            k = _kernel_scale(self.keys.kernel_beta[...]) * self.keys(x_BTD)
+            v = self.values(x_BTD)
+            dt = x_BTD.dtype
+            y = sparse_attention(
+                k.astype(dt),
+                k.astype(dt),
+                v.astype(dt),
+                mask=masks.StrictlyCausal(),
+                scale=1.0,
+                impl=self.impl,
+            )
+            out = constrain(self.c_proj(y), (BATCH, SEQ, ACT_EMBED))
+        return out, {}
+
+
+class PersistentMemory(nnx.Module):
+    """y = e^{10 value_beta} mean_j softmax(k M_k^j^T) M_v^j with leaky-averaged keys; see the
+    module docstring."""
+
+    def __init__(self, cfg: PersistentMemoryConfig, model: ModelConfig, *, rngs: nnx.Rngs):
+        h, p = cfg.n_heads, cfg.slots(model)
+        hs = model.d_model // h
+        self.keys = _Keys(model, h, rngs=rngs)
+        names = ("pmem_copies", "heads", "pmem_slots", "head_dim")
+        shape = (cfg.copies, h, p, hs)
+        self.mem_k = param(rngs, shape, names, std=1 / math.sqrt(hs), dtype=_pdt(model))
+        self.mem_v = param(rngs, shape, names, std=1 / math.sqrt(hs), dtype=_pdt(model))
+        self.value_beta = _scalar(rngs, model, jnp.full((h,), -0.05))
+        self.c_proj = _heads_linear(model, h, rngs=rngs, out=True)
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        del ctx
+        with jax.named_scope("persistent_memory"):
+            k = jnp.square(_kernel_scale(self.keys.kernel_beta[...])) * self.keys(x_BTD)
+            mk = self.mem_k[...].astype(jnp.float32)
+            mv = self.mem_v[...].astype(jnp.float32)
+            s = jnp.einsum("bthd,jhpd->bjthp", k, mk, precision=jax.lax.Precision.HIGHEST)
+            p = jax.nn.softmax(s, axis=-1)
+            y = jnp.einsum("bjthp,jhpd->bthd", p, mv, precision=jax.lax.Precision.HIGHEST)
+            y = _value_scale(self.value_beta[...]) * y / mk.shape[0]
+            out = self.c_proj(y.astype(x_BTD.dtype))
+            out = constrain(out, (BATCH, SEQ, ACT_EMBED))
+        return out, {}
+
+
+# ---- the family: the official StackAssoMem ---------------------------------------------------
+
+
+class MosaicsConfig(ModelConfig):
+    """Memory Mosaics (official `StackAssoMem`): pre-LayerNorm blocks of a mixer and an FFN,
+    by default the contextual and the persistent memory; no positional embedding; a final
+    LayerNorm; the (tied) head with logits / sqrt(D)."""
+
+    family: Literal["mosaics"] = "mosaics"
+    """Selects this family."""
+    mixer: pydantic.SerializeAsAny[MixerConfig] = ContextMemoryConfig()
+    """Sequence mixer part (`kind`: context_memory, attention, ...)."""
+    ffn: pydantic.SerializeAsAny[FFNConfig] = PersistentMemoryConfig()
+    """FFN part (`kind`: persistent_memory, swiglu, ...)."""
+
+    @pydantic.model_validator(mode="after")
+    def _check_parts(self) -> MosaicsConfig:
+        for part in (self.mixer, self.ffn):
+            part.check(self)
+        return self
+
+    def build(self, *, rngs: nnx.Rngs) -> Mosaics:
+        return Mosaics(self, rngs=rngs)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Embedding V D (and the head V D untied) + per layer (two LayerNorm scales 2 D +
+        mixer + FFN) + the final LayerNorm D."""
+        d, v = self.d_model, self.padded_vocab
+        per_layer = 2 * d + self.mixer.num_params(self) + self.ffn.num_params(self)
+        embeddings = v * d * (1 if self.tie_embeddings else 2)
+        return (embeddings if include_embeddings else 0) + self.n_layers * per_layer + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """n_layers * (mixer + FFN) + the head's 6 V D."""
+        layer = self.mixer.flops_per_token(self, seq_len) + self.ffn.flops_per_token(self, seq_len)
+        return float(self.n_layers * layer + 6 * self.padded_vocab * self.d_model)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm without bias (the official `LayerNorm(bias=False)`), statistics in float32."""
+
+    def __init__(self, model: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, (model.d_model,), ("norm",), std=None, dtype=_pdt(model))
+        self.eps = model.norm_eps
+        self.compute_dtype = dtype_of(model.compute_dtype)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x = x_BTD.astype(jnp.float32)
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.compute_dtype)
+
+
+class Block(nnx.Module):
+    """x + mixer(LN1 x), then x + ffn(LN2 x) (official `AttnOnlyBlock`, pre_ln)."""
+
+    def __init__(self, cfg: MosaicsConfig, *, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(cfg, rngs=rngs)
+        self.mixer = cfg.mixer.build(cfg, rngs=rngs)
+        self.ln2 = LayerNorm(cfg, rngs=rngs)
+        self.ffn = cfg.ffn.build(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        y_BTD, mixer_aux = self.mixer(self.ln1(x_BTD), ctx)
+        x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
+        y_BTD, ffn_aux = self.ffn(self.ln2(x_BTD), ctx)
+        x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
+        return x_BTD, {"mixer": mixer_aux, "ffn": ffn_aux}
+
+
+class Mosaics(nnx.Module):
+    """Embed (no positions) -> n_layers Blocks -> LayerNorm -> head, logits / sqrt(D)."""
+
+    def __init__(self, cfg: MosaicsConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, v = cfg.d_model, cfg.padded_vocab
+        # Tied, the official embedding ends with the head's N(0, 1/D); untied it keeps N(0, 1).
+        std = 1 / math.sqrt(d) if cfg.tie_embeddings else 1.0
+        pdt, cdt = _pdt(cfg), dtype_of(cfg.compute_dtype)
+        self.embed = Embed(v, d, std=std, param_dtype=pdt, compute_dtype=cdt, rngs=rngs)
+        self.blocks = stack_layers(lambda rngs: Block(cfg, rngs=rngs), cfg, rngs=rngs)
+        self.ln_out = LayerNorm(cfg, rngs=rngs)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(
+                d,
+                v,
+                ("embed", "vocab"),
+                std=1 / math.sqrt(d),
+                param_dtype=pdt,
+                compute_dtype=cdt,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(self, tokens_BT: jax.Array, ctx: Ctx | None = None, **ctx_fields) -> Output:
+        """tokens [B,T] int32 -> Output(logits [B,T,V] float32, aux_loss, metrics)."""
+        ctx = Ctx.make(tokens_BT, **ctx_fields) if ctx is None else ctx
+        x = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
+        x, aux = run_layers(self.blocks, x, ctx, self.cfg)
+        x = self.ln_out(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x, out_dtype=jnp.float32)
+        loss, metrics = reduce_aux(aux, stacked=True)
+        return Output(logits=logits / math.sqrt(self.cfg.d_model), aux_loss=loss, metrics=metrics)

@@ -1,0 +1,185 @@
+"""Memory Mosaics (issue 12) at component level: the linear-time leaky average against its
+T x T definition, the whole model against the official equations (float64, with the official
+quadratic matrices), gradients of the efficient path against a jnp quadratic one, causality,
+exact parameter counts, the parts inside the Transformer family, and config errors.
+
+The definitions are in `mosaics_reference.py`. Parameters are random (not the
+initialisation), so every scalar, the kernel-scale clamp and both memories move the logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import mosaics_reference as ref  # beside this file (tests/arch is on sys.path)
+import numpy as np
+import pydantic
+import pytest
+from flax import nnx
+from menagerie.arch import MosaicsConfig, TransformerConfig, build, mosaics
+
+from tests.random_params import random_module
+
+MIXER = {"kind": "context_memory", "n_heads": 2}
+FFN = {"kind": "persistent_memory", "n_heads": 2, "size": 24, "copies": 2}
+TINY = dict(d_model=16, n_layers=2, scan_layers=False, mixer=MIXER, ffn=FFN)
+
+
+def tiny(**changes) -> MosaicsConfig:
+    return MosaicsConfig(**(TINY | changes)).with_vocab(64)
+
+
+def random_model(cfg, seed: int = 0):
+    return random_module(lambda: build(cfg, rngs=nnx.Rngs(0)), seed)
+
+
+def params_of(model) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def close(actual, expected, tol, what=""):
+    """Max abs error <= tol * (1 + max |expected|)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    err = np.abs(actual - expected).max()
+    bound = tol * (1 + np.abs(expected).max())
+    assert err <= bound, f"{what}: max |error| {err:.3g} > {bound:.3g}"
+
+
+def test_leaky_average_equals_the_matrix_definition():
+    """The associative scan equals the official T x T matrix (1 - e^-b) e^{-b (t-s)}, s <= t,
+    per head. Catches: the (1 - e^-b) factor dropped, the decay applied one step late, heads
+    given each other's rates."""
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 37, 3, 4))
+    beta = np.array([0.3, 2.0, 5.0])
+    got = jax.jit(mosaics.leaky_average)(jnp.asarray(k, jnp.float32), jnp.asarray(beta))
+    want = np.stack([ref.leaky_matrix(beta[h], 37) @ k[:, :, h] for h in range(3)], axis=2)
+    close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_equal_the_official_equations(tied):
+    """Our float32 logits equal the float64 official equations (quadratic leaky matrix, row-0
+    zero, one-step-ahead values, squared pmem key scale, LayerNorm without bias, head / sqrt D)
+    within 1e-4, at T = 13. Catches: a causal instead of strictly causal mask, values looking
+    back instead of ahead, the pmem scale not squared, the clamp at 5 skipped, heads merged in
+    the wrong order, the logit scale missing."""
+    cfg = tiny(tie_embeddings=tied)
+    model = random_model(cfg, seed=1)
+    tokens = np.random.default_rng(2).integers(0, 64, (2, 13))
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda t: model(t).logits)(jnp.asarray(tokens, jnp.int32))
+    p = params_of(model)
+    want = ref.logits(p, tokens, n_heads=2) if tied else _untied_logits(p, tokens)
+    close(got, want, 1e-4)
+
+
+def _untied_logits(p, tokens):
+    table, head = ref.a64(p["embed"]["table"]), ref.a64(p["head"]["kernel"])
+    x = table[tokens]
+    for layer in p["blocks"].values():
+        x = x + ref.context_memory(layer["mixer"], ref.layer_norm(x, layer["ln1"]["scale"]), 2)
+        x = x + ref.persistent_memory(layer["ffn"], ref.layer_norm(x, layer["ln2"]["scale"]), 2)
+    return ref.layer_norm(x, p["ln_out"]["scale"]) @ head / np.sqrt(table.shape[1])
+
+
+def _quadratic_context_memory(module, x):
+    """The contextual memory in jnp with the T x T leaky matrix and a dense strictly causal
+    softmax: what `jax.grad` differentiates as the definition."""
+    b, t, d = x.shape
+    kt = module.keys.wk(x)
+    beta = 10 * jnp.abs(module.keys.leaky_key_beta[...])
+    gap = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    decay = jnp.exp(-beta[:, None, None] * jnp.maximum(gap, 0)[None])
+    a = jnp.where(gap[None] >= 0, (1 - jnp.exp(-beta))[:, None, None] * decay, 0.0)
+    kbar = jnp.einsum("hts,bshd->bthd", a, kt)
+    k = mosaics.unit(kbar) * mosaics._kernel_scale(module.keys.kernel_beta[...])
+    v = module.values(x)
+    s = jnp.einsum("bthd,bshd->bhts", k, k)
+    mask = gap > 0
+    w = jnp.where(mask, jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), 0.0)
+    w = jnp.where(jnp.arange(t)[:, None] == 0, 0.0, w)
+    return module.c_proj(jnp.einsum("bhts,bshd->bthd", w, v))
+
+
+def test_context_memory_gradients_equal_the_quadratic_definition():
+    """Gradients of every parameter and of the input through the scan and the strictly causal
+    retrieval equal those of the T x T definition. Catches: a stop_gradient on the decay, the
+    associative scan's combine written for the forward only, NaN from the empty row 0."""
+    cfg = tiny()
+    module = random_module(lambda: cfg.mixer.build(cfg, rngs=nnx.Rngs(0)), seed=3)
+    graphdef, state = nnx.split(module)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 11, 16)), jnp.float32)
+    ct = jnp.asarray(np.random.default_rng(5).standard_normal((2, 11, 16)), jnp.float32)
+
+    def loss(fn):
+        return lambda s, x: jnp.vdot(fn(nnx.merge(graphdef, s), x), ct)
+
+    fast = loss(lambda m, x: m(x, None)[0])
+    slow = loss(_quadratic_context_memory)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(jax.grad(fast, argnums=(0, 1)))(state, x)
+        want = jax.jit(jax.grad(slow, argnums=(0, 1)))(state, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        close(g, w, 1e-4)
+
+
+def test_changing_token_t_leaves_earlier_logits_unchanged():
+    """The value at s mixes x_{s+1}, but it is read only by t > s: logits at positions < 7
+    do not depend on tokens >= 7. Catches: the non-strict mask (t reads its own v, which
+    holds x_{t+1}), the leaky average running backwards."""
+    model = random_model(tiny(), seed=6)
+    tokens = np.random.default_rng(7).integers(0, 64, (1, 12))
+    other = tokens.copy()
+    other[0, 7:] = (other[0, 7:] + 5) % 64
+    fwd = jax.jit(lambda t: model(t).logits)
+    a, b = fwd(jnp.asarray(tokens)), fwd(jnp.asarray(other))
+    np.testing.assert_array_equal(np.asarray(a)[0, :7], np.asarray(b)[0, :7])
+    assert not np.allclose(np.asarray(a)[0, 7:], np.asarray(b)[0, 7:])
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": False}, {"ffn": FFN | {"size": None, "copies": 1}}],
+)
+def test_num_params_is_exact(changes):
+    """num_params counts the built model (the official 5 D^2 + 2 copies P D + 2 D + 7 H per
+    block with both memories). Catches: a memory's copies or slots left out of the count."""
+    cfg = tiny(**changes)
+    model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+    built = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert cfg.num_params() == built
+
+
+def test_memories_are_parts_of_the_transformer_family_too():
+    """The two memories fill the Transformer's mixer and FFN slots: it builds, runs, and counts
+    its parameters exactly."""
+    cfg = TransformerConfig(d_model=16, n_layers=2, mixer=MIXER, ffn=FFN).with_vocab(64)
+    model = build(cfg, rngs=nnx.Rngs(0))
+    built = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert cfg.num_params() == built
+    logits = model(jnp.zeros((1, 5), jnp.int32)).logits
+    assert logits.shape == (1, 5, cfg.padded_vocab) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mixer": MIXER | {"n_heads": 3}}, "model.mixer.n_heads=3 does not divide"),
+        ({"ffn": FFN | {"copies": 0}}, "model.ffn.copies"),
+    ],
+)
+def test_bad_config_is_one_clear_error(changes, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        tiny(**changes)
+
+
+def test_key_scale_exponent_is_clamped_at_5():
+    """The official kernel_beta_upbound: keys are scaled by e^{min(10 kb, 5)} (the persistent
+    memory by its square). Past the clamp the softmax is saturated either way, so the logits
+    cannot show it; the scale and its zero gradient do. Catches: the clamp dropped."""
+    kb = jnp.array([0.8, 0.1])
+    grad = jax.grad(lambda b: mosaics._kernel_scale(b).sum())(kb)
+    close(mosaics._kernel_scale(kb)[:, 0], np.exp([5.0, 1.0]), 1e-6)
+    assert float(grad[0]) == 0.0 and float(grad[1]) > 0
