@@ -39,12 +39,12 @@ Deviations:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import pydantic
-from flax import nnx
+from flax import nnx, struct
 from menagerie.kernels import masks
 from menagerie.kernels.sparse_attention import sparse_attention
 
@@ -52,8 +52,17 @@ from . import attention as _attention  # noqa: F401 - declares the "heads" and "
 from .axes import Axis, declare
 from .config import ModelConfig, check_positive
 from .layers import ACT_EMBED, BATCH, SEQ, Embed, Linear, constrain, dtype_of, param
-from .parts import Aux, Ctx, FFNConfig, MixerConfig, Output, reduce_aux
-from .stack import run_layers, stack_layers
+from .parts import (
+    Aux,
+    Ctx,
+    FFNConfig,
+    MixerConfig,
+    Output,
+    decode_part,
+    init_part_cache,
+    reduce_aux,
+)
+from .stack import decode_layers, run_layers, stack_layers, stacked
 
 declare(
     Axis("mem_heads", "vector", None, doc="per-head scalars of a memory (rates, scales)"),
@@ -161,10 +170,22 @@ def _heads_linear(model: ModelConfig, h: int, *, rngs: nnx.Rngs, out: bool = Fal
     )
 
 
-def leaky_average(k_BTHD: jax.Array, beta_H: jax.Array) -> jax.Array:
+def leaky_average(
+    k_BTHD: jax.Array, beta_H: jax.Array, initial_BHD: jax.Array | None = None
+) -> jax.Array:
     """kbar_t = (1 - e^-b) sum_{s<=t} e^{-b (t-s)} k_s per head, by an associative scan of
-    h_t = a h_{t-1} + (1 - a) k_t with a = e^-b: O(T), no T x T matrix. float32."""
-    a_H = jnp.exp(-beta_H.astype(jnp.float32))
+    h_t = a h_{t-1} + (1 - a) k_t with a = e^-b: O(T), no T x T matrix. float32.
+    `initial_BHD`: h_{-1}, the average before these T tokens (decoding); zeros if None."""
+    beta_H = beta_H.astype(jnp.float32)
+    kbar = _scan_average(k_BTHD, beta_H)
+    if initial_BHD is None:
+        return kbar
+    decay_TH = jnp.exp(-beta_H * jnp.arange(1, k_BTHD.shape[1] + 1, dtype=jnp.float32)[:, None])
+    return kbar + decay_TH[None, :, :, None] * initial_BHD[:, None]
+
+
+def _scan_average(k_BTHD: jax.Array, beta_H: jax.Array) -> jax.Array:
+    a_H = jnp.exp(-beta_H)
     a = jnp.broadcast_to(a_H[None, None, :, None], k_BTHD.shape)
     b = (1.0 - a) * k_BTHD.astype(jnp.float32)
 
@@ -197,13 +218,20 @@ class _Keys(nnx.Module):
 
     def __init__(self, model: ModelConfig, h: int, *, rngs: nnx.Rngs):
         self.wk = _heads_linear(model, h, rngs=rngs)
+        self.head_shape = (h, model.d_model // h)
         self.leaky_key_beta = _scalar(rngs, model, jnp.linspace(0.5, 5.0, h) / EXP_SCALE)
         self.kernel_beta = _scalar(rngs, model, jnp.full((h,), 0.1))
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        """Unit keys [B,T,H,hs] float32 (scaled by the caller)."""
+    def __call__(self, x_BTD: jax.Array, initial_BHD: jax.Array | None = None):
+        """Unit keys [B,T,H,hs] float32 (scaled by the caller). With `initial_BHD`, the leaky
+        average before these tokens (decoding): (unit keys, the average after them)."""
         beta = EXP_SCALE * jnp.abs(self.leaky_key_beta[...])
-        return unit(leaky_average(self.wk(x_BTD), beta))
+        kbar = leaky_average(self.wk(x_BTD), beta, initial_BHD)
+        return unit(kbar) if initial_BHD is None else (unit(kbar), kbar[:, -1])
+
+    def empty_average(self, batch: int) -> jax.Array:
+        """The leaky average before the first token: zeros [B,H,hs] float32."""
+        return jnp.zeros((batch, *self.head_shape), jnp.float32)
 
 
 class ContextMemory(nnx.Module):
@@ -223,10 +251,13 @@ class ContextMemory(nnx.Module):
 
     def values(self, x_BTD: jax.Array) -> jax.Array:
         """v_t = e^{10 value_beta} unit((1 - lam) v~_{t+1} + lam v~_t), v~_T = 0: [B,T,H,hs]."""
-        v = self.wv(x_BTD).astype(jnp.float32)
-        ahead = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+        return self._peek(self.wv(x_BTD).astype(jnp.float32))
+
+    def _peek(self, v_BTHD: jax.Array) -> jax.Array:
+        """The values of raw values v~ [B,T,H,hs] float32 (v~_T = 0)."""
+        ahead = jnp.concatenate([v_BTHD[:, 1:], jnp.zeros_like(v_BTHD[:, :1])], axis=1)
         lam = self.coef[...].astype(jnp.float32)[:, None]
-        return _value_scale(self.value_beta[...]) * unit((1 - lam) * ahead + lam * v)
+        return _value_scale(self.value_beta[...]) * unit((1 - lam) * ahead + lam * v_BTHD)
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         del ctx  # one stream: documents are not separated (module docstring)
@@ -244,6 +275,53 @@ class ContextMemory(nnx.Module):
             )
             out = constrain(self.c_proj(y), (BATCH, SEQ, ACT_EMBED))
         return out, {}
+
+    def init_cache(self, batch: int, max_len: int) -> MemoryCache:
+        """An empty memory for `batch` sequences of at most `max_len` tokens."""
+        zeros = jnp.zeros((batch, max_len, *self.keys.head_shape), jnp.float32)
+        return MemoryCache(zeros, zeros, self.keys.empty_average(batch))
+
+    def decode(self, x_BTD: jax.Array, cache: MemoryCache, start) -> tuple[jax.Array, MemoryCache]:
+        """`__call__` for T tokens at positions start..start+T-1 whose earlier tokens fill
+        `cache`: stores their keys and raw values, continues the leaky average, and retrieves
+        from the pairs before each token. Values are made from the raw ones at each call: the
+        value of the last token seen needs the next token's."""
+        keys, average = self.keys(x_BTD, cache.average)
+        k = _kernel_scale(self.keys.kernel_beta[...]) * keys
+        write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, start, 1)  # noqa: E731
+        cache = MemoryCache(
+            write(cache.keys, k),
+            write(cache.raw_values, self.wv(x_BTD).astype(jnp.float32)),
+            average,
+        )
+        before = (
+            jnp.arange(cache.keys.shape[1])[None, :] < start + jnp.arange(x_BTD.shape[1])[:, None]
+        )
+        dt = x_BTD.dtype
+        y = retrieve(
+            k.astype(dt), cache.keys.astype(dt), self._peek(cache.raw_values).astype(dt), before
+        )
+        return self.c_proj(y), cache
+
+
+def retrieve(q_BTHD, k_BSHD, v_BSHD, keep_TS) -> jax.Array:
+    """sum_s softmax_s(q_t . k_s) v_s over the s that `keep_TS` allows (float32 softmax, scale
+    1); a row that may see nothing gets zeros. [B,T,H,hs] in v's dtype."""
+    s = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=jnp.float32)
+    s = jnp.where(keep_TS, s, -1e30)
+    p = jax.nn.softmax(s, axis=-1) * jnp.any(keep_TS, axis=-1, keepdims=True)
+    return jnp.einsum("bhts,bshd->bthd", p.astype(v_BSHD.dtype), v_BSHD)
+
+
+@struct.dataclass
+class MemoryCache:
+    """A contextual memory's decoding state: scaled unit keys and raw values v~ of positions
+    0..S-1 ([B,S,H,hs] float32; position p's slot is p) and the leaky average of the keys after
+    the last token seen ([B,H,hs])."""
+
+    keys: jax.Array
+    raw_values: jax.Array
+    average: jax.Array
 
 
 class PersistentMemory(nnx.Module):
@@ -264,16 +342,30 @@ class PersistentMemory(nnx.Module):
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         del ctx
         with jax.named_scope("persistent_memory"):
-            k = jnp.square(_kernel_scale(self.keys.kernel_beta[...])) * self.keys(x_BTD)
-            mk = self.mem_k[...].astype(jnp.float32)
-            mv = self.mem_v[...].astype(jnp.float32)
-            s = jnp.einsum("bthd,jhpd->bjthp", k, mk, precision=jax.lax.Precision.HIGHEST)
-            p = jax.nn.softmax(s, axis=-1)
-            y = jnp.einsum("bjthp,jhpd->bthd", p, mv, precision=jax.lax.Precision.HIGHEST)
-            y = _value_scale(self.value_beta[...]) * y / mk.shape[0]
-            out = self.c_proj(y.astype(x_BTD.dtype))
-            out = constrain(out, (BATCH, SEQ, ACT_EMBED))
-        return out, {}
+            return self._read(self.keys(x_BTD), x_BTD.dtype), {}
+
+    def init_cache(self, batch: int, max_len: int) -> jax.Array:
+        """The decoding state: the keys' leaky average [B,H,hs] (no growing memory)."""
+        del max_len
+        return self.keys.empty_average(batch)
+
+    def decode(self, x_BTD: jax.Array, average: jax.Array, start) -> tuple[jax.Array, jax.Array]:
+        """`__call__` for T tokens continuing the leaky average `average` of earlier ones."""
+        del start
+        keys, average = self.keys(x_BTD, average)
+        return self._read(keys, x_BTD.dtype), average
+
+    def _read(self, keys_BTHD: jax.Array, dtype) -> jax.Array:
+        """The memories read with unit keys [B,T,H,hs]: [B,T,D] in `dtype`."""
+        k = jnp.square(_kernel_scale(self.keys.kernel_beta[...])) * keys_BTHD
+        mk = self.mem_k[...].astype(jnp.float32)
+        mv = self.mem_v[...].astype(jnp.float32)
+        s = jnp.einsum("bthd,jhpd->bjthp", k, mk, precision=jax.lax.Precision.HIGHEST)
+        p = jax.nn.softmax(s, axis=-1)
+        y = jnp.einsum("bjthp,jhpd->bthd", p, mv, precision=jax.lax.Precision.HIGHEST)
+        y = _value_scale(self.value_beta[...]) * y / mk.shape[0]
+        out = self.c_proj(y.astype(dtype))
+        return constrain(out, (BATCH, SEQ, ACT_EMBED))
 
 
 # ---- the family: the official StackAssoMem ---------------------------------------------------
@@ -345,6 +437,27 @@ class Block(nnx.Module):
         x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
         return x_BTD, {"mixer": mixer_aux, "ffn": ffn_aux}
 
+    def init_cache(self, batch: int, max_len: int) -> tuple[Any, Any]:
+        """(mixer cache, FFN cache or None for a per-token FFN); see `parts`."""
+        return self.mixer.init_cache(batch, max_len), init_part_cache(self.ffn, batch, max_len)
+
+    def decode(self, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
+        """The block for T tokens at positions start.. given its parts' caches."""
+        mixer_cache, ffn_cache = cache
+        y_BTD, mixer_cache = self.mixer.decode(self.ln1(x_BTD), mixer_cache, start)
+        x_BTD = x_BTD + y_BTD
+        y_BTD, ffn_cache = decode_part(self.ffn, self.ln2(x_BTD), ffn_cache, start)
+        return x_BTD + y_BTD, (mixer_cache, ffn_cache)
+
+
+@struct.dataclass
+class DecodeState:
+    """Incremental decoding state: the blocks' caches stacked over layers [n_layers, ...] and
+    the number of tokens seen (int32 scalar)."""
+
+    layers: Any
+    position: jax.Array
+
 
 class Mosaics(nnx.Module):
     """Embed (no positions) -> n_layers Blocks -> LayerNorm -> head, logits / sqrt(D)."""
@@ -377,7 +490,32 @@ class Mosaics(nnx.Module):
         ctx = Ctx.make(tokens_BT, **ctx_fields) if ctx is None else ctx
         x = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
         x, aux = run_layers(self.blocks, x, ctx, self.cfg)
-        x = self.ln_out(x)
-        logits = self.embed.attend(x) if self.head is None else self.head(x, out_dtype=jnp.float32)
         loss, metrics = reduce_aux(aux, stacked=True)
-        return Output(logits=logits / math.sqrt(self.cfg.d_model), aux_loss=loss, metrics=metrics)
+        return Output(logits=self._logits(x), aux_loss=loss, metrics=metrics)
+
+    def _logits(self, x_BTD: jax.Array) -> jax.Array:
+        x = self.ln_out(x_BTD)
+        logits = self.embed.attend(x) if self.head is None else self.head(x, out_dtype=jnp.float32)
+        return logits / math.sqrt(self.cfg.d_model)
+
+    state_grows = True  # the contextual memory holds every token's key and value
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this model has incremental decoding: its mixer part has a cache."""
+        block = self.blocks if self.cfg.scan_layers else self.blocks[0]
+        return hasattr(block.mixer, "decode")
+
+    def init_state(self, batch: int, max_len: int) -> DecodeState:
+        """The decoding state before the first token of `batch` sequences of at most
+        `max_len` tokens."""
+        block = self.blocks if self.cfg.scan_layers else self.blocks[0]
+        caches = stacked(block.init_cache(batch, max_len), self.cfg)
+        return DecodeState(caches, jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_BT: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+        """Logits [B,T,V] float32 of T more tokens (a prompt piece, or one) and the state after
+        them; token by token this gives what the full forward pass gives."""
+        x = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
+        x, caches = decode_layers(self.blocks, x, state.layers, state.position, self.cfg)
+        return self._logits(x), DecodeState(caches, state.position + tokens_BT.shape[1])

@@ -14,6 +14,12 @@ the `Ctx` below and `aux` a dict (nested dicts allowed) of float32 scalars: ever
 "aux_loss" is added to the training loss, every other leaf is a logged metric. Aux dicts are
 pytrees, so they pass through the layer scan stacked over layers and `reduce_aux` reduces them.
 New logical axis names are declared in the part's file (`arch.axes.declare`).
+
+Incremental decoding: a part whose output at a position reads earlier positions (attention, the
+memories) has `init_cache(batch, max_len)` and `decode(x_BTD, cache, start) -> (y, cache)` for
+T tokens at positions start..start+T-1; a per-token part has neither and is called as usual.
+A block decodes its parts with `init_part_cache` / `decode_part`; a mixer without `decode`
+makes the model non-decoding (generation then recomputes a window per token).
 """
 
 from __future__ import annotations
@@ -138,3 +144,23 @@ def reduce_aux(aux: Aux, stacked: bool = False) -> tuple[jax.Array, dict[str, ja
             value = jnp.mean(value, axis=0)
         metrics[name] = value
     return loss, metrics
+
+
+def decode_ctx(x_BT: jax.Array, start: jax.Array) -> Ctx:
+    """The context of T tokens at positions start.. of one document (no targets)."""
+    b, t = x_BT.shape[:2]
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return Ctx.make(jnp.zeros((b, t), jnp.int32), positions=positions)
+
+
+def init_part_cache(part: Any, batch: int, max_len: int) -> Any:
+    """`part`'s empty decoding cache; None for a per-token part."""
+    return part.init_cache(batch, max_len) if hasattr(part, "init_cache") else None
+
+
+def decode_part(part: Any, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
+    """`part` on T tokens at positions start.. with its cache (see the module docstring)."""
+    if cache is None:
+        y_BTD, _ = part(x_BTD, decode_ctx(x_BTD, start))
+        return y_BTD, None
+    return part.decode(x_BTD, cache, start)

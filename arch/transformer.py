@@ -17,7 +17,18 @@ from .attention import AttentionConfig
 from .config import ModelConfig
 from .layers import ACT_EMBED, BATCH, SEQ, Embed, constrain, dtype_of, rms_norm
 from .lm_head import LMHeadConfig
-from .parts import Aux, Ctx, FFNConfig, HeadConfig, MixerConfig, Output, reduce_aux
+from .parts import (
+    Aux,
+    Ctx,
+    FFNConfig,
+    HeadConfig,
+    MixerConfig,
+    Output,
+    decode_ctx,
+    decode_part,
+    init_part_cache,
+    reduce_aux,
+)
 from .stack import decode_layers, run_layers, stack_layers, stacked
 from .swiglu import SwiGLUConfig
 
@@ -88,13 +99,17 @@ class Block(nnx.Module):
             x_BTD = constrain(x_BTD + y_BTD, (BATCH, SEQ, ACT_EMBED))
         return x_BTD, {"mixer": mixer_aux, "ffn": ffn_aux}
 
+    def init_cache(self, batch: int, max_len: int) -> tuple[Any, Any]:
+        """(mixer cache, FFN cache or None for a per-token FFN); see `parts`."""
+        return self.mixer.init_cache(batch, max_len), init_part_cache(self.ffn, batch, max_len)
+
     def decode(self, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
-        """The block for T tokens at positions start.. given the mixer's cache (FFN parts
-        are per token, so they need none)."""
-        y_BTD, cache = self.mixer.decode(self.mixer_norm(x_BTD), cache, start)
+        """The block for T tokens at positions start.. given its parts' caches."""
+        mixer_cache, ffn_cache = cache
+        y_BTD, mixer_cache = self.mixer.decode(self.mixer_norm(x_BTD), mixer_cache, start)
         x_BTD = x_BTD + y_BTD
-        y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), _decode_ctx(x_BTD, start))
-        return x_BTD + y_BTD, cache
+        y_BTD, ffn_cache = decode_part(self.ffn, self.ffn_norm(x_BTD), ffn_cache, start)
+        return x_BTD + y_BTD, (mixer_cache, ffn_cache)
 
 
 @struct.dataclass
@@ -104,13 +119,6 @@ class DecodeState:
 
     layers: Any
     position: jax.Array
-
-
-def _decode_ctx(x_BT: jax.Array, start: jax.Array) -> Ctx:
-    """The context of T tokens at positions start.. of one document (no targets)."""
-    b, t = x_BT.shape[:2]
-    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    return Ctx.make(jnp.zeros((b, t), jnp.int32), positions=positions)
 
 
 class Transformer(nnx.Module):
@@ -159,8 +167,8 @@ class Transformer(nnx.Module):
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """The decoding state before the first token of `batch` sequences of at most
         `max_len` tokens (the attention cache holds them all)."""
-        mixer = self.blocks.mixer if self.cfg.scan_layers else self.blocks[0].mixer
-        caches = stacked(mixer.init_cache(batch, max_len), self.cfg)
+        block = self.blocks if self.cfg.scan_layers else self.blocks[0]
+        caches = stacked(block.init_cache(batch, max_len), self.cfg)
         return DecodeState(caches, jnp.zeros((), jnp.int32))
 
     def decode(self, tokens_BT: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
@@ -169,6 +177,6 @@ class Transformer(nnx.Module):
         start = state.position
         x_BTD = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
         x_BTD, caches = decode_layers(self.blocks, x_BTD, state.layers, start, self.cfg)
-        ctx = _decode_ctx(tokens_BT, start)
+        ctx = decode_ctx(tokens_BT, start)
         logits_BTV, _ = self.head(self.final_norm(x_BTD), ctx, embed=self.embed)
         return logits_BTV, DecodeState(caches, start + tokens_BT.shape[1])
