@@ -1,7 +1,7 @@
 """menagerie.export: trained runs out of menagerie, and Hugging Face checkpoints in.
 
-    menagerie export RUN_DIR [--step N] --format hf|megalodon|torch --out DIR [--dtype bfloat16]
-                     [--verify]
+    menagerie export RUN_DIR [--step N] --format hf|megalodon|mosaics|torch --out DIR
+                     [--dtype bfloat16] [--verify]
     menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
 
 `load_run(run_dir, step=None)` (`export.run`) returns a run's built model, tokenizer and config;
@@ -26,6 +26,7 @@ from menagerie.train.errors import ConfigError, run_folder_io
 FORMATS = {
     "hf": "menagerie.export.hf",
     "megalodon": "menagerie.export.megalodon",
+    "mosaics": "menagerie.export.mosaics",
     "torch": "menagerie.export.pytorch",
 }
 

@@ -3,8 +3,8 @@
     menagerie train   [--config FILE] [--start-over] [key.sub=value ...]
     menagerie eval    [--config FILE] [key.sub=value ...]
     menagerie prepare [--config FILE] --out DIR [--force] [key.sub=value ...]
-    menagerie export  RUN_DIR --format hf|megalodon|torch --out DIR [--step N] [--dtype bfloat16]
-                      [--verify]
+    menagerie export  RUN_DIR --format hf|megalodon|mosaics|torch --out DIR [--step N]
+                      [--dtype bfloat16] [--verify]
     menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
     menagerie generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K
                        --top-p P --seed S --step N]
