@@ -20,6 +20,8 @@ from .megalodon import Megalodon, MegalodonConfig
 from .mosaics import (
     ContextMemory,
     ContextMemoryConfig,
+    MemoryLevels,
+    MemoryLevelsConfig,
     Mosaics,
     MosaicsConfig,
     PersistentMemory,
@@ -53,6 +55,8 @@ __all__ = [
     "LMHeadConfig",
     "Megalodon",
     "MegalodonConfig",
+    "MemoryLevels",
+    "MemoryLevelsConfig",
     "MixerConfig",
     "ModelConfig",
     "Mosaics",

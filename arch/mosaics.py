@@ -28,6 +28,28 @@ Computed differently, with the same numbers:
 - Retrieval goes through `kernels.sparse_attention` with `masks.StrictlyCausal()` (scale 1):
   the Pallas kernel on GPU, the reference elsewhere; row 0 sees nothing and gets zeros.
 
+v2 options (Memory Mosaics at scale, arXiv 2507.03285; no official v2 code is public, so these
+follow the paper's equations, with the choices it leaves open stated), each a switch of the
+contextual memory whose default is v1:
+- `keys: gated`: kbar_t = g_t k~_t + lam_t kbar_{t-1}, g_t = exp(x_t W_g), lam_t =
+  exp(-|x_t W_lam|); one gate and one decay per head and token (W_g, W_lam [D,H], N(0, 1/D)).
+  The same associative scan with per-token rates.
+- `bandwidth: adaptive`: beta(n) = beta1 n^alpha + beta0 replaces v1's e^{2 min(10 kb, 5)}, n
+  the number of pairs the query sees (after the window and the gap; at least 1). beta1 is v1's
+  factor, alpha and beta0 are per-head parameters initialised to 0, so training starts from v1.
+  The query becomes k_t (n^alpha + beta0 / beta1); keys are unchanged.
+- `window` (short-term: pairs s >= t - window) and `gap` / `gap_max` (long-term: pairs s < t - m,
+  m drawn per training step from [gap, gap_max], one draw for all layers, from the step;
+  `gap` at evaluation and decoding). The mixer `memory_levels` sums a short- and a long-term
+  memory (the same as splitting heads between them with one output map); with a SwiGLU FFN
+  as the persistent memory this is the v2 block. Static masks go through
+  `kernels.sparse_attention`; a drawn gap has no static mask and uses the dense jnp path.
+
+Incremental decoding (`Mosaics.init_state` / `decode`): each contextual memory keeps its scaled
+keys, raw values v~ and the keys' running average; a value is made when it is read, since v_s
+needs v~_{s+1}. The persistent memory keeps its running average. Token by token this equals the
+forward pass.
+
 Deviations:
 - No dropout (the official recipe has 0.05 on the attention weights and residuals).
 - The L2 norms floor the squared norm at 1e-30 (the official divides as is: NaN for a zero
@@ -43,10 +65,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pydantic
 from flax import nnx, struct
 from menagerie.kernels import masks
-from menagerie.kernels.sparse_attention import sparse_attention
+from menagerie.kernels.sparse_attention import attention_reference, sparse_attention
 
 from . import attention as _attention  # noqa: F401 - declares the "heads" and "head_dim" axes
 from .axes import Axis, declare
@@ -84,29 +107,101 @@ def _check_heads(cfg, model: ModelConfig, prefix: str) -> None:
 
 
 class ContextMemoryConfig(MixerConfig):
-    """The contextual associative memory (official `InContextAssoMemBlock`)."""
+    """The contextual associative memory (official `InContextAssoMemBlock`), with the v2
+    options (arXiv 2507.03285) as switches; the defaults are v1."""
 
     kind: Literal["context_memory"] = "context_memory"
     """Selects this mixer."""
     n_heads: int = 4
     """Memory heads H; each has its own leak rate and scales on D / H features."""
+    keys: Literal["leaky", "gated"] = "leaky"
+    """Key extractor. leaky (v1): kbar_t = e^-b kbar_{t-1} + (1 - e^-b) k~_t, one rate b per
+    head. gated (v2): kbar_t = g_t k~_t + lam_t kbar_{t-1} with g_t = exp(x_t W_g) and
+    lam_t = exp(-|x_t W_lam|), per head and token (W_g, W_lam [D,H])."""
+    bandwidth: Literal["fixed", "adaptive"] = "fixed"
+    """Kernel bandwidth. fixed (v1): scores e^{2 min(10 kernel_beta, 5)} unit(k_t) . unit(k_s).
+    adaptive (v2): beta(n) = beta1 n^alpha + beta0 in place of that factor, n the number of
+    pairs the query sees; beta1 is v1's factor, alpha and beta0 per-head parameters starting
+    at 0 (so the model starts as v1)."""
+    window: int | None = None
+    """Short-term memory (v2; 256 there): a query at t sees only pairs s >= t - window. None:
+    every earlier pair."""
+    gap: int | None = None
+    """Long-term memory (v2; 64 at inference there): a query at t sees only pairs s < t - gap.
+    None: 0 (every earlier pair)."""
+    gap_max: int | None = None
+    """With `gap`: training draws the gap per step uniformly from [gap, gap_max] (v2: 64..256;
+    one draw shared by the layers, from the step, so runs are reproducible); evaluation and
+    decoding use `gap`. None: always `gap`. A drawn gap has no static mask, so such training
+    retrieves with the dense jnp path, not the Pallas kernel."""
     impl: Literal["auto", "reference", "pallas", "interpret"] = "auto"
     """Retrieval: `kernels.sparse_attention` impl (auto: Pallas on GPU, reference elsewhere)."""
 
-    def check(self, model: ModelConfig) -> None:
-        _check_heads(self, model, "model.mixer.")
+    def check(self, model: ModelConfig, prefix: str = "model.mixer.") -> None:
+        _check_heads(self, model, prefix)
+        check_positive(self, prefix, ints=("window", "gap_max"))
+        if self.gap is not None and self.gap < 0:
+            raise ValueError(f"{prefix}gap={self.gap} must be >= 0 (or null)")
+        if self.gap_max is not None and self.gap_max < (self.gap or 0):
+            raise ValueError(
+                f"{prefix}gap_max={self.gap_max} is below {prefix}gap={self.gap}: "
+                "the training gap is drawn from [gap, gap_max]"
+            )
 
     def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> ContextMemory:
         return ContextMemory(self, model, rngs=rngs)
 
     def num_params(self, model: ModelConfig) -> int:
-        """W_k, W_v, W_c [D,D] and four scalars per head."""
-        return 3 * model.d_model**2 + 4 * self.n_heads
+        """W_k, W_v, W_c [D,D] and per head: kernel_beta, value_beta, lam, and the leak rate
+        (leaky) or W_g, W_lam [D,H] (gated); alpha and beta0 with the adaptive bandwidth."""
+        d, h = model.d_model, self.n_heads
+        keys = 2 * d * h if self.keys == "gated" else h
+        return 3 * d * d + 3 * h + keys + (2 * h if self.bandwidth == "adaptive" else 0)
 
     def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
-        """6 * 3 D^2 for the matmuls, 6 T D for k k^T and the weighted sum of v (causal: half
-        of 12 T D, as the attention part counts)."""
-        return float(6 * 3 * model.d_model**2 + 6 * seq_len * model.d_model)
+        """6 x the matmul parameters (3 D^2, and 2 D H gated), and 12 D per pair a query
+        reads (k k^T and the weighted sum of v): T / 2 pairs on average without a window or a
+        gap (the attention part's causal convention, 6 T D), else the exact mean."""
+        d = model.d_model
+        matmuls = 3 * d * d + (2 * d * self.n_heads if self.keys == "gated" else 0)
+        return float(6 * matmuls + 12 * self.mean_pairs(seq_len) * d)
+
+    def mean_pairs(self, seq_len: int) -> float:
+        """Pairs a query sees, averaged over positions 0..T-1 (T / 2 for plain v1)."""
+        if self.window is None and self.gap is None:
+            return seq_len / 2
+        t = np.arange(seq_len)
+        lo = 0 if self.window is None else np.maximum(t - self.window, 0)
+        return float(np.mean(np.maximum(t - (self.gap or 0) - lo, 0)))
+
+
+class MemoryLevelsConfig(MixerConfig):
+    """v2's contextual memory levels in one mixer: a short-term and a long-term contextual
+    memory side by side, their outputs summed (the same as splitting the heads between the
+    levels with one output projection). With `model.ffn.kind: swiglu` as the persistent
+    memory this is the v2 block."""
+
+    kind: Literal["memory_levels"] = "memory_levels"
+    """Selects this mixer."""
+    short: ContextMemoryConfig = ContextMemoryConfig(window=256)
+    """The short-term memory (v2: the last 256 pairs)."""
+    long: ContextMemoryConfig = ContextMemoryConfig(gap=64, gap_max=256)
+    """The long-term memory (v2: pairs older than a gap of 64..256 in training, 64 after)."""
+
+    def check(self, model: ModelConfig) -> None:
+        self.short.check(model, "model.mixer.short.")
+        self.long.check(model, "model.mixer.long.")
+
+    def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> MemoryLevels:
+        return MemoryLevels(self, model, rngs=rngs)
+
+    def num_params(self, model: ModelConfig) -> int:
+        return self.short.num_params(model) + self.long.num_params(model)
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
+        return self.short.flops_per_token(model, seq_len) + self.long.flops_per_token(
+            model, seq_len
+        )
 
 
 class PersistentMemoryConfig(FFNConfig):
@@ -173,27 +268,31 @@ def _heads_linear(model: ModelConfig, h: int, *, rngs: nnx.Rngs, out: bool = Fal
 def leaky_average(
     k_BTHD: jax.Array, beta_H: jax.Array, initial_BHD: jax.Array | None = None
 ) -> jax.Array:
-    """kbar_t = (1 - e^-b) sum_{s<=t} e^{-b (t-s)} k_s per head, by an associative scan of
-    h_t = a h_{t-1} + (1 - a) k_t with a = e^-b: O(T), no T x T matrix. float32.
-    `initial_BHD`: h_{-1}, the average before these T tokens (decoding); zeros if None."""
+    """kbar_t = (1 - e^-b) sum_{s<=t} e^{-b (t-s)} k_s per head: `decayed_sum` with a = e^-b
+    and gain 1 - a. O(T), no T x T matrix. float32. `initial_BHD`: the average before these
+    T tokens (decoding); zeros if None."""
     beta_H = beta_H.astype(jnp.float32)
-    kbar = _scan_average(k_BTHD, beta_H)
-    if initial_BHD is None:
-        return kbar
-    decay_TH = jnp.exp(-beta_H * jnp.arange(1, k_BTHD.shape[1] + 1, dtype=jnp.float32)[:, None])
-    return kbar + decay_TH[None, :, :, None] * initial_BHD[:, None]
+    gain_H = 1.0 - jnp.exp(-beta_H)
+    return decayed_sum(k_BTHD, -beta_H[None, None, :], gain_H[None, None, :], initial_BHD)
 
 
-def _scan_average(k_BTHD: jax.Array, beta_H: jax.Array) -> jax.Array:
-    a_H = jnp.exp(-beta_H)
-    a = jnp.broadcast_to(a_H[None, None, :, None], k_BTHD.shape)
-    b = (1.0 - a) * k_BTHD.astype(jnp.float32)
+def decayed_sum(k_BTHD, log_a_BTH, gain_BTH, initial_BHD=None) -> jax.Array:
+    """h_t = a_t h_{t-1} + g_t k_t per head (a_t = e^{log_a_t}; [B,T,H] arrays or broadcastable
+    to them), by `lax.associative_scan`: O(T) work, O(log T) depth. h_{-1} = `initial_BHD`
+    (zeros if None). float32 [B,T,H,hs]."""
+    k = k_BTHD.astype(jnp.float32)
+    log_a = jnp.broadcast_to(log_a_BTH.astype(jnp.float32), k.shape[:3])
+    b = gain_BTH.astype(jnp.float32)[..., None] * k
 
     def combine(left, right):
         (a1, b1), (a2, b2) = left, right
         return a1 * a2, a2 * b1 + b2
 
-    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+    a = jnp.broadcast_to(jnp.exp(log_a)[..., None], k.shape)
+    h = jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+    if initial_BHD is None:
+        return h
+    return h + jnp.exp(jnp.cumsum(log_a, axis=1))[..., None] * initial_BHD[:, None]
 
 
 def unit(x: jax.Array) -> jax.Array:
@@ -214,39 +313,69 @@ def _value_scale(value_beta_H: jax.Array) -> jax.Array:
 
 
 class _Keys(nnx.Module):
-    """A memory's key extractor: W_k, then the per-head leaky average, then unit length."""
+    """A memory's key extractor: W_k, then the per-head average over time (v1's leaky average,
+    or v2's gated one), then unit length."""
 
-    def __init__(self, model: ModelConfig, h: int, *, rngs: nnx.Rngs):
+    def __init__(self, model: ModelConfig, h: int, *, rngs: nnx.Rngs, gated: bool = False):
         self.wk = _heads_linear(model, h, rngs=rngs)
         self.head_shape = (h, model.d_model // h)
-        self.leaky_key_beta = _scalar(rngs, model, jnp.linspace(0.5, 5.0, h) / EXP_SCALE)
         self.kernel_beta = _scalar(rngs, model, jnp.full((h,), 0.1))
+        if gated:  # g_t = exp(x_t W_g), lam_t = exp(-|x_t W_lam|), per head
+            self.gate = _gate_linear(model, h, rngs=rngs)
+            self.decay = _gate_linear(model, h, rngs=rngs)
+        else:
+            self.leaky_key_beta = _scalar(rngs, model, jnp.linspace(0.5, 5.0, h) / EXP_SCALE)
+        self.gated = gated
 
     def __call__(self, x_BTD: jax.Array, initial_BHD: jax.Array | None = None):
-        """Unit keys [B,T,H,hs] float32 (scaled by the caller). With `initial_BHD`, the leaky
-        average before these tokens (decoding): (unit keys, the average after them)."""
-        beta = EXP_SCALE * jnp.abs(self.leaky_key_beta[...])
-        kbar = leaky_average(self.wk(x_BTD), beta, initial_BHD)
+        """Unit keys [B,T,H,hs] float32 (scaled by the caller). With `initial_BHD`, the average
+        before these tokens (decoding): (unit keys, the average after them)."""
+        k = self.wk(x_BTD)
+        if self.gated:
+            log_a = -jnp.abs(self.decay(x_BTD, out_dtype=jnp.float32))
+            gain = jnp.exp(self.gate(x_BTD, out_dtype=jnp.float32))
+            kbar = decayed_sum(k, log_a, gain, initial_BHD)
+        else:
+            beta = EXP_SCALE * jnp.abs(self.leaky_key_beta[...])
+            kbar = leaky_average(k, beta, initial_BHD)
         return unit(kbar) if initial_BHD is None else (unit(kbar), kbar[:, -1])
 
     def empty_average(self, batch: int) -> jax.Array:
-        """The leaky average before the first token: zeros [B,H,hs] float32."""
+        """The average before the first token: zeros [B,H,hs] float32."""
         return jnp.zeros((batch, *self.head_shape), jnp.float32)
 
 
+def _gate_linear(model: ModelConfig, h: int, *, rngs: nnx.Rngs) -> Linear:
+    """A per-head gate map [D,H] of the gated key extractor (std 1/sqrt(D))."""
+    return Linear(
+        model.d_model,
+        h,
+        ("embed", "heads"),
+        std=1 / math.sqrt(model.d_model),
+        param_dtype=_pdt(model),
+        compute_dtype=dtype_of(model.compute_dtype),
+        rngs=rngs,
+    )
+
+
 class ContextMemory(nnx.Module):
-    """y_t = sum_{s<t} softmax_s(k_t . k_s) v_s with one-step-ahead values; see the module
-    docstring."""
+    """y_t = sum_{s<t} softmax_s(k_t . k_s) v_s with one-step-ahead values, and the v2 options
+    (gated keys, adaptive bandwidth, window, gap); see the module docstring."""
 
     def __init__(self, cfg: ContextMemoryConfig, model: ModelConfig, *, rngs: nnx.Rngs):
         h = cfg.n_heads
-        self.keys = _Keys(model, h, rngs=rngs)
+        self.keys = _Keys(model, h, rngs=rngs, gated=cfg.keys == "gated")
         self.wv = _heads_linear(model, h, rngs=rngs)
         self.coef = param(
             rngs, (h,), ("mem_heads",), std=None, dtype=_pdt(model), init=jax.random.uniform
         )
         self.value_beta = _scalar(rngs, model, jnp.full((h,), -0.05))
+        if cfg.bandwidth == "adaptive":  # beta(n) = e^{2 min(10 kernel_beta, 5)} n^alpha + beta0
+            self.bandwidth_power = _scalar(rngs, model, jnp.zeros((h,)))
+            self.bandwidth_offset = _scalar(rngs, model, jnp.zeros((h,)))
         self.c_proj = _heads_linear(model, h, rngs=rngs, out=True)
+        self.adaptive = cfg.bandwidth == "adaptive"
+        self.window, self.gap, self.gap_max = cfg.window, cfg.gap or 0, cfg.gap_max
         self.impl = cfg.impl
 
     def values(self, x_BTD: jax.Array) -> jax.Array:
@@ -260,21 +389,55 @@ class ContextMemory(nnx.Module):
         return _value_scale(self.value_beta[...]) * unit((1 - lam) * ahead + lam * v_BTHD)
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
-        del ctx  # one stream: documents are not separated (module docstring)
         with jax.named_scope("context_memory"):
             k = _kernel_scale(self.keys.kernel_beta[...]) * self.keys(x_BTD)
             v = self.values(x_BTD)
-            dt = x_BTD.dtype
-            y = sparse_attention(
-                k.astype(dt),
-                k.astype(dt),
-                v.astype(dt),
-                mask=masks.StrictlyCausal(),
-                scale=1.0,
-                impl=self.impl,
-            )
+            dt, gap = x_BTD.dtype, self._gap(ctx)
+            positions = jnp.arange(x_BTD.shape[1])
+            q = self._query(k, positions, gap).astype(dt)
+            k, v = k.astype(dt), v.astype(dt)
+            if isinstance(gap, int):
+                y = sparse_attention(q, k, v, mask=self._mask(gap), scale=1.0, impl=self.impl)
+            else:  # a gap drawn at run time: the mask is not static
+                keep = self._keep(positions, positions, gap)[None, None, None]
+                y = attention_reference(q, k, v, keep, scale=1.0)
             out = constrain(self.c_proj(y), (BATCH, SEQ, ACT_EMBED))
         return out, {}
+
+    def _gap(self, ctx: Ctx) -> int | jax.Array:
+        """The long-term gap m: drawn per training step from [gap, gap_max] (traced), else the
+        configured one (static)."""
+        if self.gap_max is None or ctx is None or ctx.deterministic or ctx.step is None:
+            return self.gap
+        key = jax.random.fold_in(jax.random.key(0), ctx.step)
+        return jax.random.randint(key, (), self.gap, self.gap_max + 1)
+
+    def _mask(self, gap: int) -> masks.Mask:
+        """The static mask: pairs s < t - gap, and s >= t - window with a window."""
+        mask = masks.StrictlyCausal() if gap == 0 else masks.Causal(offset=-(gap + 1))
+        return mask if self.window is None else mask & masks.LocalWindow(self.window, None)
+
+    def _keep(self, q_pos_T: jax.Array, k_pos_S: jax.Array, gap) -> jax.Array:
+        """`_mask` as a [T,S] bool array of query and key positions (traced gap allowed)."""
+        keep = k_pos_S[None, :] < q_pos_T[:, None] - gap
+        if self.window is not None:
+            keep = keep & (k_pos_S[None, :] >= q_pos_T[:, None] - self.window)
+        return keep
+
+    def _query(self, k_BTHD: jax.Array, q_pos_T: jax.Array, gap) -> jax.Array:
+        """The query: the key itself, or with the adaptive bandwidth the key times
+        n^alpha + beta0 / e^{2 min(10 kernel_beta, 5)}, n the pairs position t sees (at least
+        1), so that q . k = beta(n) unit(k_t) . unit(k_s)."""
+        if not self.adaptive:
+            return k_BTHD
+        hi = jnp.maximum(q_pos_T - gap, 0)
+        lo = 0 if self.window is None else jnp.maximum(q_pos_T - self.window, 0)
+        n_T = jnp.maximum(hi - lo, 1).astype(jnp.float32)
+        alpha_H = self.bandwidth_power[...].astype(jnp.float32)
+        beta0_H = self.bandwidth_offset[...].astype(jnp.float32)
+        sq = jnp.square(_kernel_scale(self.keys.kernel_beta[...]))[:, 0]
+        factor_TH = n_T[:, None] ** alpha_H[None, :] + beta0_H / sq
+        return k_BTHD * factor_TH[None, :, :, None]
 
     def init_cache(self, batch: int, max_len: int) -> MemoryCache:
         """An empty memory for `batch` sequences of at most `max_len` tokens."""
@@ -283,34 +446,22 @@ class ContextMemory(nnx.Module):
 
     def decode(self, x_BTD: jax.Array, cache: MemoryCache, start) -> tuple[jax.Array, MemoryCache]:
         """`__call__` for T tokens at positions start..start+T-1 whose earlier tokens fill
-        `cache`: stores their keys and raw values, continues the leaky average, and retrieves
-        from the pairs before each token. Values are made from the raw ones at each call: the
-        value of the last token seen needs the next token's."""
+        `cache`: stores their keys and raw values, continues the keys' average, and retrieves
+        from the pairs each token sees (the configured gap: decoding is inference). Values are
+        made from the raw ones at each call: the value of the last token seen needs the next
+        token's."""
         keys, average = self.keys(x_BTD, cache.average)
         k = _kernel_scale(self.keys.kernel_beta[...]) * keys
         write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, start, 1)  # noqa: E731
-        cache = MemoryCache(
-            write(cache.keys, k),
-            write(cache.raw_values, self.wv(x_BTD).astype(jnp.float32)),
-            average,
-        )
-        before = (
-            jnp.arange(cache.keys.shape[1])[None, :] < start + jnp.arange(x_BTD.shape[1])[:, None]
-        )
+        raw = self.wv(x_BTD).astype(jnp.float32)
+        cache = MemoryCache(write(cache.keys, k), write(cache.raw_values, raw), average)
+        q_pos = start + jnp.arange(x_BTD.shape[1])
+        keep = self._keep(q_pos, jnp.arange(cache.keys.shape[1]), self.gap)
         dt = x_BTD.dtype
-        y = retrieve(
-            k.astype(dt), cache.keys.astype(dt), self._peek(cache.raw_values).astype(dt), before
-        )
+        q = self._query(k, q_pos, self.gap).astype(dt)
+        values = self._peek(cache.raw_values).astype(dt)
+        y = attention_reference(q, cache.keys.astype(dt), values, keep[None, None, None], scale=1.0)
         return self.c_proj(y), cache
-
-
-def retrieve(q_BTHD, k_BSHD, v_BSHD, keep_TS) -> jax.Array:
-    """sum_s softmax_s(q_t . k_s) v_s over the s that `keep_TS` allows (float32 softmax, scale
-    1); a row that may see nothing gets zeros. [B,T,H,hs] in v's dtype."""
-    s = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=jnp.float32)
-    s = jnp.where(keep_TS, s, -1e30)
-    p = jax.nn.softmax(s, axis=-1) * jnp.any(keep_TS, axis=-1, keepdims=True)
-    return jnp.einsum("bhts,bshd->bthd", p.astype(v_BSHD.dtype), v_BSHD)
 
 
 @struct.dataclass
@@ -322,6 +473,26 @@ class MemoryCache:
     keys: jax.Array
     raw_values: jax.Array
     average: jax.Array
+
+
+class MemoryLevels(nnx.Module):
+    """The short- and the long-term contextual memory, outputs summed (`MemoryLevelsConfig`)."""
+
+    def __init__(self, cfg: MemoryLevelsConfig, model: ModelConfig, *, rngs: nnx.Rngs):
+        self.short = ContextMemory(cfg.short, model, rngs=rngs)
+        self.long = ContextMemory(cfg.long, model, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        (short, _), (long, _) = self.short(x_BTD, ctx), self.long(x_BTD, ctx)
+        return short + long, {}
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[MemoryCache, MemoryCache]:
+        return self.short.init_cache(batch, max_len), self.long.init_cache(batch, max_len)
+
+    def decode(self, x_BTD: jax.Array, cache, start) -> tuple[jax.Array, Any]:
+        short, short_cache = self.short.decode(x_BTD, cache[0], start)
+        long, long_cache = self.long.decode(x_BTD, cache[1], start)
+        return short + long, (short_cache, long_cache)
 
 
 class PersistentMemory(nnx.Module):

@@ -9,6 +9,8 @@ initialisation), so every scalar, the kernel-scale clamp and both memories move 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import mosaics_reference as ref  # beside this file (tests/arch is on sys.path)
@@ -16,7 +18,7 @@ import numpy as np
 import pydantic
 import pytest
 from flax import nnx
-from menagerie.arch import MosaicsConfig, TransformerConfig, build, mosaics
+from menagerie.arch import Ctx, MosaicsConfig, TransformerConfig, build, mosaics
 
 from tests.random_params import random_module
 
@@ -83,46 +85,112 @@ def _untied_logits(p, tokens):
     return ref.layer_norm(x, p["ln_out"]["scale"]) @ head / np.sqrt(table.shape[1])
 
 
-def _quadratic_context_memory(module, x):
-    """The contextual memory in jnp with the T x T leaky matrix and a dense strictly causal
-    softmax: what `jax.grad` differentiates as the definition."""
-    b, t, d = x.shape
+def _quadratic_context_memory(module, x, gap=0):
+    """The contextual memory in jnp from the equations, with T x T matrices: the averaging
+    matrix A[t, s] (v1: (1 - e^-b) e^{-b (t-s)}; gated: g_s prod_{s<i<=t} lam_i), the visible
+    pairs (s < t - gap, and s >= t - window), the bandwidth (v1: e^{2 min(10 kb, 5)}; adaptive:
+    that n^alpha + beta0 with n the visible pairs counted from the mask), a dense softmax and
+    zeros for a row that sees nothing. What `jax.grad` differentiates as the definition."""
+    t = x.shape[1]
     kt = module.keys.wk(x)
-    beta = 10 * jnp.abs(module.keys.leaky_key_beta[...])
-    gap = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
-    decay = jnp.exp(-beta[:, None, None] * jnp.maximum(gap, 0)[None])
-    a = jnp.where(gap[None] >= 0, (1 - jnp.exp(-beta))[:, None, None] * decay, 0.0)
-    kbar = jnp.einsum("hts,bshd->bthd", a, kt)
-    k = mosaics.unit(kbar) * mosaics._kernel_scale(module.keys.kernel_beta[...])
+    lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    if module.keys.gated:
+        log_lam = -jnp.abs(module.keys.decay(x))  # [B,T,H]
+        c = jnp.cumsum(log_lam, axis=1)
+        diff = c[:, :, None, :] - c[:, None, :, :]  # [B,t,s,H]: sum_{s<i<=t} log lam_i
+        gain = jnp.exp(module.keys.gate(x))[:, None, :, :]
+        a = jnp.where((lag >= 0)[None, :, :, None], jnp.exp(jnp.minimum(diff, 0)) * gain, 0.0)
+        kbar = jnp.einsum("btsh,bshd->bthd", a, kt)
+    else:
+        beta = 10 * jnp.abs(module.keys.leaky_key_beta[...])
+        decay = jnp.exp(-beta[:, None, None] * jnp.maximum(lag, 0)[None])
+        a = jnp.where(lag[None] >= 0, (1 - jnp.exp(-beta))[:, None, None] * decay, 0.0)
+        kbar = jnp.einsum("hts,bshd->bthd", a, kt)
+    scale = mosaics._kernel_scale(module.keys.kernel_beta[...])  # [H,1]
+    k = mosaics.unit(kbar)
     v = module.values(x)
-    s = jnp.einsum("bthd,bshd->bhts", k, k)
-    mask = gap > 0
+    mask = lag > gap
+    if module.window is not None:
+        mask = mask & (lag <= module.window)
+    bandwidth = jnp.square(scale)  # [H,1]: the same for every query
+    if module.adaptive:
+        n = jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)  # [T]
+        alpha, beta0 = module.bandwidth_power[...], module.bandwidth_offset[...]
+        bandwidth = jnp.square(scale) * n[None, :] ** alpha[:, None] + beta0[:, None]  # [H,T]
+    s = bandwidth[None, :, :, None] * jnp.einsum("bthd,bshd->bhts", k, k)
     w = jnp.where(mask, jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), 0.0)
-    w = jnp.where(jnp.arange(t)[:, None] == 0, 0.0, w)
+    w = jnp.where(mask.any(-1)[:, None], w, 0.0)
     return module.c_proj(jnp.einsum("bhts,bshd->bthd", w, v))
 
 
-def test_context_memory_gradients_equal_the_quadratic_definition():
-    """Gradients of every parameter and of the input through the scan and the strictly causal
-    retrieval equal those of the T x T definition. Catches: a stop_gradient on the decay, the
-    associative scan's combine written for the forward only, NaN from the empty row 0."""
-    cfg = tiny()
-    module = random_module(lambda: cfg.mixer.build(cfg, rngs=nnx.Rngs(0)), seed=3)
+V2_OPTIONS = {
+    "v1": {},
+    "gated-keys": {"keys": "gated"},
+    "adaptive-bandwidth": {"bandwidth": "adaptive"},
+    "short-term-window": {"window": 3},
+    "long-term-gap": {"gap": 2},
+    "all-v2": {"keys": "gated", "bandwidth": "adaptive", "window": 6, "gap": 1},
+}
+
+
+def _memory(options, seed):
+    cfg = tiny(mixer=MIXER | options)
+    return random_module(lambda: cfg.mixer.build(cfg, rngs=nnx.Rngs(0)), seed=seed)
+
+
+@pytest.mark.parametrize("name", sorted(V2_OPTIONS))
+def test_context_memory_equals_the_quadratic_definition(name):
+    """Outputs, and gradients of every parameter and of the input, through the scan and the
+    masked retrieval equal the T x T definition from the equations, for v1 and each v2
+    option (1e-4). Catches: a stop_gradient on the decay, the scan's combine written for the
+    forward only, NaN from an empty row; the gate and the decay swapped or the decay's sign
+    lost (gated); n counted with the query itself or before the window/gap (adaptive); the
+    window one pair too wide or narrow, the gap off by one."""
+    module = _memory(V2_OPTIONS[name], seed=3)
     graphdef, state = nnx.split(module)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 11, 16)), jnp.float32)
     ct = jnp.asarray(np.random.default_rng(5).standard_normal((2, 11, 16)), jnp.float32)
+    gap = V2_OPTIONS[name].get("gap", 0)
 
     def loss(fn):
         return lambda s, x: jnp.vdot(fn(nnx.merge(graphdef, s), x), ct)
 
-    fast = loss(lambda m, x: m(x, None)[0])
-    slow = loss(_quadratic_context_memory)
+    fast = lambda m, x: m(x, None)[0]  # noqa: E731
+    slow = lambda m, x: _quadratic_context_memory(m, x, gap)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(jax.grad(fast, argnums=(0, 1)))(state, x)
-        want = jax.jit(jax.grad(slow, argnums=(0, 1)))(state, x)
+        close(jax.jit(fast)(module, x), jax.jit(slow)(module, x), 1e-5, "forward")
+        got = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(state, x)
+        want = jax.jit(jax.grad(loss(slow), argnums=(0, 1)))(state, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.isfinite(np.asarray(g)).all()
         close(g, w, 1e-4)
+
+
+def test_training_draws_the_long_term_gap_per_step_and_evaluation_uses_gap():
+    """With gap=1, gap_max=4: a training call (deterministic False) equals the definition at
+    one gap in [1, 4], fixed by the step (the same step twice gives the same output); the
+    steps 0..11 draw more than one gap; an evaluation call uses gap=1. Catches: the gap drawn
+    outside [gap, gap_max], drawn at evaluation, or not reproducible from the step."""
+    module = _memory({"gap": 1, "gap_max": 4}, seed=8)
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((1, 12, 16)), jnp.float32)
+    tokens = jnp.zeros((1, 12), jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def call(m, x, step, deterministic):
+        return m(x, Ctx.make(tokens, step=step, deterministic=deterministic))[0]
+
+    with jax.default_matmul_precision("highest"):
+        defs = {g: np.asarray(_quadratic_context_memory(module, x, g)) for g in range(0, 7)}
+        close(call(module, x, jnp.int32(0), True), defs[1], 1e-5, "evaluation")
+        drawn = set()
+        for step in range(12):
+            out = np.asarray(call(module, x, jnp.int32(step), False))
+            again = np.asarray(call(module, x, jnp.int32(step), False))
+            np.testing.assert_array_equal(out, again)
+            match = [g for g, d in defs.items() if np.abs(out - d).max() < 1e-5]
+            assert len(match) == 1 and 1 <= match[0] <= 4, (step, match)
+            drawn.add(match[0])
+    assert len(drawn) > 1, drawn
 
 
 def test_changing_token_t_leaves_earlier_logits_unchanged():
@@ -141,7 +209,13 @@ def test_changing_token_t_leaves_earlier_logits_unchanged():
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"tie_embeddings": False}, {"ffn": FFN | {"size": None, "copies": 1}}],
+    [
+        {},
+        {"tie_embeddings": False},
+        {"ffn": FFN | {"size": None, "copies": 1}},
+        {"mixer": MIXER | {"keys": "gated", "bandwidth": "adaptive"}},
+        {"mixer": {"kind": "memory_levels", "short": MIXER, "long": MIXER | {"keys": "gated"}}},
+    ],
 )
 def test_num_params_is_exact(changes):
     """num_params counts the built model (the official 5 D^2 + 2 copies P D + 2 D + 7 H per
@@ -168,6 +242,11 @@ def test_memories_are_parts_of_the_transformer_family_too():
     [
         ({"mixer": MIXER | {"n_heads": 3}}, "model.mixer.n_heads=3 does not divide"),
         ({"ffn": FFN | {"copies": 0}}, "model.ffn.copies"),
+        ({"mixer": MIXER | {"gap": 4, "gap_max": 2}}, "model.mixer.gap_max=2 is below"),
+        (
+            {"mixer": {"kind": "memory_levels", "short": MIXER | {"window": 0}}},
+            "model.mixer.short.window=0 must be a positive integer",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(changes, message):
@@ -190,6 +269,14 @@ DECODE_CASES = {
     "mosaics-scanned-untied": dict(scan_layers=True, tie_embeddings=False),
     "attention-mixer": dict(mixer={"kind": "attention", "n_heads": 2}),
     "swiglu-ffn": dict(ffn={"kind": "swiglu"}),
+    "v2-levels": dict(
+        mixer={
+            "kind": "memory_levels",
+            "short": MIXER | {"window": 3, "keys": "gated", "bandwidth": "adaptive"},
+            "long": MIXER | {"gap": 2, "gap_max": 5, "bandwidth": "adaptive"},
+        },
+        ffn={"kind": "swiglu"},
+    ),
 }
 
 
