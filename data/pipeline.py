@@ -13,6 +13,7 @@ than the input: the EOS of a document, whose target is the next document's first
 
 Nothing is replayed to resume: `start_step` slices the index space, and any process count that
 divides the global batch reads its own rows [p * B / P, (p + 1) * B / P) of the same batches.
+`IndexedDataset` holds that batching for any source of indexed rows (`data.synthetic` too).
 """
 
 from __future__ import annotations
@@ -44,7 +45,119 @@ class _Epoch(NamedTuple):
     window_order: np.ndarray | None  # [W] int64 window permutation, None = identity
 
 
-class PackedDataset:
+class IndexedDataset:
+    """Batches of rows addressed by a global index: row g of global batch k is `window(k * B + r)`,
+    so batch k is a pure function of (seed, k) and a process reads its own rows of it.
+
+    Subclasses set `seq_len`, `windows_per_epoch`, `num_workers` and `prefetch` and define
+    `window(index, *, seed, shuffle) -> Batch` (one row: tokens, targets, segment_ids,
+    positions [T] int32, loss_mask [T] float32).
+    """
+
+    seq_len: int
+    windows_per_epoch: int
+    num_workers: int
+    prefetch: int
+
+    def window(self, index: int, *, seed: int, shuffle: bool = True) -> Batch:
+        raise NotImplementedError
+
+    def dataset(
+        self,
+        global_batch_size: int,
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+    ) -> grain.MapDataset:
+        """MapDataset whose element k is this process's rows of global batch k."""
+        if global_batch_size < 1 or global_batch_size % process_count != 0:
+            raise DataError(
+                f"global batch size {global_batch_size} is not a positive multiple of the "
+                f"process count {process_count}; change the batch size"
+            )
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index={process_index} is outside [0, {process_count})")
+        if seed < 0:
+            raise DataError(f"seed={seed} must be non-negative")
+        rows = global_batch_size // process_count
+        if num_epochs is None:
+            num_batches = _FOREVER // global_batch_size
+        else:
+            num_batches = num_epochs * self.windows_per_epoch // global_batch_size
+        offset = process_index * rows
+
+        def row_window(m: int) -> Batch:
+            step, row = divmod(m, rows)
+            return self.window(step * global_batch_size + offset + row, seed=seed, shuffle=shuffle)
+
+        ds = grain.MapDataset.range(num_batches * rows).map(row_window)
+        return ds.batch(rows, drop_remainder=True)
+
+    def batches(
+        self,
+        global_batch_size: int,
+        *,
+        seed: int,
+        start_step: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+    ) -> Iterator[Batch]:
+        """This process's rows of global batches start_step, start_step + 1, ...
+
+        Each batch is a dict of numpy arrays, b = global_batch_size // process_count:
+        tokens, targets, segment_ids, positions [b, T] int32; loss_mask [b, T] float32.
+        """
+        ds = self.dataset(
+            global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+        )
+        ds = ds[start_step:]  # resume by slicing the index space: nothing is replayed
+        read = grain.ReadOptions(
+            num_threads=self.num_workers, prefetch_buffer_size=max(2 * self.num_workers, 1)
+        )
+        it = ds.to_iter_dataset(read)
+        if self.prefetch > 0:
+            it = grain.experimental.ThreadPrefetchIterDataset(
+                it, prefetch_buffer_size=self.prefetch
+            )
+        return iter(it)
+
+    def eval_batches(
+        self,
+        global_batch_size: int,
+        num_batches: int | None = None,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Iterator[Batch]:
+        """The same `num_batches` batches on every call: the windows of seed 0 unshuffled (a
+        PackedDataset's in corpus order).
+
+        None: every full batch of one pass (at least one). More batches than one pass wrap
+        around to the first window.
+        """
+        if num_batches is None:
+            num_batches = max(1, self.windows_per_epoch // global_batch_size)
+        ds = self.dataset(
+            global_batch_size,
+            seed=0,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle=False,
+        )
+        return iter(ds[:num_batches].to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+class PackedDataset(IndexedDataset):
     """Windows of `seq_len + 1` tokens over one split of a prepared folder.
 
     Attributes: `tokenizer`, `num_tokens` (tokens in the split, EOS included), `num_docs`,
@@ -175,101 +288,6 @@ class PackedDataset:
                 "--force"
             )
         return np.frombuffer(raw, self._dtype)
-
-    # -- batches -----------------------------------------------------------------------------
-
-    def dataset(
-        self,
-        global_batch_size: int,
-        *,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        shuffle: bool = True,
-        num_epochs: int | None = None,
-    ) -> grain.MapDataset:
-        """MapDataset whose element k is this process's rows of global batch k."""
-        if global_batch_size < 1 or global_batch_size % process_count != 0:
-            raise DataError(
-                f"global batch size {global_batch_size} is not a positive multiple of the "
-                f"process count {process_count}; change the batch size"
-            )
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index={process_index} is outside [0, {process_count})")
-        if seed < 0:
-            raise DataError(f"seed={seed} must be non-negative")
-        rows = global_batch_size // process_count
-        if num_epochs is None:
-            num_batches = _FOREVER // global_batch_size
-        else:
-            num_batches = num_epochs * self.windows_per_epoch // global_batch_size
-        offset = process_index * rows
-
-        def row_window(m: int) -> Batch:
-            step, row = divmod(m, rows)
-            return self.window(step * global_batch_size + offset + row, seed=seed, shuffle=shuffle)
-
-        ds = grain.MapDataset.range(num_batches * rows).map(row_window)
-        return ds.batch(rows, drop_remainder=True)
-
-    def batches(
-        self,
-        global_batch_size: int,
-        *,
-        seed: int,
-        start_step: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        shuffle: bool = True,
-        num_epochs: int | None = None,
-    ) -> Iterator[Batch]:
-        """This process's rows of global batches start_step, start_step + 1, ...
-
-        Each batch is a dict of numpy arrays, b = global_batch_size // process_count:
-        tokens, targets, segment_ids, positions [b, T] int32; loss_mask [b, T] float32.
-        """
-        ds = self.dataset(
-            global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            shuffle=shuffle,
-            num_epochs=num_epochs,
-        )
-        ds = ds[start_step:]  # resume by slicing the index space: nothing is replayed
-        read = grain.ReadOptions(
-            num_threads=self.num_workers, prefetch_buffer_size=max(2 * self.num_workers, 1)
-        )
-        it = ds.to_iter_dataset(read)
-        if self.prefetch > 0:
-            it = grain.experimental.ThreadPrefetchIterDataset(
-                it, prefetch_buffer_size=self.prefetch
-            )
-        return iter(it)
-
-    def eval_batches(
-        self,
-        global_batch_size: int,
-        num_batches: int | None = None,
-        *,
-        process_index: int = 0,
-        process_count: int = 1,
-    ) -> Iterator[Batch]:
-        """The same `num_batches` batches on every call: unshuffled windows in corpus order.
-
-        None: every full batch of one pass (at least one). More batches than one pass wrap
-        around to the first window.
-        """
-        if num_batches is None:
-            num_batches = max(1, self.windows_per_epoch // global_batch_size)
-        ds = self.dataset(
-            global_batch_size,
-            seed=0,
-            process_index=process_index,
-            process_count=process_count,
-            shuffle=False,
-        )
-        return iter(ds[:num_batches].to_iter_dataset(grain.ReadOptions(num_threads=0)))
 
 
 def measure_throughput(

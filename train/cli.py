@@ -86,17 +86,14 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from .trainer import Trainer
+    from .trainer import Trainer, describe_eval
 
     cfg = _load(args)
     summary = Trainer(cfg, start_over=args.start_over).run()
     if summary.preempted:
         return 0
     if summary.eval:
-        print(
-            f"final eval: loss {summary.eval['loss']:.4f}, "
-            f"bits/byte {summary.eval['bits_per_byte']:.4f}"
-        )
+        print(f"final eval: {describe_eval(summary.eval)}")
     if summary.sample is not None:
         print("sample:\n" + summary.sample)
     return 0
@@ -106,7 +103,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import CONFIG_FILE, Checkpointer
     from .config import build_config, read_yaml, upgrade_saved
     from .errors import CheckpointError
-    from .trainer import Trainer
+    from .trainer import Trainer, describe_eval
 
     cfg = _load(args)
     saved = Path(cfg.run_dir) / CONFIG_FILE
@@ -139,10 +136,10 @@ def cmd_eval(args) -> int:
     eval_step = trainer.jit_eval_step()
     with trainer.context():
         ev = trainer.evaluate(state["params"], eval_step)
-    print(
-        f"step {meta['step']}: eval loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f} "
-        f"over {int(ev['tokens'])} tokens"
-    )
+    over = f"{int(ev['tokens'])} tokens"
+    if "sequences" in ev:
+        over = f"{int(ev['tokens'])} answer tokens in {int(ev['sequences'])} sequences"
+    print(f"step {meta['step']}: eval {describe_eval(ev)} over {over}")
     return 0
 
 

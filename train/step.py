@@ -6,6 +6,7 @@ pure dict (what `nnx.State.to_pure_dict` gives), merged into the model inside th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -148,8 +149,27 @@ def make_train_step(
     return train_step
 
 
+def exact_match_counts(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
+) -> dict[str, jax.Array]:
+    """Teacher-forced exact match on the tokens where mask_BT > 0, as float32 sums: `correct`
+    (tokens whose argmax logit is the target), `seq_correct` (rows with a masked token, all of
+    them right) and `sequences` (rows with a masked token)."""
+    counted_BT = mask_BT > 0
+    hit_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT) & counted_BT
+    has_B = jnp.any(counted_BT, axis=-1)
+    all_right_B = has_B & (jnp.sum(hit_BT, -1) == jnp.sum(counted_BT, -1))
+    return {
+        "correct": jnp.sum(hit_BT, dtype=jnp.float32),
+        "seq_correct": jnp.sum(all_right_B, dtype=jnp.float32),
+        "sequences": jnp.sum(has_B, dtype=jnp.float32),
+    }
+
+
 def make_eval_step(graphdef: nnx.GraphDef, token_bytes: jax.Array) -> Callable:
-    """Sums of (nll, tokens, target bytes) over a batch; bits per byte = nll / ln 2 / bytes."""
+    """Sums over a batch, on the tokens of its loss mask: nll, tokens, target bytes (bits per
+    byte = nll / ln 2 / bytes) and the `exact_match_counts`; `eval_report` turns the sums of
+    many batches into metrics."""
 
     def eval_step(params: Any, batch: Batch) -> dict:
         out = _forward(graphdef, params, batch)
@@ -159,6 +179,27 @@ def make_eval_step(graphdef: nnx.GraphDef, token_bytes: jax.Array) -> Callable:
             "nll": jnp.sum(nll_BT * mask_BT),
             "tokens": jnp.sum(mask_BT),
             "bytes": jnp.sum(token_bytes[batch["targets"]] * mask_BT),
+            **exact_match_counts(out.logits, batch["targets"], mask_BT),
         }
 
     return eval_step
+
+
+def eval_report(sums: dict[str, float], *, exact_match: bool) -> dict[str, float]:
+    """Metrics from the eval-step outputs summed over batches (a missing key counts 0): loss
+    (mean nll per token) and tokens, then for text bits_per_byte; for a synthetic task
+    (`exact_match`: the mask holds its answers, tokens without bytes) accuracy per answer token,
+    sequence_accuracy (every answer of a sequence right) and sequences."""
+    nll, tokens = sums.get("nll", 0.0), sums.get("tokens", 0.0)
+    loss = nll / max(tokens, 1.0)
+    if not exact_match:
+        bpb = nll / math.log(2) / max(sums.get("bytes", 0.0), 1.0)
+        return {"loss": loss, "bits_per_byte": bpb, "tokens": tokens}
+    sequences = sums.get("sequences", 0.0)
+    return {
+        "loss": loss,
+        "accuracy": sums.get("correct", 0.0) / max(tokens, 1.0),
+        "sequence_accuracy": sums.get("seq_correct", 0.0) / max(sequences, 1.0),
+        "tokens": tokens,
+        "sequences": sequences,
+    }

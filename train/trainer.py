@@ -10,7 +10,6 @@ its latest checkpoint (on the same hardware and software).
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from menagerie import arch
-from menagerie.data import PackedDataset, auto_prepare
+from menagerie.data import open_datasets
 from rich.console import Console
 from rich.markup import escape
 
@@ -36,7 +35,7 @@ from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
 from .optim import make_optimizer, opt_state_logical_names
-from .step import make_eval_step, make_train_step
+from .step import eval_report, make_eval_step, make_train_step
 
 
 @dataclass
@@ -95,14 +94,8 @@ class Trainer:
         self.mesh: Mesh = mesh_lib.make_mesh(cfg.mesh)
         check_mesh_fits(cfg, mesh_lib.data_parallel_size(self.mesh))
 
-        # Data first: the tokenizer fixes the model's vocabulary.
-        prepared = auto_prepare(cfg.data)
-        self.train_data = PackedDataset.from_config(
-            cfg.data, "train", cfg.train.seq_len, prepared_dir=prepared
-        )
-        self.val_data = PackedDataset.from_config(
-            cfg.data, "validation", cfg.train.seq_len, prepared_dir=prepared
-        )
+        # Data first: the tokenizer (a synthetic task's own) fixes the model's vocabulary.
+        self.train_data, self.val_data = open_datasets(cfg.data, cfg.train.seq_len)
         self.tokenizer = self.train_data.tokenizer
         try:
             model_cfg = cfg.model.with_vocab(self.tokenizer.vocab_size)
@@ -250,8 +243,10 @@ class Trainer:
         }
 
     def evaluate(self, params: Any, eval_step) -> dict[str, float]:
+        """`eval_report` of `train.eval_batches` validation batches: loss and bits per byte, or
+        for a synthetic task loss and exact-match accuracies on its answers."""
         t = self.cfg.train
-        sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+        sums: dict[str, float] = {}
         batches = self.val_data.eval_batches(
             t.batch_size,
             t.eval_batches,
@@ -260,11 +255,9 @@ class Trainer:
         )
         for local in batches:
             out = jax.device_get(eval_step(params, self._global_batch(local)))
-            for k in sums:
-                sums[k] += float(out[k])
-        loss = sums["nll"] / max(sums["tokens"], 1.0)
-        bpb = sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)
-        return {"loss": loss, "bits_per_byte": bpb, "tokens": sums["tokens"]}
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return eval_report(sums, exact_match=self.cfg.data.is_synthetic)
 
     # ------------------------------------------------------------------ loop
 
@@ -432,9 +425,7 @@ class Trainer:
 
     def _log_eval(self, writer: MetricsWriter, step: int, ev: dict[str, float]) -> None:
         writer.write(step, ev, kind="eval")
-        self.console.print(
-            f"eval  step {step}: loss {ev['loss']:.4f}  bits/byte {ev['bits_per_byte']:.4f}"
-        )
+        self.console.print(f"eval  step {step}: {describe_eval(ev, '  ')}")
 
     def _finish(
         self, ckpt: Checkpointer, writer: MetricsWriter, state: dict, eval_step, summary: Summary
@@ -447,7 +438,8 @@ class Trainer:
             with self.context():
                 summary.eval = self.evaluate(state["params"], eval_step)
             self._log_eval(writer, step, summary.eval)
-        if t.sample_tokens and jax.process_count() == 1:  # single-process sampler
+        # A single-process sampler, of text: a synthetic task has no text prompt.
+        if t.sample_tokens and jax.process_count() == 1 and not self.cfg.data.is_synthetic:
             summary.sample = self.sample(state["params"])
 
     def sample(self, params: Any) -> str:
@@ -502,6 +494,18 @@ class _Throughput:
             "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / self.peak_flops,
         }
+
+
+def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:
+    """An `eval_report` as text: "loss 2.1000, bits/byte 3.0000", or for a synthetic task "loss
+    0.2000, accuracy 0.9500, sequence accuracy 0.7500"."""
+    parts = [f"loss {ev['loss']:.4f}"]
+    if "bits_per_byte" in ev:
+        parts.append(f"bits/byte {ev['bits_per_byte']:.4f}")
+    if "accuracy" in ev:
+        parts.append(f"accuracy {ev['accuracy']:.4f}")
+        parts.append(f"sequence accuracy {ev['sequence_accuracy']:.4f}")
+    return sep.join(parts)
 
 
 def _format_row(step: int, total: int, row: dict) -> str:
