@@ -25,8 +25,10 @@ U(0, 1). Per-head scalars are "vector" axes: not weight-decayed, as the official
 Computed differently, with the same numbers:
 - The leaky average is the recurrence h_t = e^-b h_{t-1} + (1 - e^-b) k~_t run by
   `lax.associative_scan`: linear in T (the official builds a T x T matrix).
-- Retrieval goes through `kernels.sparse_attention` with `masks.StrictlyCausal()` (scale 1):
-  the Pallas kernel on GPU, the reference elsewhere; row 0 sees nothing and gets zeros.
+- Retrieval goes through `kernels.sparse_attention` with `masks.StrictlyCausal()` (scale 1) on
+  GPU (the Pallas kernel), and elsewhere through `kernels.blocked_attention` with offset 1
+  (blocks of strictly causal queries, FlashAttention-style backward); row 0 sees nothing and
+  gets zeros.
 
 v2 options (Memory Mosaics at scale, arXiv 2507.03285; no official v2 code is public, so these
 follow the paper's equations, with the choices it leaves open stated), each a switch of the
@@ -69,6 +71,8 @@ import numpy as np
 import pydantic
 from flax import nnx, struct
 from menagerie.kernels import masks
+from menagerie.kernels.blocked_attention import blocked_attention
+from menagerie.kernels.dispatch import platform
 from menagerie.kernels.sparse_attention import attention_reference, sparse_attention
 
 from . import attention as _attention  # noqa: F401 - declares the "heads" and "head_dim" axes
@@ -134,8 +138,10 @@ class ContextMemoryConfig(MixerConfig):
     one draw shared by the layers, from the step, so runs are reproducible); evaluation and
     decoding use `gap`. None: always `gap`. A drawn gap has no static mask, so such training
     retrieves with the dense jnp path, not the Pallas kernel."""
-    impl: Literal["auto", "reference", "pallas", "interpret"] = "auto"
-    """Retrieval: `kernels.sparse_attention` impl (auto: Pallas on GPU, reference elsewhere)."""
+    impl: Literal["auto", "xla", "reference", "pallas", "interpret"] = "auto"
+    """Retrieval. xla: `kernels.blocked_attention` with offset 1 (strictly causal query blocks
+    that skip the masked upper blocks; with a `window`, the dense reference instead). Else a
+    `kernels.sparse_attention` impl. auto: the Pallas kernel on GPU, xla elsewhere."""
 
     def check(self, model: ModelConfig, prefix: str = "model.mixer.") -> None:
         _check_heads(self, model, prefix)
@@ -393,16 +399,23 @@ class ContextMemory(nnx.Module):
             k = _kernel_scale(self.keys.kernel_beta[...]) * self.keys(x_BTD)
             v = self.values(x_BTD)
             dt, gap = x_BTD.dtype, self._gap(ctx)
-            positions = jnp.arange(x_BTD.shape[1])
-            q = self._query(k, positions, gap).astype(dt)
+            q = self._query(k, jnp.arange(x_BTD.shape[1]), gap).astype(dt)
             k, v = k.astype(dt), v.astype(dt)
-            if isinstance(gap, int):
-                y = sparse_attention(q, k, v, mask=self._mask(gap), scale=1.0, impl=self.impl)
-            else:  # a gap drawn at run time: the mask is not static
-                keep = self._keep(positions, positions, gap)[None, None, None]
-                y = attention_reference(q, k, v, keep, scale=1.0)
-            out = constrain(self.c_proj(y), (BATCH, SEQ, ACT_EMBED))
+            out = constrain(self.c_proj(self._retrieve(q, k, v, gap)), (BATCH, SEQ, ACT_EMBED))
         return out, {}
+
+    def _retrieve(self, q_BTHD, k_BTHD, v_BTHD, gap) -> jax.Array:
+        """sum over the visible pairs of softmax(q . k) v (scale 1), by the configured impl."""
+        if not isinstance(gap, int):  # a gap drawn at run time: the mask is not static
+            positions = jnp.arange(q_BTHD.shape[1])
+            keep = self._keep(positions, positions, gap)[None, None, None]
+            return attention_reference(q_BTHD, k_BTHD, v_BTHD, keep, scale=1.0)
+        xla = self.impl == "xla" or (self.impl == "auto" and platform() != "gpu")
+        if xla and self.window is None:
+            ones = jnp.ones(q_BTHD.shape[:2], jnp.int32)
+            return blocked_attention(q_BTHD, k_BTHD, v_BTHD, ones, offset=gap + 1, scale=1.0)
+        impl = "reference" if xla else self.impl
+        return sparse_attention(q_BTHD, k_BTHD, v_BTHD, mask=self._mask(gap), scale=1.0, impl=impl)
 
     def _gap(self, ctx: Ctx) -> int | jax.Array:
         """The long-term gap m: drawn per training step from [gap, gap_max] (traced), else the
