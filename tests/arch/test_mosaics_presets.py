@@ -33,7 +33,19 @@ OFFICIAL = {
         dict(seq_len=256, batch_size=64, steps=5000),
         257,
     ),
+    "regbench": (
+        dict(n_layer=2, n_head=8, n_embd=128, pmem_size=448, pmem_count=1, weight_tying=True),
+        dict(lr=5e-4, weight_decay=0.1, clip_norm=1.0),
+        dict(seq_len=64),
+        None,  # the synthetic task's vocabulary
+    ),
 }  # fmt: skip
+
+
+def _task_vocab(cfg) -> int:
+    from menagerie.data.synthetic import TaskTokenizer
+
+    return TaskTokenizer(cfg.data.task).vocab_size
 
 
 def official_shapes(kw: dict, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -69,7 +81,7 @@ def test_preset_is_the_official_run(name):
     model_kw, optim_kw, train_kw, vocab = OFFICIAL[name]
     cfg = load_config(PRESETS / f"{name}.yaml")
     assert isinstance(cfg.model, MosaicsConfig)
-    model = cfg.model.with_vocab(vocab)
+    model = cfg.model.with_vocab(vocab or _task_vocab(cfg))
     got = official_config(model, block_size=cfg.train.seq_len)
     assert {k: got[k] for k in model_kw} == model_kw
     assert got["block_size"] == train_kw["seq_len"]

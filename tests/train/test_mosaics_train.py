@@ -1,6 +1,7 @@
 """Memory Mosaics end to end through the CLI (configs/mosaics/tiny.yaml, byte-level stdlib
-corpus): it learns below the unigram entropy, checkpoints, and a rerun resumes from an earlier
-checkpoint into the first run's final state, bit for bit."""
+corpus): it learns below the unigram entropy, writes its closing sample by incremental
+decoding, checkpoints, `menagerie eval` gives the run's final eval loss, and a rerun resumes
+from an earlier checkpoint into the first run's final state, bit for bit."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def test_tiny_mosaics_learns_checkpoints_and_resumes_bitwise(tmp_path):
     final_eval = read_metrics(run, "eval")[60]["loss"]
     assert final_eval < unigram_entropy_nats(load_config(TINY, [f"run_dir={run}"])), final_eval
     assert (run / "checkpoints" / "40").is_dir() and (run / "checkpoints" / "60").is_dir()
+    assert "sample:" in first.stdout, first.stdout[-2000:]
+    evaluated = cli("eval", f"run_dir={run}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"step 60: eval loss {final_eval:.4f}" in evaluated.stdout, evaluated.stdout
     # With the step-60 checkpoint moved out, the same command resumes from step 40 (the same
     # program: nothing compiles again) and must end in the first run's state exactly.
     shutil.move(run / "checkpoints" / "60", tmp_path / "60")
