@@ -164,3 +164,20 @@ def decode_part(part: Any, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tu
         y_BTD, _ = part(x_BTD, decode_ctx(x_BTD, start))
         return y_BTD, None
     return part.decode(x_BTD, cache, start)
+
+
+def init_block_cache(mixer: Any, ffn: Any, batch: int, max_len: int) -> tuple[Any, Any]:
+    """A pre-norm block's decoding cache: (mixer cache, FFN cache or None if per-token)."""
+    return mixer.init_cache(batch, max_len), init_part_cache(ffn, batch, max_len)
+
+
+def decode_pre_norm_block(
+    x_BTD: jax.Array, cache: Any, start: jax.Array, *, mixer, mixer_norm, ffn, ffn_norm
+) -> tuple[jax.Array, Any]:
+    """x + mixer(norm x), then x + ffn(norm x) for T tokens at positions start.., with the
+    block's cache from `init_block_cache`."""
+    mixer_cache, ffn_cache = cache
+    y_BTD, mixer_cache = mixer.decode(mixer_norm(x_BTD), mixer_cache, start)
+    x_BTD = x_BTD + y_BTD
+    y_BTD, ffn_cache = decode_part(ffn, ffn_norm(x_BTD), ffn_cache, start)
+    return x_BTD + y_BTD, (mixer_cache, ffn_cache)

@@ -25,8 +25,8 @@ from .parts import (
     MixerConfig,
     Output,
     decode_ctx,
-    decode_part,
-    init_part_cache,
+    decode_pre_norm_block,
+    init_block_cache,
     reduce_aux,
 )
 from .stack import decode_layers, run_layers, stack_layers, stacked
@@ -101,15 +101,14 @@ class Block(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> tuple[Any, Any]:
         """(mixer cache, FFN cache or None for a per-token FFN); see `parts`."""
-        return self.mixer.init_cache(batch, max_len), init_part_cache(self.ffn, batch, max_len)
+        return init_block_cache(self.mixer, self.ffn, batch, max_len)
 
     def decode(self, x_BTD: jax.Array, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
         """The block for T tokens at positions start.. given its parts' caches."""
-        mixer_cache, ffn_cache = cache
-        y_BTD, mixer_cache = self.mixer.decode(self.mixer_norm(x_BTD), mixer_cache, start)
-        x_BTD = x_BTD + y_BTD
-        y_BTD, ffn_cache = decode_part(self.ffn, self.ffn_norm(x_BTD), ffn_cache, start)
-        return x_BTD + y_BTD, (mixer_cache, ffn_cache)
+        parts = dict(
+            mixer=self.mixer, mixer_norm=self.mixer_norm, ffn=self.ffn, ffn_norm=self.ffn_norm
+        )
+        return decode_pre_norm_block(x_BTD, cache, start, **parts)
 
 
 @struct.dataclass

@@ -17,18 +17,15 @@ module as they land.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from menagerie.train.errors import ConfigError
 
 from .megalodon import SENSITIVE, official_config, official_state_dict
+from .mirror import load_mirror, mirror_logits, require_torch
 
 FAMILIES = ("megalodon",)
 MIRROR = Path(__file__).with_name("torch_megalodon.py")
@@ -54,35 +51,15 @@ def write(run: Any, out_dir: Path, dtype: str) -> None:
 
 
 def load_module(out_dir: Path):
-    """The folder's own copy of the mirror, imported from its file (not from menagerie) under a
-    name of its own (registered, as dataclasses need while the module runs)."""
-    path = Path(out_dir).absolute() / MODULE_FILE
-    name = f"modeling_megalodon_{abs(hash(str(path))):x}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The folder's own copy of the mirror (`export.mirror.load_mirror`)."""
+    return load_mirror(out_dir, MODULE_FILE)
 
 
-def reference_logits(out_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """tokens [B,T] int -> logits [B,T,V] float32 numpy of the folder loaded by its own
-    `modeling_megalodon.load` on CPU (`--verify`)."""
-    import torch
-
-    model, _ = load_module(out_dir).load(out_dir)
-
-    def logits(tokens_BT: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(np.asarray(tokens_BT, np.int64))).numpy()
-
-    return logits
+def reference_logits(out_dir: Path):
+    """tokens [B,T] -> logits [B,T,V] of the folder's mirror on CPU (`--verify`)."""
+    return mirror_logits(out_dir, MODULE_FILE)
 
 
 def verify_requirements() -> None:
     """ConfigError unless torch is installed."""
-    if importlib.util.find_spec("torch") is None:
-        raise ConfigError(
-            "--format torch writes a PyTorch model; install torch first "
-            "(pip install torch, or pip install 'menagerie[export]')"
-        )
+    require_torch("--format torch writes a PyTorch model")

@@ -18,8 +18,6 @@ init, LayerNorm scales off 1, coef uniform) so that a misplaced scalar moves the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
@@ -36,11 +34,11 @@ from flax import nnx
 from menagerie import arch
 from menagerie.arch.mosaics import MosaicsConfig
 from menagerie.export import mosaics as mosaics_format
-from menagerie.train.cli import main
 from menagerie.train.errors import ConfigError
 
 from ..cli_testing import snapshot
 from ..random_params import random_module
+from .export_testing import run_main, saved_run
 
 RECORD = Path(__file__).with_name("mosaics_state_dict.json")
 
@@ -335,30 +333,8 @@ RUN_MODEL = {
 def run_dir(tmp_path_factory):
     """A tiny Memory Mosaics run folder (config.yaml, checkpoint 0 of random parameters) made
     by `Trainer.save_initial`: a trained run's files, without compiling a train step."""
-    from menagerie.train.config import build_config
-    from menagerie.train.trainer import Trainer
-
     root = tmp_path_factory.mktemp("mosaics-export")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * (2 + i % 3))
-    raw = {
-        "model": RUN_MODEL,
-        "data": {"source": str(corpus), "val_fraction": 0.25},
-        "train": {"seq_len": 24, "batch_size": 2},
-    }
-    trainer = Trainer(build_config(raw, [f"run_dir={root / 'run'}"]))  # writes config.yaml
-    model = random_mosaics(trainer.cfg.model, seed=5)
-    trainer.save_initial(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return root / "run"
-
-
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return saved_run(root, RUN_MODEL, 24, lambda cfg: random_mosaics(cfg, seed=5))
 
 
 def test_cli_export_verifies_and_the_folder_loads(run_dir, tmp_path):
@@ -370,7 +346,7 @@ def test_cli_export_verifies_and_the_folder_loads(run_dir, tmp_path):
     block_size not the run's length, a tied head saved as a second copy."""
     out = tmp_path / "mosaics"
     argv = ["export", str(run_dir), "--format", "mosaics", "--out", str(out), "--verify"]
-    rc, stdout, stderr = _main(argv)
+    rc, stdout, stderr = run_main(argv)
     assert rc == 0, stderr
     assert f"wrote mosaics export of {run_dir} to {out}" in stdout
     verified = re.search(r"max \|logit diff\| (\S+),", stdout)
@@ -396,7 +372,7 @@ def test_bfloat16_export_keeps_scalars_and_norms_float32(run_dir, tmp_path):
     and runs. Catches: every parameter rounded to bfloat16, the dtype ignored."""
     out = tmp_path / "bf16"
     argv = ["export", str(run_dir), "--format", "mosaics", "--out", str(out)]
-    rc, _, stderr = _main([*argv, "--dtype", "bfloat16"])
+    rc, _, stderr = run_main([*argv, "--dtype", "bfloat16"])
     assert rc == 0, stderr
     state = torch.load(out / "model.pt", weights_only=True)
     for name in ("attn.c_proj.weight", "attn.k_featurizer.conv.weight", "pmem.pmem.M_v1"):
@@ -433,7 +409,7 @@ def test_unsupported_configs_are_refused_in_one_line(model, fragment, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "mosaics", **model}}))
     before = snapshot(tmp_path)
     out = tmp_path / "out"
-    rc, _, stderr = _main(["export", str(run), "--format", "mosaics", "--out", str(out)])
+    rc, _, stderr = run_main(["export", str(run), "--format", "mosaics", "--out", str(out)])
     lines = stderr.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and fragment in lines[0], stderr
     print(lines[0])

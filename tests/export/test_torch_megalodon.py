@@ -13,8 +13,6 @@ not the initialisation's zeros, so that any misplaced weight or skipped +1 moves
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import subprocess
 import sys
@@ -30,10 +28,10 @@ from flax import nnx
 from menagerie import arch
 from menagerie.arch import MegalodonConfig
 from menagerie.export import pytorch as torch_format
-from menagerie.train.cli import main
 
 from ..cli_testing import MEGALODON_TINY_MODEL, cli_env
 from ..random_params import random_module
+from .export_testing import run_main, saved_run
 
 TINY = dict(
     d_model=16,
@@ -128,30 +126,8 @@ RUN_MODEL = MEGALODON_TINY_MODEL | {"tie_embeddings": False, "swiglu": True}
 def run_dir(tmp_path_factory):
     """A tiny Megalodon run folder (config.yaml, checkpoint 0 of random parameters) made by
     `Trainer.save_initial`: a trained run's files, without compiling a train step."""
-    from menagerie.train.config import build_config
-    from menagerie.train.trainer import Trainer
-
     root = tmp_path_factory.mktemp("torch-export")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * (2 + i % 3))
-    raw = {
-        "model": RUN_MODEL,
-        "data": {"source": str(corpus), "val_fraction": 0.25},
-        "train": {"seq_len": 40, "batch_size": 2},
-    }
-    trainer = Trainer(build_config(raw, [f"run_dir={root / 'run'}"]))  # writes config.yaml
-    model = random_model(trainer.cfg.model, seed=5)
-    trainer.save_initial(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return root / "run"
-
-
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return saved_run(root, RUN_MODEL, 40, lambda cfg: random_model(cfg, seed=5))
 
 
 # Run in the export folder: jax, flax and menagerie cannot be imported there.
@@ -178,7 +154,7 @@ def test_cli_export_verifies_and_runs_with_torch_alone(run_dir, tmp_path):
     in the wrong folder."""
     out = tmp_path / "torch"
     argv = ["export", str(run_dir), "--format", "torch", "--out", str(out), "--verify"]
-    rc, stdout, stderr = _main(argv)
+    rc, stdout, stderr = run_main(argv)
     assert rc == 0, stderr
     assert f"wrote torch export of {run_dir} to {out}" in stdout
     verified = re.search(r"max \|logit diff\| (\S+),", stdout)
@@ -211,7 +187,9 @@ def test_a_transformer_run_is_refused_in_one_line(tmp_path):
     run = tmp_path / "transformer_run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "transformer"}}))
-    rc, _, stderr = _main(["export", str(run), "--format", "torch", "--out", str(tmp_path / "o")])
+    rc, _, stderr = run_main(
+        ["export", str(run), "--format", "torch", "--out", str(tmp_path / "o")]
+    )
     lines = stderr.strip().splitlines()
     assert rc == 2 and len(lines) == 1, stderr
     assert "--format torch writes megalodon models" in lines[0], stderr
@@ -225,7 +203,7 @@ def test_bfloat16_export_keeps_cema_and_norms_float32(run_dir, tmp_path):
     float32) and runs. Catches: every parameter rounded to bfloat16, the dtype ignored."""
     out = tmp_path / "bf16"
     argv = ["export", str(run_dir), "--format", "torch", "--out", str(out), "--dtype", "bfloat16"]
-    rc, _, stderr = _main(argv)
+    rc, _, stderr = run_main(argv)
     assert rc == 0, stderr
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["layers.0.mega.wz.weight"].dtype == torch.bfloat16
