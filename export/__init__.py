@@ -60,7 +60,9 @@ def export_run(
     if hasattr(module, "check"):
         module.check(cfg.model)
     if verify and not hasattr(module, "reference_logits"):
-        raise ConfigError(f"--verify is not available for --format {fmt} yet (hf, torch have it)")
+        raise ConfigError(
+            f"--verify is not available for --format {fmt} yet (hf, torch and mosaics have it)"
+        )
     if verify:
         module.verify_requirements()
     out = Path(out)

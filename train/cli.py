@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (must be new or empty)")
     x.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    x.add_argument("--verify", action="store_true", help="compare logits with the run (hf)")
+    x.add_argument(
+        "--verify", action="store_true", help="compare logits with the run (hf, torch, mosaics)"
+    )
     x.add_argument("--debug", action="store_true", help="show tracebacks")
     i = sub.add_parser("import-hf", help="make a run of a local Hugging Face Llama checkpoint")
     i.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors)")
