@@ -89,7 +89,7 @@ from .parts import (
     init_block_cache,
     reduce_aux,
 )
-from .stack import decode_layers, run_layers, stack_layers, stacked
+from .stack import DecodeState, decode_layers, run_layers, stack_layers, stacked
 
 declare(
     Axis("mem_heads", "vector", None, doc="per-head scalars of a memory (rates, scales)"),
@@ -629,15 +629,6 @@ class Block(nnx.Module):
         """The block for T tokens at positions start.. given its parts' caches."""
         parts = dict(mixer=self.mixer, mixer_norm=self.ln1, ffn=self.ffn, ffn_norm=self.ln2)
         return decode_pre_norm_block(x_BTD, cache, start, **parts)
-
-
-@struct.dataclass
-class DecodeState:
-    """Incremental decoding state: the blocks' caches stacked over layers [n_layers, ...] and
-    the number of tokens seen (int32 scalar)."""
-
-    layers: Any
-    position: jax.Array
 
 
 class Mosaics(nnx.Module):

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from .config import ModelConfig
 from .parts import Aux, Ctx
@@ -100,3 +100,12 @@ def decode_layers(layers: Any, x: jax.Array, caches: Any, start: jax.Array, mode
 def stacked(cache: Any, model: ModelConfig) -> Any:
     """One layer's cache repeated for each of the model's layers (leading axis [L])."""
     return jax.tree.map(lambda a: jnp.stack([a] * model.n_layers), cache)
+
+
+@struct.dataclass
+class DecodeState:
+    """Incremental decoding state of a layer stack: each layer's cache stacked over layers
+    [n_layers, ...] and the number of tokens seen (int32 scalar)."""
+
+    layers: Any
+    position: jax.Array

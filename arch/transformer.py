@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 import pydantic
-from flax import nnx, struct
+from flax import nnx
 
 from .attention import AttentionConfig
 from .config import ModelConfig
@@ -29,7 +29,7 @@ from .parts import (
     init_block_cache,
     reduce_aux,
 )
-from .stack import decode_layers, run_layers, stack_layers, stacked
+from .stack import DecodeState, decode_layers, run_layers, stack_layers, stacked
 from .swiglu import SwiGLUConfig
 
 
@@ -109,15 +109,6 @@ class Block(nnx.Module):
             mixer=self.mixer, mixer_norm=self.mixer_norm, ffn=self.ffn, ffn_norm=self.ffn_norm
         )
         return decode_pre_norm_block(x_BTD, cache, start, **parts)
-
-
-@struct.dataclass
-class DecodeState:
-    """Incremental decoding state: the mixers' caches stacked over layers [n_layers, ...] and
-    the number of tokens seen (int32 scalar)."""
-
-    layers: Any
-    position: jax.Array
 
 
 class Transformer(nnx.Module):
