@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,17 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
     return rc, out.getvalue(), err.getvalue()
+
+
+def export_verified(run_dir: Path, fmt: str, out: Path) -> str:
+    """`menagerie export RUN --format FMT --out OUT --verify` in this process: asserts it
+    succeeds, says where it wrote, and finds the export within 1e-4 of the run; returns
+    stdout."""
+    argv = ["export", str(run_dir), "--format", fmt, "--out", str(out), "--verify"]
+    rc, stdout, stderr = run_main(argv)
+    assert rc == 0, stderr
+    assert f"wrote {fmt} export of {run_dir} to {out}" in stdout
+    verified = re.search(r"max \|logit diff\| (\S+),", stdout)
+    assert verified and float(verified[1]) < 1e-4, stdout
+    print(f"CLI export --verify: max |ours - torch| = {verified[1]}")
+    return stdout

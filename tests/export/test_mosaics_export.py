@@ -19,7 +19,6 @@ init, LayerNorm scales off 1, coef uniform) so that a misplaced scalar moves the
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +37,7 @@ from menagerie.train.errors import ConfigError
 
 from ..cli_testing import snapshot
 from ..random_params import random_module
-from .export_testing import run_main, saved_run
+from .export_testing import export_verified, run_main, saved_run
 
 RECORD = Path(__file__).with_name("mosaics_state_dict.json")
 
@@ -345,13 +344,7 @@ def test_cli_export_verifies_and_the_folder_loads(run_dir, tmp_path):
     Catches: the format not registered, `reference_logits` missing, the mirror not copied,
     block_size not the run's length, a tied head saved as a second copy."""
     out = tmp_path / "mosaics"
-    argv = ["export", str(run_dir), "--format", "mosaics", "--out", str(out), "--verify"]
-    rc, stdout, stderr = run_main(argv)
-    assert rc == 0, stderr
-    assert f"wrote mosaics export of {run_dir} to {out}" in stdout
-    verified = re.search(r"max \|logit diff\| (\S+),", stdout)
-    assert verified and float(verified[1]) < 1e-4, stdout
-    print(f"CLI export --verify: max |ours - torch| = {verified[1]}")
+    export_verified(run_dir, "mosaics", out)
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.pt",

@@ -13,7 +13,6 @@ not the initialisation's zeros, so that any misplaced weight or skipped +1 moves
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -31,7 +30,7 @@ from menagerie.export import pytorch as torch_format
 
 from ..cli_testing import MEGALODON_TINY_MODEL, cli_env
 from ..random_params import random_module
-from .export_testing import run_main, saved_run
+from .export_testing import export_verified, run_main, saved_run
 
 TINY = dict(
     d_model=16,
@@ -153,13 +152,7 @@ def test_cli_export_verifies_and_runs_with_torch_alone(run_dir, tmp_path):
     `reference_logits` missing or loading something other than the folder, the export landing
     in the wrong folder."""
     out = tmp_path / "torch"
-    argv = ["export", str(run_dir), "--format", "torch", "--out", str(out), "--verify"]
-    rc, stdout, stderr = run_main(argv)
-    assert rc == 0, stderr
-    assert f"wrote torch export of {run_dir} to {out}" in stdout
-    verified = re.search(r"max \|logit diff\| (\S+),", stdout)
-    assert verified and float(verified[1]) < 1e-4, stdout
-    print(f"CLI export --verify: max |ours - torch| = {verified[1]}")
+    export_verified(run_dir, "torch", out)
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.pt",
