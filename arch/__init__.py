@@ -16,7 +16,9 @@ from . import axes
 from .attention import Attention, AttentionConfig
 from .config import Choice, Config, ModelConfig
 from .lm_head import LMHead, LMHeadConfig
+from .lte import LTE, LTEConfig
 from .megalodon import Megalodon, MegalodonConfig
+from .mlp import MLP, MLPConfig
 from .mosaics import (
     ContextMemory,
     ContextMemoryConfig,
@@ -53,6 +55,10 @@ __all__ = [
     "HeadConfig",
     "LMHead",
     "LMHeadConfig",
+    "LTE",
+    "LTEConfig",
+    "MLP",
+    "MLPConfig",
     "Megalodon",
     "MegalodonConfig",
     "MemoryLevels",

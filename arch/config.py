@@ -204,6 +204,18 @@ class ModelConfig(Choice):
         """Training FLOPs (forward + backward) per token at context `seq_len`."""
         raise NotImplementedError(f"family {self.family!r} does not define flops_per_token()")
 
+    def parts(self) -> tuple[Any, ...]:
+        """The part configs of a block (a family without swappable parts has none)."""
+        return ()
+
+    def frozen_axes(self) -> dict[str, int]:
+        """{logical axis name: train step from which parameters with it get no update}, from
+        the parts (`PartConfig.frozen_axes`)."""
+        out: dict[str, int] = {}
+        for part in self.parts():
+            out.update(part.frozen_axes(self))
+        return out
+
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
     """A `model:` mapping of an older menagerie with moved keys put where they live now (used to

@@ -569,9 +569,12 @@ class MosaicsConfig(ModelConfig):
 
     @pydantic.model_validator(mode="after")
     def _check_parts(self) -> MosaicsConfig:
-        for part in (self.mixer, self.ffn):
+        for part in self.parts():
             part.check(self)
         return self
+
+    def parts(self) -> tuple[Any, ...]:
+        return (self.mixer, self.ffn)
 
     def build(self, *, rngs: nnx.Rngs) -> Mosaics:
         return Mosaics(self, rngs=rngs)

@@ -106,6 +106,11 @@ class PartConfig(Choice):
         """Training FLOPs (forward + backward) per token of one part at context `seq_len`."""
         raise NotImplementedError(f"{type(self).__name__} does not define flops_per_token()")
 
+    def frozen_axes(self, model: ModelConfig) -> dict[str, int]:
+        """{logical axis name: train step}: from that step on, the trainer applies no update to
+        parameters with that axis (a later training stage, e.g. LTE's frozen routers)."""
+        return {}
+
 
 class MixerConfig(PartConfig):
     """Slot of the sequence mixer (attention, MEGA, contextual memory, ...)."""
@@ -125,23 +130,30 @@ class HeadConfig(PartConfig):
     choices: ClassVar[dict[str, type[Choice]]] = {}
 
 
+SUMMED = ("aux_loss", "flops_saved")  # aux leaves summed over layers (others: averaged)
+PER_LAYER = ("density",)  # aux leaves also logged per layer, as "<name>/layer<i>"
+
+
 def reduce_aux(aux: Aux, stacked: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(aux_loss, metrics) from a nested aux dict.
 
     Leaves named "aux_loss" are summed into the loss (over layers too when `stacked`: outputs of
-    a layer stack, leading axis = layers) and are also logged, as that sum; other leaves are
-    metrics, averaged over layers when stacked. Metric names are the key paths, "ffn/density".
+    a layer stack, leading axis = layers) and are also logged, as that sum. Other leaves are
+    metrics: when stacked, those named in `SUMMED` are summed over layers, the rest averaged,
+    and those named in `PER_LAYER` are logged per layer too. Metric names are the key paths,
+    "ffn/density".
     """
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
     for path, value in jax.tree_util.tree_leaves_with_path(aux):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        value = value.astype(jnp.float32)
-        if path[-1].key == "aux_loss":
-            value = jnp.sum(value) if stacked else value
+        value, key = value.astype(jnp.float32), path[-1].key
+        if stacked and key in PER_LAYER:
+            metrics.update({f"{name}/layer{i}": v for i, v in enumerate(value)})
+        if stacked:
+            value = jnp.sum(value, axis=0) if key in SUMMED else jnp.mean(value, axis=0)
+        if key == "aux_loss":
             loss = loss + value
-        elif stacked:
-            value = jnp.mean(value, axis=0)
         metrics[name] = value
     return loss, metrics
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .axes import Axis, declare
@@ -17,6 +18,8 @@ declare(Axis("mlp", "feature", "tensor", lowrank=True, doc="FFN hidden width"))
 
 class SwiGLUConfig(FFNConfig):
     """Gated FFN with a SiLU gate; hidden width by Llama's 8/3 rule unless set."""
+
+    neuron_ffn: ClassVar[bool] = True  # hidden/project/expert_weights: LTE can wrap it
 
     kind: Literal["swiglu"] = "swiglu"
     """Selects this FFN."""
@@ -47,7 +50,10 @@ class SwiGLUConfig(FFNConfig):
 
 
 class SwiGLU(nnx.Module):
-    """FFN down(silu(gate(x)) * up(x))."""
+    """FFN down(silu(gate(x)) * up(x)), split as `project(hidden(x))` for parts that act on the
+    hidden neurons (`arch.lte`)."""
+
+    activation = "swiglu"  # the `kernels.sparse_ffn` activation of `expert_weights`
 
     def __init__(self, cfg: SwiGLUConfig, model: ModelConfig, *, rngs: nnx.Rngs):
         d, f = model.d_model, cfg.dim(model)
@@ -55,10 +61,21 @@ class SwiGLU(nnx.Module):
         self.up = linear(model, d, f, ("embed", "mlp"), rngs=rngs)
         self.down = linear(model, f, d, ("mlp", "embed"), rngs=rngs)
 
+    def hidden(self, x_BTD: jax.Array) -> jax.Array:
+        """The F hidden neurons silu(gate(x)) * up(x)."""
+        h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
+        return constrain(h_BTF, (BATCH, SEQ, ACT_MLP))
+
+    def project(self, h_BTF: jax.Array) -> jax.Array:
+        """down(h): the hidden neurons back to the residual width."""
+        return constrain(self.down(h_BTF), (BATCH, SEQ, ACT_EMBED))
+
+    def expert_weights(self) -> tuple[jax.Array, jax.Array]:
+        """(w_in [2,D,F] = gate, up; w_out [F,D]) as `kernels.sparse_ffn` takes them."""
+        w_in_KDF = jnp.stack([self.gate.kernel[...], self.up.kernel[...]])
+        return w_in_KDF, self.down.kernel[...]
+
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         del ctx
         with jax.named_scope("ffn"):
-            h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
-            h_BTF = constrain(h_BTF, (BATCH, SEQ, ACT_MLP))
-            y_BTD = constrain(self.down(h_BTF), (BATCH, SEQ, ACT_EMBED))
-        return y_BTD, {}
+            return self.project(self.hidden(x_BTD)), {}

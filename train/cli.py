@@ -137,7 +137,7 @@ def cmd_eval(args) -> int:
     state, meta = restored
     eval_step = trainer.jit_eval_step()
     with trainer.context():
-        ev = trainer.evaluate(state["params"], eval_step)
+        ev = trainer.evaluate(state, eval_step)
     over = f"{int(ev['tokens'])} tokens"
     if "sequences" in ev:
         over = f"{int(ev['tokens'])} answer tokens in {int(ev['sequences'])} sequences"

@@ -7,7 +7,7 @@ pure dict (what `nnx.State.to_pure_dict` gives), merged into the model inside th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -68,7 +68,11 @@ def make_train_step(
     microbatches: int,
     z_loss: float,
     clip_norm: float | None,
+    frozen: Sequence[tuple[Any, int]] = (),
 ) -> Callable[[dict, Batch], tuple[dict, dict]]:
+    """The train step. `frozen`: (mask, step) pairs, a mask being a pytree of Python bools like
+    the parameters; a parameter marked True gets no update from that step on."""
+
     def loss_fn(params, mb: Batch, n_tokens: jax.Array, step: jax.Array):
         out = _forward(graphdef, params, mb, step, training=True)
         nll_BT, logz_BT = token_losses(out.logits, mb["targets"])
@@ -107,6 +111,7 @@ def make_train_step(
             scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        updates = freeze_updates(updates, frozen, step)
         new_params = optax.apply_updates(params, updates)
 
         # A non-finite loss or gradient, or an update that leaves a parameter or an optimizer
@@ -149,6 +154,18 @@ def make_train_step(
     return train_step
 
 
+def freeze_updates(updates: Any, frozen: Sequence[tuple[Any, int]], step: jax.Array) -> Any:
+    """`updates` with zeros for the parameters each (mask, start) of `frozen` marks, once
+    `step` >= start (after the optimizer: no momentum or weight decay moves them)."""
+    for mask, start in frozen:
+
+        def zero_if(u, frozen_leaf, start=start):
+            return jnp.where(step >= start, jnp.zeros_like(u), u) if frozen_leaf else u
+
+        updates = jax.tree.map(zero_if, updates, mask)
+    return updates
+
+
 def exact_match_counts(
     logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
 ) -> dict[str, jax.Array]:
@@ -167,12 +184,12 @@ def exact_match_counts(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, token_bytes: jax.Array) -> Callable:
-    """Sums over a batch, on the tokens of its loss mask: nll, tokens, target bytes (bits per
-    byte = nll / ln 2 / bytes) and the `exact_match_counts`; `eval_report` turns the sums of
-    many batches into metrics."""
+    """Sums over a batch (the model as at train `step`), on the tokens of its loss mask: nll,
+    tokens, target bytes (bits per byte = nll / ln 2 / bytes) and the `exact_match_counts`;
+    `eval_report` turns the sums of many batches into metrics."""
 
-    def eval_step(params: Any, batch: Batch) -> dict:
-        out = _forward(graphdef, params, batch)
+    def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
+        out = _forward(graphdef, params, batch, step)
         nll_BT, _ = token_losses(out.logits, batch["targets"])
         mask_BT = batch["loss_mask"]
         return {

@@ -193,6 +193,7 @@ class Trainer:
             microbatches=t.microbatches,
             z_loss=t.z_loss,
             clip_norm=self.cfg.optim.clip_norm,
+            frozen=self.frozen_masks(),
         )
         return jax.jit(
             step,
@@ -201,11 +202,17 @@ class Trainer:
             donate_argnums=0,
         )
 
+    def frozen_masks(self) -> list[tuple[Any, int]]:
+        """(mask, step) per frozen axis of the model (`ModelConfig.frozen_axes`): True for the
+        parameters that carry the axis."""
+        frozen = self.cfg.model.frozen_axes().items()
+        return [(_carrying(self.param_names, axis), start) for axis, start in frozen]
+
     def jit_eval_step(self):
         token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
         return jax.jit(
             make_eval_step(self.graphdef, token_bytes),
-            in_shardings=(self.param_shardings, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.batch_sharding, self.state_shardings["step"]),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -242,9 +249,10 @@ class Trainer:
             "versions": {"jax": jax.__version__},
         }
 
-    def evaluate(self, params: Any, eval_step) -> dict[str, float]:
-        """`eval_report` of `train.eval_batches` validation batches: loss and bits per byte, or
-        for a synthetic task loss and exact-match accuracies on its answers."""
+    def evaluate(self, state: dict, eval_step) -> dict[str, float]:
+        """`eval_report` of `train.eval_batches` validation batches of the model in `state` (its
+        params at its step): loss and bits per byte, or for a synthetic task loss and
+        exact-match accuracies on its answers."""
         t = self.cfg.train
         sums: dict[str, float] = {}
         batches = self.val_data.eval_batches(
@@ -254,7 +262,8 @@ class Trainer:
             process_count=jax.process_count(),
         )
         for local in batches:
-            out = jax.device_get(eval_step(params, self._global_batch(local)))
+            batch = self._global_batch(local)
+            out = jax.device_get(eval_step(state["params"], batch, state["step"]))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return eval_report(sums, exact_match=self.cfg.data.is_synthetic)
@@ -309,7 +318,7 @@ class Trainer:
                         self._log_train(writer, step, m, meter)
                     self._check_finite(step, m, ckpt)
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                        self._log_eval(writer, step, self.evaluate(state["params"], eval_step))
+                        self._log_eval(writer, step, self.evaluate(state, eval_step))
                         meter.restart_clock()
                     ckpt.save(step, state, self._meta(step))
                     if stop.requested:
@@ -419,6 +428,9 @@ class Trainer:
         the window."""
         row = dict(m)
         row.update(meter.row())
+        saved = [v for k, v in m.items() if k.endswith("/flops_saved")]
+        if saved:  # a sparse part: the FLOPs its active neurons need beside the dense count
+            row["active_flops_per_token"] = meter.flops_per_token - float(sum(saved))
         writer.write(step, row)
         self.console.print(_format_row(step, self.cfg.train.steps, row))
         meter.reset()
@@ -436,7 +448,7 @@ class Trainer:
         ckpt.save(step, state, self._meta(step), force=True)
         if t.eval_batches:
             with self.context():
-                summary.eval = self.evaluate(state["params"], eval_step)
+                summary.eval = self.evaluate(state, eval_step)
             self._log_eval(writer, step, summary.eval)
         # A single-process sampler, of text: a synthetic task has no text prompt.
         if t.sample_tokens and jax.process_count() == 1 and not self.cfg.data.is_synthetic:
@@ -494,6 +506,15 @@ class _Throughput:
             "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / self.peak_flops,
         }
+
+
+def _carrying(param_names: Any, axis: str) -> Any:
+    """A pytree like the parameters: True where a parameter's logical names include `axis`."""
+    return jax.tree.map(lambda names: axis in names, param_names, is_leaf=_is_names)
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, tuple)
 
 
 def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:

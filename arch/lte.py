@@ -1,0 +1,244 @@
+"""LTE: learned structured sparsity for any neuron FFN (Zheng et al., NeurIPS 2024, arXiv
+2402.06126), usable from step 0 of pretraining as well as on a converted dense run.
+
+The F hidden neurons of the wrapped FFN (`inner`: SwiGLU or the GELU MLP, any part whose config
+sets `neuron_ffn` and whose module has `hidden` / `project` / `expert_weights`) form E = F / S
+contiguous experts of S = `expert_size` neurons. A router gives each token and expert a score
+G = sigmoid(x W_g + b) and the FFN is
+
+    stage 1 (soft):  project(hidden(x) * G repeated over each expert's neurons)
+    stage 2 (hard):  the same with G replaced by 1{G > tau}; routers frozen
+
+so a token uses a varying number of experts (no top-k). Stage 1 adds through `aux_loss`
+    eta * L_eff + lambda * L_sep,  L_eff = mean G^2,  L_sep = mean 1 / max((G - tau)^2, sep_floor)
+(means over layers, tokens and experts: the paper's (1/LN) sums). Stage 2 starts at train step
+`hard_from_step`, read from the call context; the trainer zeroes the routers' updates from that
+step on (`frozen_axes`), so Adam's momentum and weight decay cannot move them either.
+
+Outside training (`ctx.step` None: generation, export) a model with `hard_from_step` routes hard,
+and then runs `kernels.sparse_ffn`, which computes only the active experts' blocks; with the step
+given (training, eval) the FFN is the masked dense computation, the same function.
+
+`routing: topk` is the MoE baseline over the same experts: each token takes its `top_k` highest
+scores, weighted by G (sigmoid gating as in DeepSeek-V3), with no auxiliary loss and no stage 2.
+
+Metrics per layer: `density` (fraction of experts active, i.e. G > tau, also during stage 1,
+logged per layer and averaged), `efficiency_loss`, `separability_loss`, and `flops_saved` (the
+training FLOPs per token the dense count includes but the active experts do not need; the
+trainer logs the model's active FLOPs per token beside the dense `flops_per_token`).
+
+Choices the paper and its README leave open (the code is unreleased), said here:
+- L_eff squares the scores (the formula's |G|^2; the prose says "mean of expert scores").
+- L_sep is floored at `sep_floor`: 1 / (G - tau)^2 is unbounded at G = tau.
+- The router has a bias initialised to `router_bias_init` (default 2: G = 0.88), so training
+  starts with every expert on and away from the L_sep barrier; its weight is N(0, init_std).
+- All tokens count in the losses and metrics (padding too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import pydantic
+from flax import nnx
+
+from .axes import Axis, declare
+from .config import ModelConfig, check_positive
+from .layers import Linear, dtype_of, param
+from .parts import Aux, Ctx, FFNConfig
+from .swiglu import SwiGLUConfig
+
+declare(Axis("lte_expert", "feature", None, doc="LTE experts of an FFN (router outputs)"))
+
+
+class LTEConfig(FFNConfig):
+    """An FFN split into experts of `expert_size` neurons, each token routed to a learned,
+    varying subset (the module docstring has the method)."""
+
+    kind: Literal["lte"] = "lte"
+    """Selects this FFN."""
+    inner: pydantic.SerializeAsAny[FFNConfig] = SwiGLUConfig()
+    """The wrapped FFN (`kind`: swiglu or mlp), whose hidden neurons form the experts."""
+    expert_size: int = 32
+    """Neurons per expert S; must divide the inner FFN's hidden width."""
+    routing: Literal["threshold", "topk"] = "threshold"
+    """threshold: LTE (G > tau, varying count); topk: the MoE baseline (`top_k` per token)."""
+    top_k: int | None = None
+    """Experts per token with routing topk (required there, not allowed with threshold)."""
+    eta: float = 0.1
+    """Weight of the efficiency loss L_eff in stage 1 (sets the reached sparsity)."""
+    separability: float = 0.5
+    """Weight lambda of the separability loss L_sep in stage 1."""
+    tau: float = 0.5
+    """Score threshold of hard routing."""
+    sep_floor: float = 1e-2
+    """Floor of (G - tau)^2 in L_sep (bounds the barrier at tau)."""
+    router_bias_init: float = 2.0
+    """Initial router bias (sigmoid(2) = 0.88: every expert starts on)."""
+    hard_from_step: int | None = None
+    """Train step from which routing is hard and the routers frozen (stage 2); None: stage 1
+    throughout."""
+    all_experts: bool = False
+    """Every gate 1: exactly the inner FFN (e.g. to check a conversion from a dense run)."""
+    impl: str = "auto"
+    """`kernels.sparse_ffn` implementation of hard routing outside training (auto, reference,
+    gather, interpret, pallas)."""
+
+    def n_experts(self, model: ModelConfig) -> int:
+        """E = F / expert_size."""
+        return self.inner.dim(model) // self.expert_size
+
+    def check(self, model: ModelConfig) -> None:
+        if not getattr(type(self.inner), "neuron_ffn", False):
+            raise ValueError(
+                f"model.ffn.inner.kind={self.inner.kind!r} has no hidden neurons to group into "
+                "experts; use swiglu or mlp"
+            )
+        self.inner.check(model)
+        check_positive(self, "model.ffn.", ints=("expert_size", "top_k", "hard_from_step"))
+        check_positive(self, "model.ffn.", floats=("sep_floor",))
+        f = self.inner.dim(model)
+        if f % self.expert_size:
+            raise ValueError(
+                f"model.ffn.expert_size={self.expert_size} does not divide the inner FFN's "
+                f"hidden width {f}; pick a divisor or set model.ffn.inner.hidden_dim"
+            )
+        self._check_routing(model)
+
+    def _check_routing(self, model: ModelConfig) -> None:
+        if not 0 < self.tau < 1 or self.eta < 0 or self.separability < 0:
+            raise ValueError("model.ffn: tau must be in (0, 1), eta and separability >= 0")
+        if self.routing == "threshold":
+            if self.top_k is not None:
+                raise ValueError("model.ffn.top_k is for routing=topk; remove it or set routing")
+            return
+        if self.top_k is None or self.top_k > self.n_experts(model):
+            raise ValueError(
+                f"model.ffn.routing=topk needs model.ffn.top_k in 1..{self.n_experts(model)}"
+            )
+        if self.hard_from_step is not None:
+            raise ValueError("model.ffn.hard_from_step is for routing=threshold (LTE's stage 2)")
+
+    def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> LTE:
+        return LTE(self, model, rngs=rngs)
+
+    def num_params(self, model: ModelConfig) -> int:
+        """The inner FFN + router W_g [D,E] and bias [E]."""
+        e = self.n_experts(model)
+        return self.inner.num_params(model) + (model.d_model + 1) * e
+
+    def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
+        """Dense: the inner FFN's + 6 D E of the router."""
+        router = 6 * model.d_model * self.n_experts(model)
+        return self.inner.flops_per_token(model, seq_len) + router
+
+    def frozen_axes(self, model: ModelConfig) -> dict[str, int]:
+        """Parameters with the router's axis are frozen from `hard_from_step` on."""
+        if self.routing == "threshold" and self.hard_from_step is not None:
+            return {"lte_expert": self.hard_from_step}
+        return {}
+
+
+class LTE(nnx.Module):
+    """The inner FFN with a router over its experts (see the module docstring)."""
+
+    def __init__(self, cfg: LTEConfig, model: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, dtype = cfg.n_experts(model), dtype_of(model.param_dtype)
+        self.inner = cfg.inner.build(model, rngs=rngs)
+        self.router = Linear(
+            model.d_model,
+            e,
+            ("embed", "lte_expert"),
+            std=model.init_std,
+            param_dtype=dtype,
+            compute_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        bias_init = jax.nn.initializers.constant(cfg.router_bias_init)
+        self.router_bias = param(rngs, (e,), ("lte_expert",), std=None, dtype=dtype, init=bias_init)
+        self.n_layers = model.n_layers
+        self.inner_flops = cfg.inner.flops_per_token(model, 1)
+
+    def scores(self, x_BTD: jax.Array) -> jax.Array:
+        """G = sigmoid(x W_g + b): [B,T,E] float32."""
+        return jax.nn.sigmoid(self.router(x_BTD) + self.router_bias[...].astype(jnp.float32))
+
+    def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
+        with jax.named_scope("lte"):
+            g_BTE = self.scores(x_BTD)
+            hard = self._hard(ctx.step)
+            gate_BTE, active_BTE = self._route(g_BTE, hard)
+            if ctx.step is None and hard is True and not self.cfg.all_experts:
+                y_BTD = self._sparse(x_BTD, active_BTE)
+            else:
+                y_BTD = self._masked(x_BTD, gate_BTE)
+            return y_BTD, self._aux(g_BTE, active_BTE, hard)
+
+    def _hard(self, step: jax.Array | None) -> Any:
+        """Whether routing is hard: a Python bool without a step, else a traced bool."""
+        start = self.cfg.hard_from_step
+        if self.cfg.routing != "threshold" or start is None:
+            return False
+        return True if step is None else step >= start
+
+    def _route(self, g_BTE: jax.Array, hard: Any) -> tuple[jax.Array, jax.Array]:
+        """(gate values multiplying each expert, active mask float32), both [B,T,E]."""
+        cfg = self.cfg
+        if cfg.all_experts:
+            ones = jnp.ones_like(g_BTE)
+            return ones, ones
+        if cfg.routing == "topk":
+            active = topk_mask(g_BTE, cfg.top_k)
+            return g_BTE * active, active
+        active = (g_BTE > cfg.tau).astype(jnp.float32)
+        if hard is False:
+            return g_BTE, active
+        return jnp.where(hard, active, g_BTE), active
+
+    def _masked(self, x_BTD: jax.Array, gate_BTE: jax.Array) -> jax.Array:
+        """The dense FFN with each expert's neurons scaled by its gate."""
+        h_BTF = self.inner.hidden(x_BTD)
+        gate_BTF = jnp.repeat(gate_BTE, self.cfg.expert_size, axis=-1).astype(h_BTF.dtype)
+        return self.inner.project(h_BTF * gate_BTF)
+
+    def _sparse(self, x_BTD: jax.Array, active_BTE: jax.Array) -> jax.Array:
+        """Hard routing computing only the active experts (`kernels.sparse_ffn`)."""
+        from menagerie.kernels.sparse_ffn import sparse_ffn
+
+        b, t, d = x_BTD.shape
+        w_in_KDF, w_out_FD = self.inner.expert_weights()
+        y_ND = sparse_ffn(
+            x_BTD.reshape(b * t, d),
+            w_in_KDF,
+            w_out_FD,
+            active_BTE.reshape(b * t, -1) > 0,
+            expert_size=self.cfg.expert_size,
+            activation=self.inner.activation,
+            impl=self.cfg.impl,
+        )
+        return y_ND.reshape(b, t, -1).astype(x_BTD.dtype)
+
+    def _aux(self, g_BTE: jax.Array, active_BTE: jax.Array, hard: Any) -> Aux:
+        cfg = self.cfg
+        eff = jnp.mean(jnp.square(g_BTE))
+        sep = jnp.mean(1.0 / jnp.maximum(jnp.square(g_BTE - cfg.tau), cfg.sep_floor))
+        density = jnp.mean(active_BTE)
+        aux = {
+            "density": density,
+            "flops_saved": (1.0 - density) * self.inner_flops,
+            "efficiency_loss": eff,
+            "separability_loss": sep,
+        }
+        if cfg.routing == "threshold" and not cfg.all_experts:
+            stage1 = 1.0 - jnp.asarray(hard, jnp.float32)
+            aux["aux_loss"] = stage1 * (cfg.eta * eff + cfg.separability * sep) / self.n_layers
+        return aux
+
+
+def topk_mask(scores_BTE: jax.Array, k: int) -> jax.Array:
+    """1.0 at each token's k highest scores (ties to the lower index), else 0."""
+    _, idx_BTK = jax.lax.top_k(jax.lax.stop_gradient(scores_BTE), k)
+    return jnp.sum(jax.nn.one_hot(idx_BTK, scores_BTE.shape[-1], dtype=jnp.float32), axis=-2)

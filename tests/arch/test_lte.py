@@ -1,0 +1,222 @@
+"""The LTE FFN (arch/lte.py): every routing mode computes the function it claims, against
+definitions written out expert by expert; stage 2 freezes the routers in the train step; bad
+configs give one line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from menagerie.arch import Ctx, LTEConfig, TransformerConfig, build
+from menagerie.arch.parts import reduce_aux
+from menagerie.train.step import freeze_updates
+
+D, F, S = 32, 128, 16  # 8 experts
+
+
+def _model_cfg(**ffn):
+    ffn = {"kind": "lte", "inner": {"kind": "swiglu", "hidden_dim": F}, "expert_size": S} | ffn
+    return TransformerConfig(vocab_size=64, d_model=D, n_layers=2, ffn=ffn)
+
+
+def _lte(seed=0, **ffn):
+    """A built LTE part with random (not initial) router bias, so scores spread around tau."""
+    model = _model_cfg(**ffn)
+    lte = model.ffn.build(model, rngs=nnx.Rngs(seed))
+    bias = jax.random.normal(jax.random.key(seed + 1), lte.router_bias.shape)
+    lte.router_bias[...] = bias
+    lte.router.kernel[...] = lte.router.kernel[...] * 30.0
+    return lte
+
+
+def _x(seed=2, b=2, t=5):
+    return jax.random.normal(jax.random.key(seed), (b, t, D))
+
+
+def _ctx(x, step=None):
+    return Ctx.make(x[..., 0].astype(jnp.int32), step=None if step is None else jnp.int32(step))
+
+
+def _expert_sum(lte, x_BTD, gate_BTE):
+    """sum_i gate_i * E_i(x), each expert's FFN built from its own slices of the weights."""
+    inner, y = lte.inner, 0.0
+    for i in range(F // S):
+        blk = slice(i * S, (i + 1) * S)
+        h = jax.nn.silu(x_BTD @ inner.gate.kernel[:, blk]) * (x_BTD @ inner.up.kernel[:, blk])
+        y = y + gate_BTE[..., i : i + 1] * (h @ inner.down.kernel[blk, :])
+    return y
+
+
+def test_all_gates_on_is_the_inner_ffn():
+    """Bug caught: any scaling left on the forced-on path (e.g. G applied as well) would make a
+    converted model differ from the dense one."""
+    lte, x = _lte(all_experts=True), _x()
+    y, aux = lte(x, _ctx(x, step=0))
+    dense, _ = lte.inner(x, _ctx(x))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(dense))
+    assert float(aux["density"]) == 1.0 and "aux_loss" not in aux
+
+
+def test_soft_routing_scales_each_expert_by_its_score():
+    """Bug caught: gates tiled over neurons instead of repeated per expert (jnp.tile for
+    jnp.repeat) mixes experts; a missing router bias shifts every score."""
+    lte, x = _lte(), _x()
+    y, _ = lte(x, _ctx(x, step=0))
+    np.testing.assert_allclose(y, _expert_sum(lte, x, lte.scores(x)), rtol=2e-5, atol=2e-6)
+
+
+def test_hard_routing_zeroes_the_inactive_experts_neurons():
+    """Bug caught: a >= / > slip at tau, or stage 2 still scaling by G."""
+    lte, x = _lte(hard_from_step=3), _x()
+    g = lte.scores(x)
+    active = (g > 0.5).astype(jnp.float32)
+    assert 0 < float(jnp.mean(active)) < 1  # a real mix of active and inactive experts
+    y, aux = lte(x, _ctx(x, step=3))
+    np.testing.assert_allclose(y, _expert_sum(lte, x, active), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(float(aux["density"]), float(jnp.mean(active)))
+    assert float(aux["aux_loss"]) == 0.0  # stage 2 trains on the task loss only
+    y1, aux1 = lte(x, _ctx(x, step=2))  # a step before: still soft, with the losses
+    np.testing.assert_allclose(y1, _expert_sum(lte, x, g), rtol=2e-5, atol=2e-6)
+    assert float(aux1["aux_loss"]) > 0
+
+
+def test_stage_one_losses_are_the_papers_means():
+    """Bug caught: the losses summed over experts or layers instead of averaged (eta would then
+    depend on the width and depth), or the separability floor not applied."""
+    lte, x = _lte(eta=0.3, separability=0.7), _x()
+    g = lte.scores(x)
+    _, aux = lte(x, _ctx(x, step=0))
+    eff = jnp.mean(g**2)
+    sep = jnp.mean(1 / jnp.maximum((g - 0.5) ** 2, 1e-2))
+    np.testing.assert_allclose(aux["efficiency_loss"], eff, rtol=1e-6)
+    np.testing.assert_allclose(aux["separability_loss"], sep, rtol=1e-6)
+    np.testing.assert_allclose(aux["aux_loss"], (0.3 * eff + 0.7 * sep) / 2, rtol=1e-6)
+
+
+def test_stage_two_gives_the_router_no_gradient_and_stage_one_does():
+    """Bug caught: a hard gate that leaks G's gradient (straight-through) or a stage 1 that
+    detaches the router would train the wrong parameters."""
+    lte, x = _lte(hard_from_step=3), _x()
+    graphdef, params = nnx.split(lte, nnx.Param)
+
+    def router_grad(step):
+        def loss(p):
+            y, aux = nnx.merge(graphdef, p)(x, _ctx(x, step=step))
+            return jnp.sum(y**2) + aux["aux_loss"]
+
+        g = jax.grad(loss)(params)
+        return max(
+            float(jnp.abs(g["router"]["kernel"][...]).max()),
+            float(jnp.abs(g["router_bias"][...]).max()),
+        )
+
+    assert router_grad(2) > 0
+    assert router_grad(3) == 0
+
+
+def test_topk_routing_uses_exactly_k_experts_weighted_by_their_scores():
+    """Bug caught: top-k over the wrong axis, or the mask without the score weights."""
+    lte, x = _lte(routing="topk", top_k=3), _x()
+    y, aux = lte(x, _ctx(x, step=0))
+    g = lte.scores(x)
+    kth = jnp.sort(g, axis=-1)[..., -3:-2]
+    gate = jnp.where(g >= kth, g, 0.0)
+    np.testing.assert_allclose(y, _expert_sum(lte, x, gate), rtol=2e-5, atol=2e-6)
+    assert float(aux["density"]) == 3 / (F // S) and "aux_loss" not in aux
+
+
+def test_gelu_mlp_can_be_wrapped():
+    """Bug caught: LTE assuming SwiGLU's gate/up (the GELU MLP has one input matrix)."""
+    model = TransformerConfig(
+        vocab_size=64,
+        d_model=D,
+        n_layers=1,
+        ffn={"kind": "lte", "inner": {"kind": "mlp", "hidden_dim": F}, "expert_size": S},
+    )
+    lte, x = model.ffn.build(model, rngs=nnx.Rngs(0)), _x()
+    g = lte.scores(x)
+    y, _ = lte(x, _ctx(x, step=0))
+    up, down = lte.inner.up.kernel[...], lte.inner.down.kernel[...]
+    h = jax.nn.gelu(x @ up, approximate=False) * jnp.repeat(g, S, axis=-1)
+    np.testing.assert_allclose(y, h @ down, rtol=2e-5, atol=2e-6)
+
+
+def test_model_metrics_report_density_per_layer_and_the_flops_saved():
+    """Bug caught: FLOPs saved averaged over layers (the active count would be off by the
+    depth), or the per-layer density lost in the mean."""
+    cfg = _model_cfg(hard_from_step=1)
+    model = build(cfg, rngs=nnx.Rngs(0))
+    bias = model.blocks.ffn.router_bias
+    bias[...] = jax.random.normal(jax.random.key(0), bias.shape)  # some experts off
+    tok = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st: nnx.merge(graphdef, st)(tok, Ctx.make(tok, step=jnp.int32(0))))
+    m = run(state).metrics
+    per_layer = [float(m[f"ffn/density/layer{i}"]) for i in range(2)]
+    np.testing.assert_allclose(float(m["ffn/density"]), np.mean(per_layer), rtol=1e-6)
+    inner_flops = cfg.ffn.inner.flops_per_token(cfg, 6)
+    saved = sum((1 - d) * inner_flops for d in per_layer)
+    assert 0.2 < np.mean(per_layer) < 0.8
+    np.testing.assert_allclose(float(m["ffn/flops_saved"]), saved, rtol=1e-5)
+
+
+def test_reduce_aux_sums_losses_and_flops_and_averages_the_rest():
+    """Bug caught: a change to reduce_aux that averages the aux loss or sums a metric."""
+    aux = {"ffn": {"aux_loss": jnp.array([1.0, 2.0]), "flops_saved": jnp.array([3.0, 5.0])}}
+    aux["ffn"]["density"] = jnp.array([0.2, 0.6])
+    loss, m = reduce_aux(aux, stacked=True)
+    assert float(loss) == 3.0 and float(m["ffn/flops_saved"]) == 8.0
+    np.testing.assert_allclose(float(m["ffn/density"]), 0.4)
+    assert float(m["ffn/density/layer1"]) == pytest.approx(0.6)
+
+
+def test_frozen_parameters_get_no_update_from_their_step():
+    """Bug caught: freezing by zeroing gradients only (Adam momentum and weight decay would
+    still move the routers after the switch)."""
+    params = {"router": jnp.ones(3), "other": jnp.ones(3)}
+    opt = optax.adamw(0.1, weight_decay=0.5)
+    state = opt.init(params)
+    grads = {"router": jnp.ones(3), "other": jnp.ones(3)}
+    updates, state = opt.update(grads, state, params)  # momentum built before the switch
+    zero = {"router": jnp.zeros(3), "other": jnp.zeros(3)}
+    updates, state = opt.update(zero, state, params)
+    frozen = [({"router": True, "other": False}, 5)]
+    before = freeze_updates(updates, frozen, jnp.int32(4))
+    after = freeze_updates(updates, frozen, jnp.int32(5))
+    assert float(jnp.abs(before["router"]).min()) > 0
+    assert float(jnp.abs(after["router"]).max()) == 0
+    np.testing.assert_array_equal(after["other"], updates["other"])
+
+
+def test_only_the_routers_carry_the_frozen_axis():
+    """Bug caught: the frozen axis also named on the inner FFN (stage 2 would freeze the whole
+    FFN) or missing from the router bias."""
+    cfg = _model_cfg(hard_from_step=7)
+    assert cfg.frozen_axes() == {"lte_expert": 7}
+    assert _model_cfg(routing="topk", top_k=2).frozen_axes() == {}
+    model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    frozen = {"/".join(map(str, k)) for k, v in flat if "lte_expert" in v.out_sharding}
+    assert frozen == {"blocks/ffn/router/kernel", "blocks/ffn/router_bias"}
+
+
+@pytest.mark.parametrize(
+    "ffn, message",
+    [
+        ({"inner": {"kind": "persistent_memory"}}, "no hidden neurons"),
+        ({"expert_size": 48}, "does not divide"),
+        ({"routing": "topk"}, "needs model.ffn.top_k"),
+        ({"routing": "topk", "top_k": 9}, "needs model.ffn.top_k in 1..8"),
+        ({"top_k": 2}, "is for routing=topk"),
+        ({"routing": "topk", "top_k": 2, "hard_from_step": 5}, "is for routing=threshold"),
+        ({"tau": 1.0}, "tau must be in (0, 1)"),
+        ({"hard_from_step": 0}, "hard_from_step=0 must be a positive"),
+    ],
+)
+def test_bad_configs_name_the_key(ffn, message):
+    """Bug caught: a config that builds a model with a ragged last expert or silent nonsense."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _model_cfg(**ffn)
