@@ -208,12 +208,11 @@ class ModelConfig(Choice):
         """The part configs of a block (a family without swappable parts has none)."""
         return ()
 
-    def frozen_axes(self) -> dict[str, int]:
-        """{logical axis name: train step from which parameters with it get no update}, from
-        the parts (`PartConfig.frozen_axes`)."""
-        out: dict[str, int] = {}
+    def update_rules(self) -> dict[str, Any]:
+        """{logical axis name: `parts.UpdateRule`} from the parts (`PartConfig.update_rules`)."""
+        out: dict[str, Any] = {}
         for part in self.parts():
-            out.update(part.frozen_axes(self))
+            out.update(part.update_rules(self))
         return out
 
 

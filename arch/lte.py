@@ -10,10 +10,10 @@ G = sigmoid(x W_g + b) and the FFN is
     stage 2 (hard):  the same with G replaced by 1{G > tau}; routers frozen
 
 so a token uses a varying number of experts (no top-k). Stage 1 adds through `aux_loss`
-    eta * L_eff + lambda * L_sep,  L_eff = mean G^2,  L_sep = mean 1 / max((G - tau)^2, sep_floor)
+    eta * L_eff + lambda * L_sep,  L_eff = mean G^2,  L_sep = mean 1 / ((G - tau)^2 + sep_eps)
 (means over layers, tokens and experts: the paper's (1/LN) sums). Stage 2 starts at train step
 `hard_from_step`, read from the call context; the trainer zeroes the routers' updates from that
-step on (`frozen_axes`), so Adam's momentum and weight decay cannot move them either.
+step on (`update_rules`), so Adam's momentum and weight decay cannot move them either.
 
 Outside training (`ctx.step` None: generation, export) a model with `hard_from_step` routes hard,
 and then runs `kernels.sparse_ffn`, which computes only the active experts' blocks; with the step
@@ -29,9 +29,11 @@ trainer logs the model's active FLOPs per token beside the dense `flops_per_toke
 
 Choices the paper and its README leave open (the code is unreleased), said here:
 - L_eff squares the scores (the formula's |G|^2; the prose says "mean of expert scores").
-- L_sep is floored at `sep_floor`: 1 / (G - tau)^2 is unbounded at G = tau.
-- The router has a bias initialised to `router_bias_init` (default 2: G = 0.88), so training
-  starts with every expert on and away from the L_sep barrier; its weight is N(0, init_std).
+- L_sep adds `sep_eps` to (G - tau)^2: the paper's 1 / (G - tau)^2 is unbounded at G = tau.
+  It is a barrier that pushes each score away from tau, to whichever side it is on, while
+  L_eff pulls all of them down.
+- The router has a bias (a torch Linear's default), initialised to `router_bias_init` (default
+  0: scores start around tau, so L_sep splits the experts early); its weight is N(0, init_std).
 - All tokens count in the losses and metrics (padding too).
 """
 
@@ -47,7 +49,7 @@ from flax import nnx
 from .axes import Axis, declare
 from .config import ModelConfig, check_positive
 from .layers import Linear, dtype_of, param
-from .parts import Aux, Ctx, FFNConfig
+from .parts import Aux, Ctx, FFNConfig, UpdateRule
 from .swiglu import SwiGLUConfig
 
 declare(Axis("lte_expert", "feature", None, doc="LTE experts of an FFN (router outputs)"))
@@ -73,10 +75,13 @@ class LTEConfig(FFNConfig):
     """Weight lambda of the separability loss L_sep in stage 1."""
     tau: float = 0.5
     """Score threshold of hard routing."""
-    sep_floor: float = 1e-2
-    """Floor of (G - tau)^2 in L_sep (bounds the barrier at tau)."""
-    router_bias_init: float = 2.0
-    """Initial router bias (sigmoid(2) = 0.88: every expert starts on)."""
+    sep_eps: float = 1e-2
+    """Added to (G - tau)^2 in L_sep (bounds the barrier at tau by 1 / sep_eps)."""
+    router_bias_init: float = 0.0
+    """Initial router bias (0: scores start around tau)."""
+    router_lr_scale: float = 1.0
+    """The routers' learning rate as a multiple of the model's (the official fine-tuning gave
+    them 0.01 against 1.5e-5 to 5e-5 for the model)."""
     hard_from_step: int | None = None
     """Train step from which routing is hard and the routers frozen (stage 2); None: stage 1
     throughout."""
@@ -98,7 +103,7 @@ class LTEConfig(FFNConfig):
             )
         self.inner.check(model)
         check_positive(self, "model.ffn.", ints=("expert_size", "top_k", "hard_from_step"))
-        check_positive(self, "model.ffn.", floats=("sep_floor",))
+        check_positive(self, "model.ffn.", floats=("sep_eps", "router_lr_scale"))
         f = self.inner.dim(model)
         if f % self.expert_size:
             raise ValueError(
@@ -134,11 +139,11 @@ class LTEConfig(FFNConfig):
         router = 6 * model.d_model * self.n_experts(model)
         return self.inner.flops_per_token(model, seq_len) + router
 
-    def frozen_axes(self, model: ModelConfig) -> dict[str, int]:
-        """Parameters with the router's axis are frozen from `hard_from_step` on."""
-        if self.routing == "threshold" and self.hard_from_step is not None:
-            return {"lte_expert": self.hard_from_step}
-        return {}
+    def update_rules(self, model: ModelConfig) -> dict[str, UpdateRule]:
+        """The routers (the parameters with their axis) learn at `router_lr_scale` times the
+        model's rate, and are frozen from `hard_from_step` on."""
+        frozen = self.hard_from_step if self.routing == "threshold" else None
+        return {"lte_expert": UpdateRule(scale=self.router_lr_scale, frozen_from=frozen)}
 
 
 class LTE(nnx.Module):
@@ -224,7 +229,7 @@ class LTE(nnx.Module):
     def _aux(self, g_BTE: jax.Array, active_BTE: jax.Array, hard: Any) -> Aux:
         cfg = self.cfg
         eff = jnp.mean(jnp.square(g_BTE))
-        sep = jnp.mean(1.0 / jnp.maximum(jnp.square(g_BTE - cfg.tau), cfg.sep_floor))
+        sep = jnp.mean(1.0 / (jnp.square(g_BTE - cfg.tau) + cfg.sep_eps))
         density = jnp.mean(active_BTE)
         aux = {
             "density": density,

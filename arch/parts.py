@@ -24,6 +24,7 @@ makes the model non-decoding (generation then recomputes a window per token).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -66,6 +67,15 @@ class Ctx:
         return cls(positions=positions, segment_ids=segment_ids, **rest)
 
 
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """Updates of some parameters times `scale` (a learning-rate multiplier, weight decay
+    included), and zero from train step `frozen_from` on (a later training stage)."""
+
+    scale: float = 1.0
+    frozen_from: int | None = None
+
+
 @struct.dataclass
 class Output:
     """What every model returns (a pytree).
@@ -106,9 +116,9 @@ class PartConfig(Choice):
         """Training FLOPs (forward + backward) per token of one part at context `seq_len`."""
         raise NotImplementedError(f"{type(self).__name__} does not define flops_per_token()")
 
-    def frozen_axes(self, model: ModelConfig) -> dict[str, int]:
-        """{logical axis name: train step}: from that step on, the trainer applies no update to
-        parameters with that axis (a later training stage, e.g. LTE's frozen routers)."""
+    def update_rules(self, model: ModelConfig) -> dict[str, UpdateRule]:
+        """{logical axis name: rule}: how the trainer scales the optimizer's updates of the
+        parameters with that axis (e.g. LTE's router learning rate, and its frozen routers)."""
         return {}
 
 

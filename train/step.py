@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from menagerie.arch import Ctx
+from menagerie.arch.parts import UpdateRule
 
 Batch = dict[str, jax.Array]
 
@@ -68,10 +69,10 @@ def make_train_step(
     microbatches: int,
     z_loss: float,
     clip_norm: float | None,
-    frozen: Sequence[tuple[Any, int]] = (),
+    update_rules: Sequence[tuple[Any, UpdateRule]] = (),
 ) -> Callable[[dict, Batch], tuple[dict, dict]]:
-    """The train step. `frozen`: (mask, step) pairs, a mask being a pytree of Python bools like
-    the parameters; a parameter marked True gets no update from that step on."""
+    """The train step. `update_rules`: (mask, rule) pairs, a mask being a pytree of Python bools
+    like the parameters; the updates of the parameters marked True follow the rule."""
 
     def loss_fn(params, mb: Batch, n_tokens: jax.Array, step: jax.Array):
         out = _forward(graphdef, params, mb, step, training=True)
@@ -111,7 +112,7 @@ def make_train_step(
             scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
-        updates = freeze_updates(updates, frozen, step)
+        updates = apply_update_rules(updates, update_rules, step)
         new_params = optax.apply_updates(params, updates)
 
         # A non-finite loss or gradient, or an update that leaves a parameter or an optimizer
@@ -154,15 +155,21 @@ def make_train_step(
     return train_step
 
 
-def freeze_updates(updates: Any, frozen: Sequence[tuple[Any, int]], step: jax.Array) -> Any:
-    """`updates` with zeros for the parameters each (mask, start) of `frozen` marks, once
-    `step` >= start (after the optimizer: no momentum or weight decay moves them)."""
-    for mask, start in frozen:
+def apply_update_rules(
+    updates: Any, rules: Sequence[tuple[Any, UpdateRule]], step: jax.Array
+) -> Any:
+    """`updates` with each (mask, rule) of `rules` applied to the parameters its mask marks:
+    times `rule.scale`, and zero once `step` >= `rule.frozen_from` (after the optimizer, so no
+    momentum or weight decay moves a frozen parameter)."""
+    for mask, rule in rules:
+        factor = jnp.float32(rule.scale)
+        if rule.frozen_from is not None:
+            factor = jnp.where(step >= rule.frozen_from, 0.0, factor)
 
-        def zero_if(u, frozen_leaf, start=start):
-            return jnp.where(step >= start, jnp.zeros_like(u), u) if frozen_leaf else u
+        def scaled(u, marked, factor=factor):
+            return (u * factor.astype(u.dtype)) if marked else u
 
-        updates = jax.tree.map(zero_if, updates, mask)
+        updates = jax.tree.map(scaled, updates, mask)
     return updates
 
 

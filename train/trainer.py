@@ -193,7 +193,7 @@ class Trainer:
             microbatches=t.microbatches,
             z_loss=t.z_loss,
             clip_norm=self.cfg.optim.clip_norm,
-            frozen=self.frozen_masks(),
+            update_rules=self.update_rules(),
         )
         return jax.jit(
             step,
@@ -202,11 +202,11 @@ class Trainer:
             donate_argnums=0,
         )
 
-    def frozen_masks(self) -> list[tuple[Any, int]]:
-        """(mask, step) per frozen axis of the model (`ModelConfig.frozen_axes`): True for the
-        parameters that carry the axis."""
-        frozen = self.cfg.model.frozen_axes().items()
-        return [(_carrying(self.param_names, axis), start) for axis, start in frozen]
+    def update_rules(self) -> list[tuple[Any, Any]]:
+        """(mask, rule) per axis of `ModelConfig.update_rules`, the mask True for the parameters
+        that carry the axis."""
+        rules = self.cfg.model.update_rules().items()
+        return [(_carrying(self.param_names, axis), rule) for axis, rule in rules]
 
     def jit_eval_step(self):
         token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)

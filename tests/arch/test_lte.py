@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from menagerie.arch import Ctx, LTEConfig, TransformerConfig, build
-from menagerie.arch.parts import reduce_aux
-from menagerie.train.step import freeze_updates
+from menagerie.arch import Ctx, TransformerConfig, build
+from menagerie.arch.parts import UpdateRule, reduce_aux
+from menagerie.train.step import apply_update_rules
 
 D, F, S = 32, 128, 16  # 8 experts
 
@@ -85,12 +85,12 @@ def test_hard_routing_zeroes_the_inactive_experts_neurons():
 
 def test_stage_one_losses_are_the_papers_means():
     """Bug caught: the losses summed over experts or layers instead of averaged (eta would then
-    depend on the width and depth), or the separability floor not applied."""
+    depend on the width and depth), or the separability barrier not bounded by sep_eps."""
     lte, x = _lte(eta=0.3, separability=0.7), _x()
     g = lte.scores(x)
     _, aux = lte(x, _ctx(x, step=0))
     eff = jnp.mean(g**2)
-    sep = jnp.mean(1 / jnp.maximum((g - 0.5) ** 2, 1e-2))
+    sep = jnp.mean(1 / ((g - 0.5) ** 2 + 1e-2))
     np.testing.assert_allclose(aux["efficiency_loss"], eff, rtol=1e-6)
     np.testing.assert_allclose(aux["separability_loss"], sep, rtol=1e-6)
     np.testing.assert_allclose(aux["aux_loss"], (0.3 * eff + 0.7 * sep) / 2, rtol=1e-6)
@@ -173,9 +173,9 @@ def test_reduce_aux_sums_losses_and_flops_and_averages_the_rest():
     assert float(m["ffn/density/layer1"]) == pytest.approx(0.6)
 
 
-def test_frozen_parameters_get_no_update_from_their_step():
+def test_update_rules_scale_then_freeze_after_the_optimizer():
     """Bug caught: freezing by zeroing gradients only (Adam momentum and weight decay would
-    still move the routers after the switch)."""
+    still move the routers after the switch); the lr scale applied to other parameters."""
     params = {"router": jnp.ones(3), "other": jnp.ones(3)}
     opt = optax.adamw(0.1, weight_decay=0.5)
     state = opt.init(params)
@@ -183,10 +183,10 @@ def test_frozen_parameters_get_no_update_from_their_step():
     updates, state = opt.update(grads, state, params)  # momentum built before the switch
     zero = {"router": jnp.zeros(3), "other": jnp.zeros(3)}
     updates, state = opt.update(zero, state, params)
-    frozen = [({"router": True, "other": False}, 5)]
-    before = freeze_updates(updates, frozen, jnp.int32(4))
-    after = freeze_updates(updates, frozen, jnp.int32(5))
-    assert float(jnp.abs(before["router"]).min()) > 0
+    rules = [({"router": True, "other": False}, UpdateRule(scale=3.0, frozen_from=5))]
+    before = apply_update_rules(updates, rules, jnp.int32(4))
+    after = apply_update_rules(updates, rules, jnp.int32(5))
+    np.testing.assert_allclose(before["router"], 3.0 * updates["router"], rtol=1e-6)
     assert float(jnp.abs(after["router"]).max()) == 0
     np.testing.assert_array_equal(after["other"], updates["other"])
 
@@ -194,9 +194,10 @@ def test_frozen_parameters_get_no_update_from_their_step():
 def test_only_the_routers_carry_the_frozen_axis():
     """Bug caught: the frozen axis also named on the inner FFN (stage 2 would freeze the whole
     FFN) or missing from the router bias."""
-    cfg = _model_cfg(hard_from_step=7)
-    assert cfg.frozen_axes() == {"lte_expert": 7}
-    assert _model_cfg(routing="topk", top_k=2).frozen_axes() == {}
+    cfg = _model_cfg(hard_from_step=7, router_lr_scale=4.0)
+    assert cfg.update_rules() == {"lte_expert": UpdateRule(scale=4.0, frozen_from=7)}
+    topk = _model_cfg(routing="topk", top_k=2).update_rules()
+    assert topk == {"lte_expert": UpdateRule(scale=1.0, frozen_from=None)}
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     frozen = {"/".join(map(str, k)) for k, v in flat if "lte_expert" in v.out_sharding}
@@ -220,3 +221,28 @@ def test_bad_configs_name_the_key(ffn, message):
     """Bug caught: a config that builds a model with a ragged last expert or silent nonsense."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _model_cfg(**ffn)
+
+
+def test_eval_step_routes_as_the_train_step_would_at_its_step():
+    """Bug caught: eval without the train step (a stage-1 model evaluated with hard routing, so
+    the run's eval and `menagerie eval` measure a model that was never trained)."""
+    from menagerie.train.step import make_eval_step, token_losses
+
+    cfg = _model_cfg(hard_from_step=5)
+    model = build(cfg, rngs=nnx.Rngs(0))
+    bias = model.blocks.ffn.router_bias
+    bias[...] = jax.random.normal(jax.random.key(0), bias.shape)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tok = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+    batch = {"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": jnp.ones((2, 8))}
+    batch |= {
+        "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)),
+        "segment_ids": jnp.ones((2, 8), jnp.int32),
+    }
+    eval_step = jax.jit(make_eval_step(graphdef, jnp.ones(64)))
+    for step in (4, 5):
+        out = model(batch["tokens"], Ctx.make(batch["tokens"], step=jnp.int32(step)))
+        want = jnp.sum(token_losses(out.logits, batch["targets"])[0])
+        got = eval_step(params, batch, jnp.int32(step))["nll"]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert float(eval_step(params, batch, jnp.int32(4))["nll"]) != float(got)
