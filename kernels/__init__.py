@@ -1,4 +1,4 @@
-"""menagerie.kernels: Pallas attention kernels, each beside its jnp reference.
+"""menagerie.kernels: Pallas attention and sparse-FFN kernels, each beside its jnp reference.
 
 Imports nothing but jax and numpy (the GPU check runs with no other package installed).
 """
@@ -15,6 +15,7 @@ from menagerie.kernels.sparse_attention import (
     sparse_attention,
     sparse_attention_reference,
 )
+from menagerie.kernels.sparse_ffn import sparse_ffn, sparse_ffn_gather, sparse_ffn_reference
 
 __all__ = [
     "IMPLS",
@@ -28,4 +29,7 @@ __all__ = [
     "resolve_impl",
     "sparse_attention",
     "sparse_attention_reference",
+    "sparse_ffn",
+    "sparse_ffn_gather",
+    "sparse_ffn_reference",
 ]
