@@ -6,6 +6,7 @@
     menagerie export  RUN_DIR --format hf|megalodon|mosaics|torch --out DIR [--step N]
                       [--dtype bfloat16] [--verify]
     menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
+    menagerie convert-lte RUN_DIR [key.sub=value ...] --out NEW_RUN_DIR [--step N]
     menagerie generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K
                        --top-p P --seed S --step N]
 
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="run folder to create (must be new or empty)")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
     i.add_argument("overrides", nargs="*", help="dotted overrides (before --out)")
+    c = sub.add_parser("convert-lte", help="start an LTE run from a trained dense run")
+    c.add_argument("run_dir", help="folder of a trained run with a swiglu or mlp FFN")
+    c.add_argument("--out", required=True, help="run folder to create (must be new or empty)")
+    c.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("overrides", nargs="*", help="dotted overrides (before --out), e.g. model.ffn.eta=0.5")
     _generate_parser(sub)
     return p
 
@@ -171,6 +178,14 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_convert_lte(args) -> int:
+    from .convert import convert_to_lte, describe
+
+    out = convert_to_lte(args.run_dir, args.out, step=args.step, overrides=args.overrides)
+    print(describe(out))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from menagerie.export.run import load_run
 
@@ -217,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": cmd_prepare,
         "export": cmd_export,
         "import-hf": cmd_import_hf,
+        "convert-lte": cmd_convert_lte,
         "generate": cmd_generate,
     }[args.command]
     if args.debug:
