@@ -87,7 +87,7 @@ class LTEConfig(FFNConfig):
     throughout."""
     all_experts: bool = False
     """Every gate 1: exactly the inner FFN (e.g. to check a conversion from a dense run)."""
-    impl: str = "auto"
+    impl: Literal["auto", "gather", "pallas", "interpret", "reference"] = "auto"
     """`kernels.sparse_ffn` implementation of hard routing outside training (auto, reference,
     gather, interpret, pallas)."""
 

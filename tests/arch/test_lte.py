@@ -246,3 +246,22 @@ def test_eval_step_routes_as_the_train_step_would_at_its_step():
         got = eval_step(params, batch, jnp.int32(step))["nll"]
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert float(eval_step(params, batch, jnp.int32(4))["nll"]) != float(got)
+
+
+@pytest.mark.parametrize("inner", ["swiglu", "mlp"])
+@pytest.mark.parametrize("impl", ["gather", "interpret"])
+def test_generation_computes_only_the_active_experts_and_agrees(inner, impl):
+    """Bug caught: the sparse inference path (what generation runs, `ctx.step` None) fed the
+    gate/up matrices in the wrong order, the wrong activation, or a mask of another layout
+    than the masked training path."""
+    lte = _lte(hard_from_step=3, impl=impl, inner={"kind": inner, "hidden_dim": F})
+    x = _x(t=6)
+    graphdef, state = nnx.split(lte)
+
+    @jax.jit
+    def both(state):
+        part = nnx.merge(graphdef, state)
+        return part(x, _ctx(x))[0], part(x, _ctx(x, step=3))[0]
+
+    sparse, masked = both(state)
+    np.testing.assert_allclose(sparse, masked, rtol=2e-5, atol=2e-6)
