@@ -19,8 +19,18 @@ Outside training (`ctx.step` None: generation, export) a model with `hard_from_s
 and then runs `kernels.sparse_ffn`, which computes only the active experts' blocks; with the step
 given (training, eval) the FFN is the masked dense computation, the same function.
 
-`routing: topk` is the MoE baseline over the same experts: each token takes its `top_k` highest
-scores, weighted by G (sigmoid gating as in DeepSeek-V3), with no auxiliary loss and no stage 2.
+Two baselines route over the same experts, so sparsity and quality compare on equal terms:
+- `routing: topk`, MoE: each token takes its `top_k` highest scores, weighted by G (sigmoid
+  gating as in DeepSeek-V3), trained through the task loss, no auxiliary loss, no stage 2.
+- `routing: dejavu`, a Deja Vu-style predictor (Liu et al. 2023): a low-rank linear map
+  x W1 W2 (rank `predictor_rank`, no nonlinearity, as the official `sparse_predictor`) trained
+  with binary cross-entropy to predict the `top_k` experts whose hidden activations have the
+  largest norm (at expert, not neuron, granularity: Deja Vu labels ReLU neurons that fire, which
+  a SwiGLU has none of; its attention labels are likewise the top heads by output norm). Stage
+  1 runs the dense FFN, so the labels are the dense model's own activations, and trains the
+  predictor beside the model; from `hard_from_step` each token uses the predictor's top_k
+  experts (weight 1) and the predictor is frozen. Deja Vu trains its predictor on a frozen
+  model; here the model keeps training, as LTE's does in its stage 2.
 
 Metrics per layer: `density` (fraction of experts active, i.e. G > tau, also during stage 1,
 logged per layer and averaged), `efficiency_loss`, `separability_loss`, and `flops_saved` (the
@@ -43,6 +53,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import optax
 import pydantic
 from flax import nnx
 
@@ -52,7 +63,10 @@ from .layers import Linear, dtype_of, param
 from .parts import Aux, Ctx, FFNConfig, UpdateRule
 from .swiglu import SwiGLUConfig
 
-declare(Axis("lte_expert", "feature", None, doc="LTE experts of an FFN (router outputs)"))
+declare(
+    Axis("lte_expert", "feature", None, doc="LTE experts of an FFN (router outputs)"),
+    Axis("lte_rank", "feature", None, doc="inner width of the dejavu predictor"),
+)
 
 
 class LTEConfig(FFNConfig):
@@ -65,10 +79,15 @@ class LTEConfig(FFNConfig):
     """The wrapped FFN (`kind`: swiglu or mlp), whose hidden neurons form the experts."""
     expert_size: int = 32
     """Neurons per expert S; must divide the inner FFN's hidden width."""
-    routing: Literal["threshold", "topk"] = "threshold"
-    """threshold: LTE (G > tau, varying count); topk: the MoE baseline (`top_k` per token)."""
+    routing: Literal["threshold", "topk", "dejavu"] = "threshold"
+    """threshold: LTE (G > tau, varying count); topk: the MoE baseline; dejavu: the Deja Vu
+    predictor baseline (both `top_k` experts per token)."""
     top_k: int | None = None
-    """Experts per token with routing topk (required there, not allowed with threshold)."""
+    """Experts per token with routing topk or dejavu (required there, not with threshold)."""
+    predictor_rank: int = 64
+    """Rank of the dejavu predictor x W1 W2."""
+    predictor_weight: float = 1.0
+    """Weight of the dejavu predictor's cross-entropy in stage 1."""
     eta: float = 0.1
     """Weight of the efficiency loss L_eff in stage 1 (sets the reached sparsity)."""
     separability: float = 0.5
@@ -102,7 +121,8 @@ class LTEConfig(FFNConfig):
                 "experts; use swiglu or mlp"
             )
         self.inner.check(model)
-        check_positive(self, "model.ffn.", ints=("expert_size", "top_k", "hard_from_step"))
+        ints = ("expert_size", "top_k", "hard_from_step", "predictor_rank")
+        check_positive(self, "model.ffn.", ints=ints)
         check_positive(self, "model.ffn.", floats=("sep_eps", "router_lr_scale"))
         f = self.inner.dim(model)
         if f % self.expert_size:
@@ -113,37 +133,49 @@ class LTEConfig(FFNConfig):
         self._check_routing(model)
 
     def _check_routing(self, model: ModelConfig) -> None:
-        if not 0 < self.tau < 1 or self.eta < 0 or self.separability < 0:
-            raise ValueError("model.ffn: tau must be in (0, 1), eta and separability >= 0")
+        if not 0 < self.tau < 1 or min(self.eta, self.separability, self.predictor_weight) < 0:
+            raise ValueError(
+                "model.ffn: tau must be in (0, 1); eta, separability, predictor_weight >= 0"
+            )
         if self.routing == "threshold":
             if self.top_k is not None:
                 raise ValueError("model.ffn.top_k is for routing=topk; remove it or set routing")
             return
         if self.top_k is None or self.top_k > self.n_experts(model):
             raise ValueError(
-                f"model.ffn.routing=topk needs model.ffn.top_k in 1..{self.n_experts(model)}"
+                f"model.ffn.routing={self.routing} needs model.ffn.top_k in "
+                f"1..{self.n_experts(model)}"
             )
-        if self.hard_from_step is not None:
-            raise ValueError("model.ffn.hard_from_step is for routing=threshold (LTE's stage 2)")
+        if self.routing == "topk" and self.hard_from_step is not None:
+            raise ValueError("model.ffn.hard_from_step is for routing=threshold or dejavu")
+        if self.routing == "dejavu" and self.hard_from_step is None:
+            raise ValueError(
+                "model.ffn.routing=dejavu needs model.ffn.hard_from_step (the step from which "
+                "the trained predictor routes)"
+            )
 
     def build(self, model: ModelConfig, *, rngs: nnx.Rngs) -> LTE:
         return LTE(self, model, rngs=rngs)
 
+    def router_matrix_params(self, model: ModelConfig) -> int:
+        """W_g [D,E], or the dejavu predictor's W1 [D,r] and W2 [r,E]."""
+        d, e, r = model.d_model, self.n_experts(model), self.predictor_rank
+        return d * e if self.routing != "dejavu" else d * r + r * e
+
     def num_params(self, model: ModelConfig) -> int:
-        """The inner FFN + router W_g [D,E] and bias [E]."""
-        e = self.n_experts(model)
-        return self.inner.num_params(model) + (model.d_model + 1) * e
+        """The inner FFN + the router's matrices and its bias [E]."""
+        router = self.router_matrix_params(model) + self.n_experts(model)
+        return self.inner.num_params(model) + router
 
     def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
-        """Dense: the inner FFN's + 6 D E of the router."""
-        router = 6 * model.d_model * self.n_experts(model)
-        return self.inner.flops_per_token(model, seq_len) + router
+        """Dense: the inner FFN's + 6 x the router's matrix parameters."""
+        return self.inner.flops_per_token(model, seq_len) + 6 * self.router_matrix_params(model)
 
     def update_rules(self, model: ModelConfig) -> dict[str, UpdateRule]:
         """The routers (the parameters with their axis) learn at `router_lr_scale` times the
         model's rate, and are frozen from `hard_from_step` on."""
-        frozen = self.hard_from_step if self.routing == "threshold" else None
-        return {"lte_expert": UpdateRule(scale=self.router_lr_scale, frozen_from=frozen)}
+        rule = UpdateRule(scale=self.router_lr_scale, frozen_from=self.hard_from_step)
+        return {"lte_expert": rule, "lte_rank": rule}
 
 
 class LTE(nnx.Module):
@@ -153,39 +185,46 @@ class LTE(nnx.Module):
         self.cfg = cfg
         e, dtype = cfg.n_experts(model), dtype_of(model.param_dtype)
         self.inner = cfg.inner.build(model, rngs=rngs)
-        self.router = Linear(
-            model.d_model,
-            e,
-            ("embed", "lte_expert"),
-            std=model.init_std,
-            param_dtype=dtype,
-            compute_dtype=jnp.float32,
-            rngs=rngs,
-        )
+        kw = dict(std=model.init_std, param_dtype=dtype, compute_dtype=jnp.float32, rngs=rngs)
+        if cfg.routing == "dejavu":
+            r = cfg.predictor_rank
+            self.router = Linear(model.d_model, r, ("embed", "lte_rank"), **kw)
+            self.router_out = Linear(r, e, ("lte_rank", "lte_expert"), **kw)
+        else:
+            self.router = Linear(model.d_model, e, ("embed", "lte_expert"), **kw)
         bias_init = jax.nn.initializers.constant(cfg.router_bias_init)
         self.router_bias = param(rngs, (e,), ("lte_expert",), std=None, dtype=dtype, init=bias_init)
         self.n_layers = model.n_layers
         self.inner_flops = cfg.inner.flops_per_token(model, 1)
 
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """x W_g + b (dejavu: x W1 W2 + b): [B,T,E] float32."""
+        z_BTE = self.router(x_BTD)
+        if self.cfg.routing == "dejavu":
+            z_BTE = self.router_out(z_BTE)
+        return z_BTE + self.router_bias[...].astype(jnp.float32)
+
     def scores(self, x_BTD: jax.Array) -> jax.Array:
-        """G = sigmoid(x W_g + b): [B,T,E] float32."""
-        return jax.nn.sigmoid(self.router(x_BTD) + self.router_bias[...].astype(jnp.float32))
+        """G = sigmoid(logits): [B,T,E] float32."""
+        return jax.nn.sigmoid(self.logits(x_BTD))
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         with jax.named_scope("lte"):
-            g_BTE = self.scores(x_BTD)
-            hard = self._hard(ctx.step)
+            z_BTE = self.logits(x_BTD)
+            g_BTE, hard = jax.nn.sigmoid(z_BTE), self._hard(ctx.step)
             gate_BTE, active_BTE = self._route(g_BTE, hard)
+            aux = self._aux(g_BTE, active_BTE, hard)
             if ctx.step is None and hard is True and not self.cfg.all_experts:
-                y_BTD = self._sparse(x_BTD, active_BTE)
-            else:
-                y_BTD = self._masked(x_BTD, gate_BTE)
-            return y_BTD, self._aux(g_BTE, active_BTE, hard)
+                return self._sparse(x_BTD, active_BTE), aux
+            h_BTF = self.inner.hidden(x_BTD)
+            if self.cfg.routing == "dejavu":
+                aux |= self._predictor_aux(z_BTE, h_BTF, active_BTE, hard)
+            return self._masked(h_BTF, gate_BTE), aux
 
     def _hard(self, step: jax.Array | None) -> Any:
         """Whether routing is hard: a Python bool without a step, else a traced bool."""
         start = self.cfg.hard_from_step
-        if self.cfg.routing != "threshold" or start is None:
+        if self.cfg.routing == "topk" or start is None:
             return False
         return True if step is None else step >= start
 
@@ -198,14 +237,16 @@ class LTE(nnx.Module):
         if cfg.routing == "topk":
             active = topk_mask(g_BTE, cfg.top_k)
             return g_BTE * active, active
+        if cfg.routing == "dejavu":  # stage 1 dense, stage 2 the predicted experts
+            active = topk_mask(g_BTE, cfg.top_k)
+            return jnp.where(hard, active, jnp.ones_like(active)), active
         active = (g_BTE > cfg.tau).astype(jnp.float32)
         if hard is False:
             return g_BTE, active
         return jnp.where(hard, active, g_BTE), active
 
-    def _masked(self, x_BTD: jax.Array, gate_BTE: jax.Array) -> jax.Array:
-        """The dense FFN with each expert's neurons scaled by its gate."""
-        h_BTF = self.inner.hidden(x_BTD)
+    def _masked(self, h_BTF: jax.Array, gate_BTE: jax.Array) -> jax.Array:
+        """The dense FFN's output from its hidden neurons, each expert's scaled by its gate."""
         gate_BTF = jnp.repeat(gate_BTE, self.cfg.expert_size, axis=-1).astype(h_BTF.dtype)
         return self.inner.project(h_BTF * gate_BTF)
 
@@ -227,20 +268,32 @@ class LTE(nnx.Module):
         return y_ND.reshape(b, t, -1).astype(x_BTD.dtype)
 
     def _aux(self, g_BTE: jax.Array, active_BTE: jax.Array, hard: Any) -> Aux:
+        """Density and FLOPs saved; for LTE (threshold) its stage-1 losses."""
         cfg = self.cfg
+        density = jnp.mean(active_BTE)
+        aux = {"density": density, "flops_saved": (1.0 - density) * self.inner_flops}
+        if cfg.routing != "threshold" or cfg.all_experts:
+            return aux
         eff = jnp.mean(jnp.square(g_BTE))
         sep = jnp.mean(1.0 / (jnp.square(g_BTE - cfg.tau) + cfg.sep_eps))
-        density = jnp.mean(active_BTE)
-        aux = {
-            "density": density,
-            "flops_saved": (1.0 - density) * self.inner_flops,
-            "efficiency_loss": eff,
-            "separability_loss": sep,
+        stage1 = 1.0 - jnp.asarray(hard, jnp.float32)
+        loss = stage1 * (cfg.eta * eff + cfg.separability * sep) / self.n_layers
+        return aux | {"aux_loss": loss, "efficiency_loss": eff, "separability_loss": sep}
+
+    def _predictor_aux(self, z_BTE, h_BTF, active_BTE, hard) -> Aux:
+        """The dejavu predictor's stage-1 cross-entropy against the top_k experts by hidden
+        activation norm, and its recall of them."""
+        cfg = self.cfg
+        h_BTES = jax.lax.stop_gradient(h_BTF).astype(jnp.float32)
+        h_BTES = h_BTES.reshape(*h_BTF.shape[:-1], -1, cfg.expert_size)
+        labels_BTE = topk_mask(jnp.sum(jnp.square(h_BTES), axis=-1), cfg.top_k)
+        bce = jnp.mean(optax.sigmoid_binary_cross_entropy(z_BTE, labels_BTE))
+        stage1 = 1.0 - jnp.asarray(hard, jnp.float32)
+        return {
+            "aux_loss": stage1 * cfg.predictor_weight * bce / self.n_layers,
+            "predictor_loss": bce,
+            "predictor_recall": jnp.sum(active_BTE * labels_BTE) / jnp.sum(labels_BTE),
         }
-        if cfg.routing == "threshold" and not cfg.all_experts:
-            stage1 = 1.0 - jnp.asarray(hard, jnp.float32)
-            aux["aux_loss"] = stage1 * (cfg.eta * eff + cfg.separability * sep) / self.n_layers
-        return aux
 
 
 def topk_mask(scores_BTE: jax.Array, k: int) -> jax.Array:

@@ -195,9 +195,9 @@ def test_only_the_routers_carry_the_frozen_axis():
     """Bug caught: the frozen axis also named on the inner FFN (stage 2 would freeze the whole
     FFN) or missing from the router bias."""
     cfg = _model_cfg(hard_from_step=7, router_lr_scale=4.0)
-    assert cfg.update_rules() == {"lte_expert": UpdateRule(scale=4.0, frozen_from=7)}
+    assert cfg.update_rules()["lte_expert"] == UpdateRule(scale=4.0, frozen_from=7)
     topk = _model_cfg(routing="topk", top_k=2).update_rules()
-    assert topk == {"lte_expert": UpdateRule(scale=1.0, frozen_from=None)}
+    assert topk["lte_expert"] == UpdateRule(scale=1.0, frozen_from=None)
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     frozen = {"/".join(map(str, k)) for k, v in flat if "lte_expert" in v.out_sharding}
@@ -210,9 +210,10 @@ def test_only_the_routers_carry_the_frozen_axis():
         ({"inner": {"kind": "persistent_memory"}}, "no hidden neurons"),
         ({"expert_size": 48}, "does not divide"),
         ({"routing": "topk"}, "needs model.ffn.top_k"),
+        ({"routing": "dejavu", "top_k": 2}, "dejavu needs model.ffn.hard_from_step"),
         ({"routing": "topk", "top_k": 9}, "needs model.ffn.top_k in 1..8"),
         ({"top_k": 2}, "is for routing=topk"),
-        ({"routing": "topk", "top_k": 2, "hard_from_step": 5}, "is for routing=threshold"),
+        ({"routing": "topk", "top_k": 2, "hard_from_step": 5}, "is for routing=threshold or"),
         ({"tau": 1.0}, "tau must be in (0, 1)"),
         ({"hard_from_step": 0}, "hard_from_step=0 must be a positive"),
     ],
@@ -265,3 +266,44 @@ def test_generation_computes_only_the_active_experts_and_agrees(inner, impl):
 
     sparse, masked = both(state)
     np.testing.assert_allclose(sparse, masked, rtol=2e-5, atol=2e-6)
+
+
+def test_dejavu_predictor_learns_the_top_experts_by_activation_then_routes_by_them():
+    """Bugs caught: labels from the wrong axis (experts mixed with neurons), a stage 1 that is
+    not the dense FFN (the labels would not be the dense model's), a stage 2 that does not use
+    the predictor's top_k, or that keeps training it."""
+    lte, x = _lte(routing="dejavu", top_k=3, hard_from_step=4, predictor_rank=8), _x()
+    g = lte.scores(x)
+    y1, aux1 = lte(x, _ctx(x, step=0))
+    dense, _ = lte.inner(x, _ctx(x))
+    np.testing.assert_allclose(y1, dense, rtol=1e-6)
+    inner = lte.inner
+    h = jax.nn.silu(x @ inner.gate.kernel[...]) * (x @ inner.up.kernel[...])
+    norms = jnp.linalg.norm(h.reshape(2, 5, F // S, S), axis=-1)
+    labels = (norms >= jnp.sort(norms, axis=-1)[..., -3:-2]).astype(jnp.float32)
+    logits = jnp.log(g) - jnp.log1p(-g)
+    bce = -jnp.mean(
+        labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits)
+    )
+    np.testing.assert_allclose(aux1["predictor_loss"], bce, rtol=1e-4)
+    np.testing.assert_allclose(aux1["aux_loss"], bce / 2, rtol=1e-4)
+    predicted = (g >= jnp.sort(g, axis=-1)[..., -3:-2]).astype(jnp.float32)
+    y2, aux2 = lte(x, _ctx(x, step=4))
+    np.testing.assert_allclose(y2, _expert_sum(lte, x, predicted), rtol=2e-5, atol=2e-6)
+    assert float(aux2["aux_loss"]) == 0 and float(aux2["density"]) == 3 / (F // S)
+    recall = jnp.sum(predicted * labels) / jnp.sum(labels)
+    np.testing.assert_allclose(aux2["predictor_recall"], recall, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ffn",
+    [{}, {"routing": "topk", "top_k": 2}, {"routing": "dejavu", "top_k": 2, "hard_from_step": 1}],
+)
+def test_counts_are_exact_for_every_routing(ffn):
+    """Bug caught: the dejavu predictor's two matrices counted as one D x E router."""
+    cfg = _model_cfg(**ffn)
+    part = nnx.eval_shape(lambda: cfg.ffn.build(cfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(part, nnx.Param))
+    assert cfg.ffn.num_params(cfg) == sum(x.size for x in leaves)
+    router = cfg.ffn.num_params(cfg) - cfg.ffn.inner.num_params(cfg) - F // S
+    assert cfg.ffn.flops_per_token(cfg, 8) == cfg.ffn.inner.flops_per_token(cfg, 8) + 6 * router
