@@ -27,7 +27,7 @@ Why not the official library. The official grouping (robogast/LTE `km_utils.py: 
 `KMeansConstrained(n_clusters=E, size_min=size_max=S, random_state=0)` from the
 `k-means-constrained` package: the same model (balanced k-means, k-means++ init), with each
 assignment a min-cost flow over all F * E arcs solved by OR-Tools, and 10 restarts of up to 300
-iterations by default. Installing it pulls OR-Tools (a ~90 MB wheel), pandas, joblib and six,
+iterations by default. Installing it pulls OR-Tools (about 90 MB installed), pandas, joblib and six,
 and OR-Tools pins protobuf < 6.34 where our venv has protobuf 7 (orbax, grain, tensorboardX), so
 it would downgrade a core dependency. The dense transportation problem is small enough for
 numpy: an F x E benefit matrix (11008 x 344 for a 7B model). A dense linear_sum_assignment
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _EPS_FINAL = 1e-9  # auction accuracy as a fraction of the benefit range
-_EPS_START = 0.1  # first auction phase, same units
-_EPS_SHRINK = 8.0  # eps-scaling factor between phases
+_EPS_START = 0.01  # first auction phase, same units
+_EPS_SHRINK = 4.0  # eps-scaling factor between phases
 
 
 def balanced_kmeans(
@@ -221,10 +221,9 @@ def _kmeans_plus_plus(x_FD: np.ndarray, k: int, rng: np.random.Generator) -> np.
 
 
 def _centroids(x_FD: np.ndarray, labels_F: np.ndarray, k: int) -> np.ndarray:
-    """[k, D] mean of each cluster's rows (every cluster is non-empty: it is balanced)."""
-    sums_KD = np.zeros((k, x_FD.shape[1]), np.float64)
-    np.add.at(sums_KD, labels_F, x_FD)
-    return (sums_KD / np.bincount(labels_F, minlength=k)[:, None]).astype(x_FD.dtype)
+    """[k, D] mean of each cluster's rows (balanced: F / k rows each)."""
+    members_KSD = x_FD[np.argsort(labels_F, kind="stable")].reshape(k, -1, x_FD.shape[1])
+    return members_KSD.mean(axis=1, dtype=np.float64).astype(x_FD.dtype)
 
 
 def _canonical_labels(labels_F: np.ndarray) -> np.ndarray:
