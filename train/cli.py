@@ -6,7 +6,7 @@
     menagerie export  RUN_DIR --format hf|megalodon|mosaics|torch --out DIR [--step N]
                       [--dtype bfloat16] [--verify]
     menagerie import-hf MODEL_DIR [key.sub=value ...] --out RUN_DIR
-    menagerie convert-lte RUN_DIR [key.sub=value ...] --out NEW_RUN_DIR [--step N]
+    menagerie convert-lte RUN_DIR --out NEW_RUN_DIR [--step N] [key.sub=value ...]
     menagerie generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K
                        --top-p P --seed S --step N]
 
@@ -63,13 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors)")
     i.add_argument("--out", required=True, help="run folder to create (must be new or empty)")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
-    i.add_argument("overrides", nargs="*", help="dotted overrides (before --out)")
+    i.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     c = sub.add_parser("convert-lte", help="start an LTE run from a trained dense run")
     c.add_argument("run_dir", help="folder of a trained run with a swiglu or mlp FFN")
     c.add_argument("--out", required=True, help="run folder to create (must be new or empty)")
     c.add_argument("--step", type=int, help="checkpoint step (default: the newest readable)")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
-    c.add_argument("overrides", nargs="*", help="dotted overrides (before --out), e.g. model.ffn.eta=0.5")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.ffn.eta=0.5")
     _generate_parser(sub)
     return p
 
@@ -214,6 +214,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; dotted overrides may also come after options (argparse stops taking a
+    positional list at the first option: `convert-lte RUN --step 5 a=1 --out X`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def _distributed(handler):
     def run(args) -> int:
         from .distributed import initialize
@@ -225,7 +238,7 @@ def _distributed(handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     handler = {
         "train": _distributed(cmd_train),
         "eval": _distributed(cmd_eval),

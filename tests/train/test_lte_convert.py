@@ -107,3 +107,16 @@ def test_conversion_refuses_a_folder_in_use(tmp_path):
     rc, _, stderr = run_main(["convert-lte", str(dense_dir), "--out", str(tmp_path / "busy")])
     assert rc == 2 and "not an empty folder" in stderr
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """Bug caught: argparse's positional list ending at the first option, so
+    `convert-lte RUN --step 0 key=value --out DIR` was refused."""
+    dense_dir = _dense_run(tmp_path)
+    out = tmp_path / "lte"
+    argv = ["convert-lte", str(dense_dir), "--step", "0", "model.ffn.expert_size=64"]
+    rc, _, stderr = run_main([*argv, "--out", str(out)])
+    assert rc == 0, stderr
+    assert read_yaml(out / "config.yaml")["model"]["ffn"]["expert_size"] == 64
+    with pytest.raises(SystemExit):
+        run_main(["convert-lte", str(dense_dir), "--bogus", "--out", str(tmp_path / "x")])

@@ -1,0 +1,146 @@
+"""LTE quality on the stdlib corpus (issue 13's quality target), by the real CLI.
+
+    python bench/lte.py [--steps 600] [--eta 1.0] [--out DIR]
+
+Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 32), at equal
+total steps N:
+- dense: the baseline, N steps (its checkpoint at N/2 seeds the converted runs);
+- lte: LTE from step 0, stage 2 (hard routing, frozen routers) from 2N/3;
+- lte-converted: `menagerie convert-lte` of the dense run at N/2, then N/2 steps, stage 2
+  from the middle of them;
+- topk: top-k MoE routing over the same experts (k = E/2) from step 0;
+- dejavu-converted: the Deja Vu predictor (k = E/2) on the dense run at N/2, trained for N/4
+  steps beside the model, then routing by it for N/4.
+Prints a table (final eval bits/byte, its difference from dense, the reached density overall
+and per layer) and writes bench/results/lte_quality.json. Target: stage-2 LTE at about 50% FFN
+sparsity within +0.05 bits/byte of dense, from scratch and converted. LTE's sparsity is not
+set directly: `--eta` moves it (the table reports what each run reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESULTS = Path(__file__).parent / "results"
+CLI = [sys.executable, "-m", "menagerie.train.cli"]
+EXPERTS = 12
+
+
+def _config(steps: int, ffn: dict, lr: float) -> dict:
+    return {
+        "model": {
+            "d_model": 128,
+            "n_layers": 4,
+            "mixer": {"kind": "attention", "n_heads": 4},
+            "ffn": ffn,
+        },
+        "train": {
+            "steps": steps,
+            "seq_len": 256,
+            "batch_size": 16,
+            "eval_every": steps,
+            "eval_batches": 16,
+            "sample_tokens": 0,
+        },
+        "optim": {"lr": lr, "warmup_steps": steps // 10},
+        "checkpoint": {"every": steps // 2, "keep_last": 2},
+        "log": {"every": max(1, steps // 10), "progress": False, "tensorboard": False},
+    }
+
+
+def _lte(**extra) -> dict:
+    inner = {"kind": "swiglu", "hidden_dim": 32 * EXPERTS}
+    return {"kind": "lte", "inner": inner, "expert_size": 32, **extra}
+
+
+def _run(args: list[str]) -> None:
+    subprocess.run([*CLI, *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def _train(run_dir: Path, cfg: dict) -> None:
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg | {"run_dir": str(run_dir)}))
+    _run(["train", "-c", str(path)])
+
+
+def _converted(dense: Path, run_dir: Path, step: int, overrides: list[str]) -> None:
+    _run(["convert-lte", str(dense), "--step", str(step), *overrides, "--out", str(run_dir)])
+    _run(["train", "-c", str(run_dir / "config.yaml")])
+
+
+def _result(run_dir: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r["kind"] == "eval"][-1]
+    train = [r for r in rows if r["kind"] == "train"][-1]
+    layers = sorted(k for k in train if k.startswith("model/ffn/density/layer"))
+    return {
+        "bits_per_byte": ev["bits_per_byte"],
+        "density": train.get("model/ffn/density", 1.0),
+        "density_per_layer": [round(train[k], 3) for k in layers],
+        "active_flops_per_token": train.get("active_flops_per_token"),
+    }
+
+
+def quality(args) -> dict[str, Any]:
+    out = Path(args.out or tempfile.mkdtemp(prefix="lte_quality_"))
+    out.mkdir(parents=True, exist_ok=True)
+    n, half, k = args.steps, args.steps // 2, EXPERTS // 2
+    lte = {"eta": args.eta, "router_lr_scale": args.router_lr_scale}
+    _train(out / "dense", _config(n, {"kind": "swiglu", "hidden_dim": 32 * EXPERTS}, args.lr))
+    _train(out / "lte", _config(n, _lte(hard_from_step=2 * n // 3, **lte), args.lr))
+    conv = [f"model.ffn.{key}={v}" for key, v in lte.items()]
+    conv += [f"model.ffn.hard_from_step={half // 2}", f"train.steps={half}"]
+    _converted(out / "dense", out / "lte-converted", half, conv)
+    _train(out / "topk", _config(n, _lte(routing="topk", top_k=k), args.lr))
+    dejavu = ["model.ffn.routing=dejavu", f"model.ffn.top_k={k}", f"train.steps={half}"]
+    dejavu += [f"model.ffn.hard_from_step={half // 2}"]
+    _converted(out / "dense", out / "dejavu-converted", half, dejavu)
+    names = ("dense", "lte", "lte-converted", "topk", "dejavu-converted")
+    rows = {name: _result(out / name) for name in names}
+    return {"bench": "lte_quality", "steps": n, "eta": args.eta, "lr": args.lr, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    rows, dense = result["rows"], result["rows"]["dense"]["bits_per_byte"]
+    lines = [
+        "| run | eval bits/byte | vs dense | FFN density | per layer | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        delta = r["bits_per_byte"] - dense
+        target = ""
+        if name.startswith("lte"):
+            met = delta <= 0.05 and 0.4 <= r["density"] <= 0.6
+            target = "met" if met else "missed"
+        lines.append(
+            f"| {name} | {r['bits_per_byte']:.4f} | {delta:+.4f} | {r['density']:.3f} | "
+            f"{r['density_per_layer']} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=600, help="total steps of every run")
+    p.add_argument("--eta", type=float, default=1.0, help="LTE's efficiency-loss weight")
+    p.add_argument("--router-lr-scale", type=float, default=10.0)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--out", default=None, help="run folders (default: a temp dir)")
+    args = p.parse_args()
+    result = quality(args)
+    print(table(result))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lte_quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
