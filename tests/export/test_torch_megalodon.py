@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # torch is in the test extra: never skipped
-import yaml
 from flax import nnx
 from menagerie import arch
 from menagerie.arch import MegalodonConfig
@@ -172,22 +171,6 @@ def test_cli_export_verifies_and_runs_with_torch_alone(run_dir, tmp_path):
     theirs = torch.load(out / "logits.pt").numpy()
     here = torch_format.reference_logits(out)(tokens)
     np.testing.assert_allclose(theirs, here, atol=1e-6, rtol=0)
-
-
-def test_a_transformer_run_is_refused_in_one_line(tmp_path):
-    """Catches: `--format torch` accepting a family it has no mirror for (the transformer goes
-    to `--format hf`), or writing anything before refusing."""
-    run = tmp_path / "transformer_run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "transformer"}}))
-    rc, _, stderr = run_main(
-        ["export", str(run), "--format", "torch", "--out", str(tmp_path / "o")]
-    )
-    lines = stderr.strip().splitlines()
-    assert rc == 2 and len(lines) == 1, stderr
-    assert "--format torch writes megalodon models" in lines[0], stderr
-    assert "holds a transformer model" in lines[0]
-    assert not (tmp_path / "o").exists()
 
 
 def test_bfloat16_export_keeps_cema_and_norms_float32(run_dir, tmp_path):
