@@ -9,8 +9,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from menagerie.train.cli import main
+
+# Tiny programs run once: compiled without XLA's backend optimisations, which took longer than
+# running them (as tests/arch/test_megalodon.py's quick_jit).
+LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# A Python process that cannot import JAX, Flax or menagerie (nor the official packages) loads an
+# export folder with its copied mirror module and saves the logits of tokens.pt.
+TORCH_ONLY = """
+import sys
+for name in ("jax", "jaxlib", "flax", "menagerie", "megalodon", "megalodon_jax"):
+    sys.modules[name] = None
+import torch
+from {module} import load
+model, config = load(".")
+with torch.no_grad():
+    torch.save(model(torch.load("tokens.pt")), "logits.pt")
+"""
 
 
 def saved_run(root: Path, model: dict, seq_len: int, make_model: Callable[[Any], Any]) -> Path:
@@ -55,3 +75,34 @@ def export_verified(run_dir: Path, fmt: str, out: Path) -> str:
     assert verified and float(verified[1]) < 1e-4, stdout
     print(f"CLI export --verify: max |ours - torch| = {verified[1]}")
     return stdout
+
+
+def our_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
+    """Our float32 logits [B,T,V] of tokens [B,T] at inference (no step in the context)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens).logits)
+    tokens = jnp.asarray(tokens_BT, jnp.int32)
+    return np.asarray(forward.lower(state, tokens).compile(LESS_OPTIMISED)(state, tokens))
+
+
+def torch_only_logits(out: Path, module: str, tokens_BT: np.ndarray) -> np.ndarray:
+    """The logits of `tokens_BT` from export folder `out` loaded by its mirror `module` in a
+    process that cannot import JAX, Flax or menagerie."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from ..cli_testing import cli_env
+
+    torch.save(torch.from_numpy(tokens_BT), out / "tokens.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_ONLY.format(module=module)],
+        cwd=out,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / "logits.pt").numpy()

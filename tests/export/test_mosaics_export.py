@@ -37,7 +37,12 @@ from menagerie.train.errors import ConfigError
 
 from ..cli_testing import snapshot
 from ..random_params import random_module
-from .export_testing import export_verified, run_main, saved_run
+from .export_testing import (
+    export_verified,
+    our_logits,
+    run_main,
+    saved_run,
+)
 
 RECORD = Path(__file__).with_name("mosaics_state_dict.json")
 
@@ -197,18 +202,6 @@ def random_mosaics(cfg: MosaicsConfig, seed: int):
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     pure = jax.tree_util.tree_map_with_path(draw, pure)
     return model_of(cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), pure))
-
-
-# Tiny programs run once: compiled without XLA's backend optimisations (as test_torch_megalodon).
-LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def our_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
-    """Our float32 logits [B,T,V] of tokens [B,T]."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens).logits)
-    tokens = jnp.asarray(tokens_BT, jnp.int32)
-    return np.asarray(forward.lower(state, tokens).compile(LESS_OPTIMISED)(state, tokens))
 
 
 def exported(cfg: MosaicsConfig, params: dict) -> list:

@@ -13,12 +13,8 @@ not the initialisation's zeros, so that any misplaced weight or skipped +1 moves
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # torch is in the test extra: never skipped
@@ -27,9 +23,15 @@ from menagerie import arch
 from menagerie.arch import MegalodonConfig
 from menagerie.export import pytorch as torch_format
 
-from ..cli_testing import MEGALODON_TINY_MODEL, cli_env
+from ..cli_testing import MEGALODON_TINY_MODEL
 from ..random_params import random_module
-from .export_testing import export_verified, run_main, saved_run
+from .export_testing import (
+    export_verified,
+    our_logits,
+    run_main,
+    saved_run,
+    torch_only_logits,
+)
 
 TINY = dict(
     d_model=16,
@@ -67,19 +69,6 @@ CONFIGS = {
 def random_model(cfg, seed: int):
     """Our model of `cfg` (built abstractly) with random parameters."""
     return random_module(lambda: arch.build(cfg, rngs=nnx.Rngs(0)), seed)
-
-
-# Tiny programs run once: compiled without XLA's backend optimisations, which took longer
-# than running them (as tests/arch/test_megalodon.py's quick_jit).
-LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def our_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
-    """Our float32 logits [B,T,V] of tokens [B,T]."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens).logits)
-    tokens = jnp.asarray(tokens_BT, jnp.int32)
-    return np.asarray(forward.lower(state, tokens).compile(LESS_OPTIMISED)(state, tokens))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -129,16 +118,6 @@ def run_dir(tmp_path_factory):
 
 
 # Run in the export folder: jax, flax and menagerie cannot be imported there.
-TORCH_ONLY = """
-import sys
-for name in ("jax", "jaxlib", "flax", "menagerie", "megalodon", "megalodon_jax"):
-    sys.modules[name] = None
-import torch
-from modeling_megalodon import load
-model, config = load(".")
-with torch.no_grad():
-    torch.save(model(torch.load("tokens.pt")), "logits.pt")
-"""
 
 
 def test_cli_export_verifies_and_runs_with_torch_alone(run_dir, tmp_path):
@@ -158,17 +137,7 @@ def test_cli_export_verifies_and_runs_with_torch_alone(run_dir, tmp_path):
         "modeling_megalodon.py",
     ]
     tokens = np.random.default_rng(6).integers(0, 256, (2, 72))  # byte ids, 4.5 chunks
-    torch.save(torch.from_numpy(tokens), out / "tokens.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", TORCH_ONLY],
-        cwd=out,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = torch.load(out / "logits.pt").numpy()
+    theirs = torch_only_logits(out, "modeling_megalodon", tokens)
     here = torch_format.reference_logits(out)(tokens)
     np.testing.assert_allclose(theirs, here, atol=1e-6, rtol=0)
 

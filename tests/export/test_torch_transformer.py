@@ -19,12 +19,8 @@ turn a real mix of experts on and off, token by token, without which a wrong gat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # torch is in the test extra: never skipped
@@ -35,9 +31,14 @@ from menagerie.arch.transformer import TransformerConfig
 from menagerie.export import pytorch as torch_format
 from menagerie.train.errors import ConfigError
 
-from ..cli_testing import cli_env
 from ..random_params import random_module
-from .export_testing import export_verified, run_main, saved_run
+from .export_testing import (
+    export_verified,
+    our_logits,
+    run_main,
+    saved_run,
+    torch_only_logits,
+)
 
 TINY = dict(d_model=16, n_layers=2, vocab_size=50, vocab_multiple=1)
 GQA = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
@@ -90,19 +91,6 @@ def random_model(cfg, seed: int):
         if path and path[-1] == "scale":
             scale[...] = 4 * scale[...]
     return model
-
-
-# Tiny programs run once: compiled without XLA's backend optimisations (as
-# tests/export/test_torch_megalodon.py).
-LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def our_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
-    """Our float32 logits [B,T,V] of tokens [B,T] at inference (no step in the context)."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens).logits)
-    tokens = jnp.asarray(tokens_BT, jnp.int32)
-    return np.asarray(forward.lower(state, tokens).compile(LESS_OPTIMISED)(state, tokens))
 
 
 def mirror_gates(model, tokens_BT: np.ndarray) -> list[np.ndarray]:
@@ -177,16 +165,6 @@ def run_dirs(tmp_path_factory):
 
 
 # Run in the export folder: jax, flax and menagerie cannot be imported there.
-TORCH_ONLY = """
-import sys
-for name in ("jax", "jaxlib", "flax", "menagerie"):
-    sys.modules[name] = None
-import torch
-from modeling_transformer import load
-model, config = load(".")
-with torch.no_grad():
-    torch.save(model(torch.load("tokens.pt")), "logits.pt")
-"""
 
 
 @pytest.mark.parametrize("name", CLI_CONFIGS)
@@ -208,17 +186,7 @@ def test_cli_export_verifies_and_runs_with_torch_alone(name, run_dirs, tmp_path)
         "modeling_transformer.py",
     ]
     tokens = np.random.default_rng(6).integers(0, 256, (2, 40))  # byte ids
-    torch.save(torch.from_numpy(tokens), out / "tokens.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", TORCH_ONLY],
-        cwd=out,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = torch.load(out / "logits.pt").numpy()
+    theirs = torch_only_logits(out, "modeling_transformer", tokens)
     here = torch_format.reference_logits(out)(tokens)
     np.testing.assert_allclose(theirs, here, atol=1e-6, rtol=0)
 
