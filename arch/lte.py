@@ -42,8 +42,13 @@ Choices the paper and its README leave open (the code is unreleased), said here:
 - L_sep adds `sep_eps` to (G - tau)^2: the paper's 1 / (G - tau)^2 is unbounded at G = tau.
   It is a barrier that pushes each score away from tau, to whichever side it is on, while
   L_eff pulls all of them down.
-- The router has a bias (a torch Linear's default), initialised to `router_bias_init` (default
-  0: scores start around tau, so L_sep splits the experts early); its weight is N(0, init_std).
+- The router is a torch.nn.Linear as initialised by default (weight U(+-1/sqrt(D)); the bias
+  is `router_bias_init`, default 0), so scores start spread around tau and differ by token.
+- From scratch, lambda ramps up over stage 1 (`separability_ramp`). L_sep is a barrier no
+  score crosses once it is on: at full weight from step 0 it fixes each expert on or off by
+  its initial score (measured: a static pruning of ~55% of the experts, and with global-norm
+  clipping its early gradients starved the task loss). The ramp lets the routers first learn
+  which experts each token needs, then pushes the scores away from tau before the threshold.
 - All tokens count in the losses and metrics (padding too).
 """
 
@@ -92,6 +97,9 @@ class LTEConfig(FFNConfig):
     """Weight of the efficiency loss L_eff in stage 1 (sets the reached sparsity)."""
     separability: float = 0.5
     """Weight lambda of the separability loss L_sep in stage 1."""
+    separability_ramp: bool = True
+    """Grow lambda linearly from 0 at step 0 to its value at `hard_from_step` (false, or no
+    `hard_from_step`: constant, as in the paper's fine-tuning)."""
     tau: float = 0.5
     """Score threshold of hard routing."""
     sep_eps: float = 1e-2
@@ -185,7 +193,10 @@ class LTE(nnx.Module):
         self.cfg = cfg
         e, dtype = cfg.n_experts(model), dtype_of(model.param_dtype)
         self.inner = cfg.inner.build(model, rngs=rngs)
-        kw = dict(std=model.init_std, param_dtype=dtype, compute_dtype=jnp.float32, rngs=rngs)
+        # torch.nn.Linear's default init, U(+-1/sqrt(fan_in)): logits of O(1) that differ by
+        # token from the start (an N(0, init_std) router gives every token the same ~0 scores).
+        init = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        kw = dict(std=None, init=init, param_dtype=dtype, compute_dtype=jnp.float32, rngs=rngs)
         if cfg.routing == "dejavu":
             r = cfg.predictor_rank
             self.router = Linear(model.d_model, r, ("embed", "lte_rank"), **kw)
@@ -213,7 +224,7 @@ class LTE(nnx.Module):
             z_BTE = self.logits(x_BTD)
             g_BTE, hard = jax.nn.sigmoid(z_BTE), self._hard(ctx.step)
             gate_BTE, active_BTE = self._route(g_BTE, hard)
-            aux = self._aux(g_BTE, active_BTE, hard)
+            aux = self._aux(g_BTE, active_BTE, hard, ctx.step)
             if ctx.step is None and hard is True and not self.cfg.all_experts:
                 return self._sparse(x_BTD, active_BTE), aux
             h_BTF = self.inner.hidden(x_BTD)
@@ -267,7 +278,7 @@ class LTE(nnx.Module):
         )
         return y_ND.reshape(b, t, -1).astype(x_BTD.dtype)
 
-    def _aux(self, g_BTE: jax.Array, active_BTE: jax.Array, hard: Any) -> Aux:
+    def _aux(self, g_BTE: jax.Array, active_BTE: jax.Array, hard: Any, step=None) -> Aux:
         """Density and FLOPs saved; for LTE (threshold) its stage-1 losses."""
         cfg = self.cfg
         density = jnp.mean(active_BTE)
@@ -277,8 +288,17 @@ class LTE(nnx.Module):
         eff = jnp.mean(jnp.square(g_BTE))
         sep = jnp.mean(1.0 / (jnp.square(g_BTE - cfg.tau) + cfg.sep_eps))
         stage1 = 1.0 - jnp.asarray(hard, jnp.float32)
-        loss = stage1 * (cfg.eta * eff + cfg.separability * sep) / self.n_layers
+        lam = cfg.separability * self._ramp(step)
+        loss = stage1 * (cfg.eta * eff + lam * sep) / self.n_layers
         return aux | {"aux_loss": loss, "efficiency_loss": eff, "separability_loss": sep}
+
+    def _ramp(self, step: jax.Array | None) -> Any:
+        """The separability weight's factor at `step`: step / hard_from_step up to 1 with the
+        ramp, else 1."""
+        start = self.cfg.hard_from_step
+        if not self.cfg.separability_ramp or start is None or step is None:
+            return 1.0
+        return jnp.minimum(step.astype(jnp.float32) / start, 1.0)
 
     def _predictor_aux(self, z_BTE, h_BTF, active_BTE, hard) -> Aux:
         """The dejavu predictor's stage-1 cross-entropy against the top_k experts by hidden

@@ -1,6 +1,6 @@
 """LTE quality on the stdlib corpus (issue 13's quality target), by the real CLI.
 
-    python bench/lte.py [--steps 600] [--eta 1.0] [--out DIR]
+    python bench/lte.py [--steps 400] [--eta 0.1] [--out DIR]
 
 Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 32), at equal
 total steps N:
@@ -44,7 +44,7 @@ def _config(steps: int, ffn: dict, lr: float) -> dict:
         },
         "train": {
             "steps": steps,
-            "seq_len": 256,
+            "seq_len": 128,
             "batch_size": 16,
             "eval_every": steps,
             "eval_batches": 16,
@@ -129,9 +129,9 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="total steps of every run")
-    p.add_argument("--eta", type=float, default=1.0, help="LTE's efficiency-loss weight")
-    p.add_argument("--router-lr-scale", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=400, help="total steps of every run")
+    p.add_argument("--eta", type=float, default=0.1, help="LTE's efficiency-loss weight")
+    p.add_argument("--router-lr-scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default=None, help="run folders (default: a temp dir)")
     args = p.parse_args()

@@ -23,12 +23,11 @@ def _model_cfg(**ffn):
 
 
 def _lte(seed=0, **ffn):
-    """A built LTE part with random (not initial) router bias, so scores spread around tau."""
+    """A built LTE part with a random (not initial) router bias, so scores spread around tau."""
     model = _model_cfg(**ffn)
     lte = model.ffn.build(model, rngs=nnx.Rngs(seed))
     bias = jax.random.normal(jax.random.key(seed + 1), lte.router_bias.shape)
     lte.router_bias[...] = bias
-    lte.router.kernel[...] = lte.router.kernel[...] * 30.0
     return lte
 
 
@@ -93,6 +92,18 @@ def test_stage_one_losses_are_the_papers_means():
     sep = jnp.mean(1 / ((g - 0.5) ** 2 + 1e-2))
     np.testing.assert_allclose(aux["efficiency_loss"], eff, rtol=1e-6)
     np.testing.assert_allclose(aux["separability_loss"], sep, rtol=1e-6)
+    np.testing.assert_allclose(aux["aux_loss"], (0.3 * eff + 0.7 * sep) / 2, rtol=1e-6)
+
+
+def test_separability_weight_ramps_up_over_stage_one():
+    """Bug caught: the ramp applied to the efficiency loss too, or not reaching full weight at
+    the switch (stage 2 would threshold scores still near tau)."""
+    lte, x = _lte(eta=0.3, separability=0.7, hard_from_step=8), _x()
+    _, aux = lte(x, _ctx(x, step=2))
+    eff, sep = aux["efficiency_loss"], aux["separability_loss"]
+    np.testing.assert_allclose(aux["aux_loss"], (0.3 * eff + 0.7 * 0.25 * sep) / 2, rtol=1e-6)
+    flat = _lte(eta=0.3, separability=0.7, hard_from_step=8, separability_ramp=False)
+    _, aux = flat(x, _ctx(x, step=2))
     np.testing.assert_allclose(aux["aux_loss"], (0.3 * eff + 0.7 * sep) / 2, rtol=1e-6)
 
 
