@@ -2,8 +2,8 @@
 
     python bench/lte.py [--steps 400] [--eta 0.1] [--out DIR]
 
-Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 32), at equal
-total steps N:
+Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 32; batches of
+16 x 128 bytes, lr 3e-3), at equal total steps N:
 - dense: the baseline, N steps (its checkpoint at N/2 seeds the converted runs);
 - lte: LTE from step 0, stage 2 (hard routing, frozen routers) from 2N/3;
 - lte-converted: `menagerie convert-lte` of the dense run at N/2, then N/2 steps, stage 2
