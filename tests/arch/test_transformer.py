@@ -245,7 +245,8 @@ def test_aux_from_parts_flows_through_scan():
         model = nnx.eval_shape(lambda cfg=cfg: build(cfg, rngs=nnx.Rngs(0)))
         out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
         assert out.aux_loss.shape == () and out.metrics["ffn/density"].shape == ()
-        assert set(out.metrics) == {"ffn/aux_loss", "ffn/density"}
+        per_layer = {f"ffn/density/layer{i}" for i in range(3)}  # parts.PER_LAYER
+        assert set(out.metrics) == {"ffn/aux_loss", "ffn/density", *per_layer}
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
         out = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, state), _tokens())

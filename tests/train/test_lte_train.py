@@ -1,7 +1,8 @@
 """LTE from step 0 through the CLI (configs/lte/tiny.yaml): stage 1 trains the routers with the
 LTE losses, stage 2 from `hard_from_step` routes hard with the routers frozen, the logs carry
 the density and the active FLOPs, and a run killed by SIGKILL before the switch resumes across
-it into the uninterrupted run's parameters, bit for bit."""
+it into the uninterrupted run's parameters, bit for bit. (`menagerie eval` routing as training
+does at the checkpoint's step is tests/arch/test_lte.py's.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 from menagerie.train.config import load_config
 from menagerie.train.metrics import read_metrics
 
-from .conftest import ROOT, assert_close_states, cli, cli_popen, saved_state
+from .conftest import ROOT, assert_close_states, cli_popen, cli_wait, saved_state
 from .test_megalodon_train import _checkpoint_steps, _wait_until
 
 TINY = ROOT / "configs" / "lte" / "tiny.yaml"
@@ -36,26 +37,11 @@ def _routers(state):
 
 
 def test_lte_stage_switch_survives_kill_9_and_freezes_the_routers(tmp_path):
+    # The uninterrupted run and, beside it, the same run killed with SIGKILL once a checkpoint
+    # before the switch exists; the checkpoints it wrote from the switch on are removed, so its
+    # rerun starts in stage 1 and crosses the switch.
     full, killed = tmp_path / "full", tmp_path / "killed"
-    done = cli(*_args(full))
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = read_metrics(full, "train")
-    steps = sorted(rows)
-    assert all(rows[s]["model/ffn/aux_loss"] > 0 for s in steps if s <= SWITCH)
-    assert all(rows[s]["model/ffn/aux_loss"] == 0 for s in steps if s > SWITCH)
-    last = rows[steps[-1]]
-    assert 0 < last["model/ffn/density"] < 1 and "model/ffn/density/layer1" in last
-    dense = load_config(TINY).model.with_vocab(384).flops_per_token(64)
-    assert last["active_flops_per_token"] < dense
-    # Frozen from the switch: the routers of every later checkpoint are the switch's.
-    ckpts = full / "checkpoints"
-    at_switch = _routers(saved_state(ckpts / str(SWITCH)))
-    assert_close_states(_routers(saved_state(ckpts / "60")), at_switch, 0)
-    before = _routers(saved_state(ckpts / str(SWITCH - 10)))
-    assert float(abs(before["router_bias"] - at_switch["router_bias"]).max()) > 0
-
-    # Killed with SIGKILL once a checkpoint before the switch exists; checkpoints it wrote from
-    # the switch on are removed, so the rerun starts in stage 1 and crosses the switch.
+    full_proc = cli_popen(*_args(full), split_stderr=True)
     proc = cli_popen(*_args(killed))
     _wait_until(proc, lambda: (killed / "checkpoints" / "10").is_dir())
     proc.kill()
@@ -65,11 +51,23 @@ def test_lte_stage_switch_survives_kill_9_and_freezes_the_routers(tmp_path):
             shutil.rmtree(killed / "checkpoints" / str(step))
     resumed_from = _checkpoint_steps(killed)[-1]
     assert resumed_from < SWITCH
-    again = cli(*_args(killed))
+    done, again = cli_wait(full_proc, cli_popen(*_args(killed), split_stderr=True))
+    assert done.returncode == 0, done.stderr[-3000:]
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"(step {resumed_from})" in again.stdout
+    ckpts = full / "checkpoints"
     assert_close_states(saved_state(killed / "checkpoints" / "60"), saved_state(ckpts / "60"), 0)
-    evaluated = cli("eval", f"run_dir={full}")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    final_eval = read_metrics(full, "eval")[60]["loss"]
-    assert f"step 60: eval loss {final_eval:.4f}" in evaluated.stdout, evaluated.stdout
+
+    rows = read_metrics(full, "train")
+    steps = sorted(rows)
+    assert all(rows[s]["model/ffn/aux_loss"] > 0 for s in steps if s <= SWITCH)
+    assert all(rows[s]["model/ffn/aux_loss"] == 0 for s in steps if s > SWITCH)
+    last = rows[steps[-1]]
+    assert 0 < last["model/ffn/density"] < 1 and "model/ffn/density/layer1" in last
+    dense = load_config(TINY).model.with_vocab(384).flops_per_token(64)
+    assert last["active_flops_per_token"] < dense
+    # Frozen from the switch: the routers of every later checkpoint are the switch's.
+    at_switch = _routers(saved_state(ckpts / str(SWITCH)))
+    assert_close_states(_routers(saved_state(ckpts / "60")), at_switch, 0)
+    before = _routers(saved_state(ckpts / str(SWITCH - 10)))
+    assert float(abs(before["router_bias"] - at_switch["router_bias"]).max()) > 0
