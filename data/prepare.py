@@ -249,6 +249,8 @@ def _missing_parents(folder: Path) -> list[Path]:
         if p.is_dir():
             break
         if p.exists() or p.is_symlink():
+            if p.is_dir():  # made between the two checks, by a concurrent caller
+                break
             raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder", str(p))
         missing.append(p)
     return missing[::-1]
