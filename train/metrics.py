@@ -76,9 +76,7 @@ class MetricsWriter(ClosedOnExit):
         with run_folder_io("write metrics", self.path):
             self._file = open(self.path, "a") if self.enabled else None  # noqa: SIM115
             if self.enabled and tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = _summary_writer()(str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -104,6 +102,23 @@ class MetricsWriter(ClosedOnExit):
                 self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (3 s)
+    whenever it is installed, only to accept torch tensors, and we log Python floats."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _to_float(v: Any) -> float:
