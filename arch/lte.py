@@ -181,8 +181,10 @@ class LTEConfig(FFNConfig):
 
     def update_rules(self, model: ModelConfig) -> dict[str, UpdateRule]:
         """The routers (the parameters with their axis) learn at `router_lr_scale` times the
-        model's rate, and are frozen from `hard_from_step` on."""
+        model's rate, and are frozen from `hard_from_step` on (no rule when neither applies)."""
         rule = UpdateRule(scale=self.router_lr_scale, frozen_from=self.hard_from_step)
+        if rule == UpdateRule():
+            return {}
         return {"lte_expert": rule, "lte_rank": rule}
 
 

@@ -16,11 +16,15 @@ shape); RUN_DIR must be new or empty, and a failure after that removes what the 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from menagerie.train.errors import CheckpointError, ConfigError, run_folder_io
+from menagerie.train.errors import (
+    CheckpointError,
+    ConfigError,
+    removed_on_failure,
+    run_folder_io,
+)
 
 from . import hf
 from .hf_tokenizer import read_tokenizer
@@ -51,8 +55,7 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: list[str] = ())
             "tokenizer; drop that override"
         )
     params = _params(cfg.model, _read_tensors(model_dir))
-    created = not out.exists()
-    try:
+    with removed_on_failure(out):
         with run_folder_io("write the imported run", out):
             out.mkdir(parents=True, exist_ok=True)
             if tok.json is not None:
@@ -61,9 +64,6 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: list[str] = ())
             # this config.yaml for the run's own (it refuses other non-empty folders).
             (out / CONFIG_FILE).write_text(cfg.to_yaml())
         Trainer(cfg).save_initial(params)  # the Trainer prepares the data with the tokenizer
-    except BaseException:
-        _remove_written(out, created)
-        raise
     return out
 
 
@@ -124,15 +124,6 @@ def _params(model: Any, tensors: dict[str, Any]) -> dict:
 
     abstract = nnx.eval_shape(lambda: arch.build(model, rngs=nnx.Rngs(0)))
     return hf.from_hf_state_dict(model, tensors, nnx.to_pure_dict(nnx.split(abstract)[1]))
-
-
-def _remove_written(out: Path, created: bool) -> None:
-    """Undo a failed import: the folder it created, or what it wrote into the empty one."""
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-    elif out.is_dir():
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def describe(out: Path) -> str:

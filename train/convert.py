@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .errors import ConfigError, run_folder_io
+from .errors import ConfigError, removed_on_failure, run_folder_io
 
 
 def convert_to_lte(
@@ -31,7 +31,6 @@ def convert_to_lte(
 ) -> Path:
     """Make the run folder `out` (new or empty) of the dense run `run_dir`'s checkpoint `step`
     (None: the newest) converted to LTE; `overrides` are dotted config overrides. Returns out."""
-    from menagerie.export.hf_import import _remove_written
     from menagerie.export.run import load_run
 
     out = Path(out)
@@ -40,12 +39,8 @@ def convert_to_lte(
     dense = load_run(run_dir, step)
     cfg = lte_config(dense.cfg, out, overrides)
     params = convert_params(dense.params, dense.cfg.model, cfg.model)
-    created = not out.exists()
-    try:
+    with removed_on_failure(out):
         _write_run(cfg, params, out)
-    except BaseException:
-        _remove_written(out, created)
-        raise
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 from pathlib import Path
 
 from menagerie.data.errors import DataError
@@ -88,6 +89,22 @@ def run_folder_io(doing: str, path: str | Path | None = None):
         yield
     except OSError as e:
         raise run_folder_error(e, doing, path) from e
+
+
+@contextlib.contextmanager
+def removed_on_failure(out: Path):
+    """Undo a failed write of the new run folder `out` (absent or empty on entry): the folder
+    if this made it, else what went into it. The exception goes on."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
 
 
 class ClosedOnExit:

@@ -11,7 +11,9 @@ from menagerie import arch
 from menagerie.export.run import load_run
 from menagerie.train.config import read_yaml
 
+from ..cli_testing import cli_env
 from ..export.export_testing import our_logits, run_main, saved_run
+from ..faults.faults_testing import assert_one_error_line, run_cli
 from ..random_params import random_module
 from .conftest import cli
 
@@ -108,3 +110,18 @@ def test_conversion_refuses_a_folder_in_use(tmp_path):
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit):  # a stray option is still refused, not read as an override
         run_main(["convert-lte", str(dense_dir), "--bogus", "--out", str(tmp_path / "x")])
+
+
+def test_a_disk_full_mid_conversion_removes_what_it_wrote_and_nothing_else(tmp_path):
+    """Bugs caught: a half-written run left in --out after an OS error (a later `train -c`
+    would start from it), or the user's own empty --out folder deleted with it."""
+    dense_dir = _dense_run(tmp_path)
+    out = tmp_path / "lte"
+    out.mkdir()
+    # The config (a few kB) fits under the file-size limit, the checkpoint's embedding does not
+    # (nor would the compilation cache's entries: that process does without it).
+    env = {k: v for k, v in cli_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    limit = ["prlimit", "--fsize=20000"]
+    done = run_cli(["convert-lte", dense_dir, "--out", out], prefix=limit, env=env)
+    assert_one_error_line(done, str(out))
+    assert list(out.iterdir()) == []
