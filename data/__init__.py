@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .config import DataConfig, TaskConfig
 from .errors import DataError
+from .path_star import PathStarConfig
 from .pipeline import IndexedDataset, PackedDataset, measure_throughput
 from .prepare import auto_prepare, prepare, validate_prepared
 from .sources import iter_documents
@@ -39,6 +40,7 @@ __all__ = [
     "LinRegConfig",
     "MQARConfig",
     "PackedDataset",
+    "PathStarConfig",
     "SyntheticDataset",
     "TaskConfig",
     "TaskTokenizer",

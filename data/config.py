@@ -1,5 +1,5 @@
 """`DataConfig`: where documents come from, how they are tokenized and split; `TaskConfig`: the
-slot of a synthetic task (the tasks themselves live in `data.synthetic`)."""
+slot of a synthetic task (the tasks themselves live in `data.synthetic` and `data.path_star`)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ class TaskConfig(pydantic.BaseModel):
     `Literal` default for `kind`; defining the class registers it (as `arch` parts do), so a
     mapping here is validated as the class its kind names and `task: mqar` is `{kind: mqar}`.
 
-    A task fixes its vocabulary (`token_names`, after the specials every task shares) and draws
-    one instance from a numpy Generator (`draw`); `data.synthetic` lays instances into rows."""
+    A task fixes its vocabulary (`token_names`, after the specials every task shares), draws
+    one instance from a numpy Generator (`draw`) and may show the model other inputs than the
+    instance's tokens (`model_inputs`); `data.synthetic` lays instances into rows."""
 
     model_config = pydantic.ConfigDict(
         extra="forbid",
@@ -87,6 +88,13 @@ class TaskConfig(pydantic.BaseModel):
         (the tokens the loss and the exact-match metric read)."""
         raise NotImplementedError(f"task {self.kind!r} does not define draw()")
 
+    def model_inputs(self, tokens_L: np.ndarray, answer_L: np.ndarray) -> np.ndarray:
+        """The instance as the model reads it [length] int32, from `draw`'s tokens and answer
+        mask. By default the tokens themselves (teacher forcing: the inputs are the targets
+        shifted by one); a task whose inputs hide some targets (path-star's teacherless mode)
+        overrides this."""
+        return tokens_L
+
 
 class DataConfig(pydantic.BaseModel):
     """The `data:` section of a run config."""
@@ -112,7 +120,7 @@ class DataConfig(pydantic.BaseModel):
 
     task: SerializeAsAny[TaskConfig] | None = None
     """The synthetic task when `source` is "synthetic" (else null): `kind` picks it (mqar,
-    linreg; see `data.synthetic`), the other keys are that task's fields."""
+    linreg, path_star; see `data.synthetic`), the other keys are that task's fields."""
 
     text_field: str = "text"
     """The JSONL key / Parquet column that holds a document's text."""

@@ -19,11 +19,15 @@ also the input after it, so later queries see earlier answers):
     linreg  BOS x y x y ... | x y x y ...   (in-context linear regression over Z_p: one random
             y = (a x + b) mod p per instance, a != 0, every x distinct, so queries are unseen x)
 
+The path-star task (Bachmann & Nagarajan 2024) is built in too, in `data.path_star`.
+
 `SyntheticDataset` lays one instance per row of seq_len + 1 tokens, PAD after it (segment 0, no
-loss); inputs are w[:-1], targets w[1:], so loss_mask[t] marks the answer at w[t + 1]. Row g of a
-split comes from np.random.default_rng([split stream, seed, g]): any process count reads the same
-rows, resuming replays nothing, and validation (stream 1, seed 0) never shares a generator with
-training (stream 0, any seed).
+loss); targets are w[1:], so loss_mask[t] marks the answer at w[t + 1], and inputs are x[:-1],
+where x is the task's `model_inputs` of w: w itself (teacher forcing) unless the task hides
+answers from the model (path-star's teacherless mode). Row g of a split comes from
+np.random.default_rng([split stream, seed, g]): any process count reads the same rows, resuming
+replays nothing, and validation (stream 1, seed 0) never shares a generator with training
+(stream 0, any seed).
 """
 
 from __future__ import annotations
@@ -230,18 +234,20 @@ class SyntheticDataset(IndexedDataset):
         return cls(cfg.task, split, seq_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
 
     def window(self, index: int, *, seed: int, shuffle: bool = True) -> Batch:
-        """Row `index` of this split for `seed`: tokens/targets/segment_ids/positions [T] int32,
-        loss_mask [T] float32 (1 where the target is an answer)."""
+        """Row `index` of this split for `seed`: tokens (the model's inputs) / targets /
+        segment_ids / positions [T] int32, loss_mask [T] float32 (1 where the target is an
+        answer)."""
         rng = np.random.default_rng([_STREAMS[self.split], seed, int(index)])
         tokens_L, answer_L = self.task.draw(rng)
+        inputs_L = self.task.model_inputs(tokens_L, answer_L)
         n, width = len(tokens_L), self.seq_len + 1
-        w = np.full(width, PAD_ID, np.int32)
-        w[:n] = tokens_L
+        w, x = np.full(width, PAD_ID, np.int32), np.full(width, PAD_ID, np.int32)
+        w[:n], x[:n] = tokens_L, inputs_L
         answer = np.zeros(width, bool)
         answer[:n] = answer_L
         seg = (np.arange(width) < n).astype(np.int32)
         return {
-            "tokens": w[:-1],
+            "tokens": x[:-1],
             "targets": w[1:],
             "segment_ids": seg[:-1],
             "positions": np.arange(self.seq_len, dtype=np.int32),
