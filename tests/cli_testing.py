@@ -3,10 +3,13 @@ saved checkpoints."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +127,30 @@ def assert_close_states(got: dict, want: dict, rtol: float) -> float:
         worst = max(worst, diff)
         assert diff <= rtol, f"{jax.tree_util.keystr(path)}: relative difference {diff:.1e}"
     return worst
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The test session's temporary folder, shared by the pytest-xdist workers (each worker's
+    own `getbasetemp()` is a folder inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` of this test session, made by `build(folder)` in the first worker that
+    asks; a worker asking meanwhile waits for it (a file lock), later ones find it made. A
+    failed build leaves nothing, so the next asker builds again (and fails the same way). The
+    folder is shared: copy it before changing anything in it."""
+    root = session_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder

@@ -14,6 +14,8 @@ import os
 import jax
 import pytest
 
+from .cli_testing import session_root
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip off a GPU (bench/gpu_check.sh runs them on one)."""
@@ -40,10 +42,7 @@ def data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own folder under the session's
-        root = root.parent
-    cache = root / "jax-compilation-cache"
+    cache = session_root(tmp_path_factory) / "jax-compilation-cache"
     cache.mkdir(exist_ok=True)
     cache = str(cache)
     settings = {

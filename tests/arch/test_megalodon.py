@@ -13,9 +13,7 @@ initialisation), so every parameter and both parts of every complex number chang
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 from functools import partial
 
@@ -31,6 +29,7 @@ from menagerie.arch import megalodon_ops as ops
 from menagerie.arch.megalodon import MegaBlock
 from menagerie.kernels.chunked_attention import chunked_attention
 
+from tests.export.export_testing import official_megalodon_logits
 from tests.random_params import random_module
 
 TINY = dict(
@@ -443,35 +442,16 @@ def test_logits_equal_megalodon_jax_loading_our_export(name, tmp_path):
     scale, RoPE layout, chunking, the tied output, scale_emb, the NFFN layer scale), a
     config.json field lost.
 
-    `load_upstream_checkpoint(path, cfg, key)` is torch.load + a randomly initialised model +
-    the strict `load_upstream_state_dict`; the model here is built abstractly
-    (`eqx.filter_eval_shape`) instead, which saves ~20 s of eager initialisation: every
-    parameter must then come from our file, or the forward fails on an abstract array."""
-    import equinox as eqx  # megalodon-jax and torch are in the test extra: never skipped
-    import torch
-    from megalodon_jax.config import MegalodonConfig as UpstreamConfig
-    from megalodon_jax.convert import load_upstream_state_dict
-    from megalodon_jax.model import MegalodonForCausalLM
+    The loader is `official_megalodon_logits` (tests/export/export_testing.py)."""
     from menagerie.export.megalodon import save_official
 
     cfg, model = parity_model(name)
     save_official(cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tmp_path)
-    conf = json.loads((tmp_path / "config.json").read_text())["model"]
-    fields = {f.name for f in dataclasses.fields(UpstreamConfig)}
-    upstream_cfg = UpstreamConfig(**{k: v for k, v in conf.items() if k in fields})
-
-    def init(key):
-        with jax.ensure_compile_time_eval():  # its float(jnp.sqrt(D)) of scale_emb
-            return MegalodonForCausalLM(upstream_cfg, key=key)
-
-    abstract = eqx.filter_eval_shape(init, jax.random.key(0))
-    state = torch.load(tmp_path / "consolidated.pth", map_location="cpu", weights_only=True)
-    theirs = load_upstream_state_dict(abstract, state)
-    theirs_fn = quick_jit(lambda m, t: m(t)[0])
+    theirs = official_megalodon_logits(tmp_path)
     rng = np.random.default_rng(10)
     for length in PARITY[name][1]:
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, length)), jnp.int32)
-        a, b = np.asarray(logits_of(model, tokens)), np.asarray(theirs_fn(theirs, tokens))
+        a, b = np.asarray(logits_of(model, tokens)), theirs(tokens)
         assert a.std() > 0.1, "degenerate logits"
         err = np.abs(a - b).max()
         assert err < 1e-4, f"L={length}: max |ours - megalodon-jax| = {err:.3g}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,46 @@ def our_logits(model, tokens_BT: np.ndarray) -> np.ndarray:
     forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens).logits)
     tokens = jnp.asarray(tokens_BT, jnp.int32)
     return np.asarray(forward.lower(state, tokens).compile(LESS_OPTIMISED)(state, tokens))
+
+
+# The fields of the official ModelArgs that config.json must carry (megalodon-jax's config).
+OFFICIAL_MEGALODON_KEYS = (
+    "vocab_size model_dim num_layers num_heads z_dim value_dim ffn_hidden_dim cema_ndim "
+    "chunk_size norm_num_groups norm_eps rope_base swiglu rescale_nffn scale_emb share_emb"
+).split()
+
+
+def official_megalodon_logits(folder: Path) -> Callable[[Any], np.ndarray]:
+    """tokens [B,T] -> logits of the official-format export in `folder` (config.json,
+    consolidated.pth) loaded by megalodon-jax's strict `load_upstream_state_dict`, jitted.
+
+    `load_upstream_checkpoint` is torch.load + a randomly initialised model + that loader; the
+    model is built abstractly (`eqx.filter_eval_shape`) instead, which saves ~10 s of eager
+    initialisation: every parameter must then come from the file, or the forward fails on an
+    abstract array."""
+    import equinox as eqx  # megalodon-jax and torch are in the test extra: never skipped
+    import torch
+    from megalodon_jax.config import MegalodonConfig
+    from megalodon_jax.convert import load_upstream_state_dict
+    from megalodon_jax.model import MegalodonForCausalLM
+
+    conf = json.loads((folder / "config.json").read_text())["model"]
+    cfg = MegalodonConfig(**{k: conf[k] for k in OFFICIAL_MEGALODON_KEYS})
+
+    def init(key):
+        with jax.ensure_compile_time_eval():  # its float(jnp.sqrt(D)) of scale_emb
+            return MegalodonForCausalLM(cfg, key=key)
+
+    abstract = eqx.filter_eval_shape(init, jax.random.key(0))
+    state = torch.load(folder / "consolidated.pth", map_location="cpu", weights_only=True)
+    model = load_upstream_state_dict(abstract, state)
+    forward = jax.jit(lambda m, tokens: m(tokens)[0])
+
+    def logits(tokens_BT):
+        tokens = jnp.asarray(tokens_BT, jnp.int32)
+        return np.asarray(forward.lower(model, tokens).compile(LESS_OPTIMISED)(model, tokens))
+
+    return logits
 
 
 def torch_only_logits(out: Path, module: str, tokens_BT: np.ndarray) -> np.ndarray:

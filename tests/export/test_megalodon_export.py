@@ -9,48 +9,32 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # torch and megalodon-jax are in the test extra: never skipped
 import yaml
 
-from ..cli_testing import FAST_COMPILE_ENV, MEGALODON_TINY_MODEL, cli, snapshot
+from ..cli_testing import FAST_COMPILE_ENV, MEGALODON_TINY_MODEL, built_once, cli, snapshot
+from .export_testing import official_megalodon_logits, our_logits
 
 MODEL = MEGALODON_TINY_MODEL | {"swiglu": True}
-OFFICIAL_KEYS = (
-    "vocab_size model_dim num_layers num_heads z_dim value_dim ffn_hidden_dim cema_ndim "
-    "chunk_size norm_num_groups norm_eps rope_base swiglu rescale_nffn scale_emb share_emb"
-).split()
+
+
+def _train(root):
+    train = {"steps": 6, "batch_size": 2, "seq_len": 40, "eval_every": 0, "sample_tokens": 0}
+    cfg = {"model": MODEL, "train": train, "checkpoint": {"every": 3}}
+    root.mkdir()
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cli("train", "-c", str(root / "c.yaml"), f"run_dir={root / 'run'}", env=FAST_COMPILE_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny Megalodon trained for 6 steps (checkpoints at 3 and 6), compiled with most of
-    XLA's optimizations off (FAST_COMPILE_ENV): the export and the logits compared are of
-    whatever weights it saved."""
-    root = tmp_path_factory.mktemp("megalodon-export")
-    train = {"steps": 6, "batch_size": 2, "seq_len": 40, "eval_every": 0, "sample_tokens": 0}
-    cfg = {"model": MODEL, "train": train, "checkpoint": {"every": 3}}
-    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = cli("train", "-c", str(root / "c.yaml"), f"run_dir={root / 'run'}", env=FAST_COMPILE_ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
-
-
-def _official_model(out):
-    """The export loaded by megalodon-jax's strict loader of official checkpoints."""
-    import jax
-    from megalodon_jax.config import MegalodonConfig
-    from megalodon_jax.convert import load_upstream_checkpoint
-
-    conf = json.loads((out / "config.json").read_text())["model"]
-    assert json.loads((out / "consolidate_config.json").read_text()) == {
-        "model_parallel_size": 1,
-        "dtype": "fp32",
-    }
-    cfg = MegalodonConfig(**{k: conf[k] for k in OFFICIAL_KEYS})
-    return load_upstream_checkpoint(out, cfg, key=jax.random.key(0))  # the folder, as official
+    """A tiny Megalodon trained for 6 steps (checkpoints at 3 and 6) once per test session,
+    compiled with most of XLA's optimizations off (FAST_COMPILE_ENV): the export and the
+    logits compared are of whatever weights it saved."""
+    return built_once(tmp_path_factory, "megalodon-export-run", _train) / "run"
 
 
 def test_export_loads_in_megalodon_jax_with_the_same_logits(run, tmp_path):
@@ -61,16 +45,19 @@ def test_export_loads_in_megalodon_jax_with_the_same_logits(run, tmp_path):
     out = tmp_path / "official"
     proc = cli("export", str(run), "--format", "megalodon", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "consolidate_config.json").read_text()) == {
+        "model_parallel_size": 1,
+        "dtype": "fp32",
+    }
     loaded = load_run(run)
     assert loaded.step == 6
     text = "def main(argv):\n    return sum(len(a) for a in argv)\n" * 3
-    tokens = jnp.asarray([loaded.tokenizer.encode(text)[:72]])  # 4.5 chunks of 16
-    ours = np.asarray(loaded.model(tokens).logits)
-    theirs, _ = _official_model(out)(tokens)
-    np.testing.assert_allclose(np.asarray(theirs), ours, atol=1e-4, rtol=0)
+    tokens = np.asarray([loaded.tokenizer.encode(text)[:72]])  # 4.5 chunks of 16
+    ours = our_logits(loaded.model, tokens)
+    np.testing.assert_allclose(official_megalodon_logits(out)(tokens), ours, atol=1e-4, rtol=0)
     older = load_run(run, step=3)
     assert older.step == 3
-    assert not np.allclose(np.asarray(older.model(tokens).logits), ours, atol=1e-4)
+    assert not np.allclose(our_logits(older.model, tokens), ours, atol=1e-4)
 
 
 def test_bfloat16_export_keeps_the_sensitive_parameters_in_float32(run, tmp_path):

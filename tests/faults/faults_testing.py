@@ -100,7 +100,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ..cli_testing import TINY  # noqa: E402
+from ..cli_testing import TINY, built_once  # noqa: E402
 
 # A constant learning rate without warmup: the train step is then one program whatever
 # train.steps is (a cosine decay, or a warmup cut to a shorter run, depends on it), so the
@@ -124,20 +124,17 @@ def train_args(run_dir, *extra: str) -> list[str]:
     return ["train", *QUICK_TRAIN, f"run_dir={run_dir}", *extra]
 
 
-_TRAINED: dict[str, Path] = {}
+def _train(folder: Path) -> None:
+    done = run_cli(train_args(folder / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A finished 3-step run (checkpoints 2 and 3), trained once per session (each module that
-    imports the fixture gets the same folder): copy it (for example with
+    """A finished 3-step run (checkpoints 2 and 3), trained once per test session (every
+    worker and module gets the same folder): copy it (for example with
     `Workspace(tmp_path, trained_run)`) before changing anything in it."""
-    if "run" not in _TRAINED:
-        run = tmp_path_factory.mktemp("trained") / "run"
-        done = run_cli(train_args(run))
-        assert done.returncode == 0, done.stderr[-3000:]
-        _TRAINED["run"] = run
-    return _TRAINED["run"]
+    return built_once(tmp_path_factory, "trained-faults-run", _train) / "run"
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ..cli_testing import TINY
-from .faults_testing import ONE_PROGRAM, Workspace, run_cli
+from .faults_testing import ONE_PROGRAM, Workspace, run_cli, trained_run  # noqa: F401
 
 QUICK = [
     "train.steps=2",
@@ -21,20 +21,10 @@ QUICK = [
 ]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A small finished run, trained once for the module and copied into each workspace."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    args = ["train", "-c", TINY, f"run_dir={run}", *QUICK, "checkpoint.every=1", "train.steps=3"]
-    done = run_cli(args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
-
-
 @pytest.fixture
-def ws(tmp_path, finished_run) -> Workspace:
+def ws(tmp_path, trained_run) -> Workspace:  # noqa: F811
     """A workspace with things a user already has: a finished run, data files, a notes file."""
-    w = Workspace(tmp_path, finished_run)
+    w = Workspace(tmp_path, trained_run)
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "hello world"}) + "\n")
     (tmp_path / "table.csv").write_text("a,b\n1,2\n")
     (tmp_path / "not_a_run").mkdir()
