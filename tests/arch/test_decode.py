@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 from menagerie.arch import TransformerConfig, build
 
+from tests.jit_testing import quick_jit
+
 CONFIGS = {
     "scanned-tied-gqa": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2),
     "looped-untied-mha": dict(scan_layers=False, tie_embeddings=False, n_kv_heads=None),
@@ -42,8 +44,8 @@ def test_decoding_with_the_kv_cache_gives_the_full_forward_logits(name):
     layer reading another layer's cache, the position not advanced between calls."""
     model = _model(**CONFIGS[name])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 50, (2, 20)), jnp.int32)
-    full = np.asarray(jax.jit(lambda m, t: m(t).logits)(model, tokens))
-    decode = jax.jit(lambda m, t, s: m.decode(t, s))
+    full = np.asarray(quick_jit(lambda m, t: m(t).logits)(model, tokens))
+    decode = quick_jit(lambda m, t, s: m.decode(t, s))
     state, got, start = model.init_state(2, 24), [], 0
     for size in [3, 9] + [1] * 8:
         logits, state = decode(model, tokens[:, start : start + size], state)

@@ -14,6 +14,8 @@ from menagerie.arch import Ctx, TransformerConfig, build
 from menagerie.arch.parts import UpdateRule, reduce_aux
 from menagerie.train.step import apply_update_rules
 
+from tests.jit_testing import quick_jit
+
 D, F, S = 32, 128, 16  # 8 experts
 
 
@@ -164,7 +166,7 @@ def test_model_metrics_report_density_per_layer_and_the_flops_saved():
     bias[...] = jax.random.normal(jax.random.key(0), bias.shape)  # some experts off
     tok = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st: nnx.merge(graphdef, st)(tok, Ctx.make(tok, step=jnp.int32(0))))
+    run = quick_jit(lambda st: nnx.merge(graphdef, st)(tok, Ctx.make(tok, step=jnp.int32(0))))
     m = run(state).metrics
     per_layer = [float(m[f"ffn/density/layer{i}"]) for i in range(2)]
     np.testing.assert_allclose(float(m["ffn/density"]), np.mean(per_layer), rtol=1e-6)
@@ -250,7 +252,7 @@ def test_eval_step_routes_as_the_train_step_would_at_its_step():
         "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)),
         "segment_ids": jnp.ones((2, 8), jnp.int32),
     }
-    eval_step = jax.jit(make_eval_step(graphdef, jnp.ones(64)))
+    eval_step = quick_jit(make_eval_step(graphdef, jnp.ones(64)))
     for step in (4, 5):
         out = model(batch["tokens"], Ctx.make(batch["tokens"], step=jnp.int32(step)))
         want = jnp.sum(token_losses(out.logits, batch["targets"])[0])
@@ -269,7 +271,7 @@ def test_generation_computes_only_the_active_experts_and_agrees(inner, impl):
     x = _x(t=6)
     graphdef, state = nnx.split(lte)
 
-    @jax.jit
+    @quick_jit
     def both(state):
         part = nnx.merge(graphdef, state)
         return part(x, _ctx(x))[0], part(x, _ctx(x, step=3))[0]

@@ -30,6 +30,7 @@ from menagerie.arch.megalodon import MegaBlock
 from menagerie.kernels.chunked_attention import chunked_attention
 
 from tests.export.export_testing import official_megalodon_logits
+from tests.jit_testing import LESS_OPTIMISED
 from tests.random_params import random_module
 
 TINY = dict(
@@ -59,11 +60,6 @@ def random_cema_params(rng, d: int, n: int) -> dict:
 
 def f32(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-
-
-# These programs are tiny and run once or twice: XLA's backend optimisations took longer than
-# running them (half of this file's time), so they are compiled without.
-LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def quick_jit(fn):

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 from menagerie.arch import Ctx, MosaicsConfig, TransformerConfig, build, mosaics
 
+from tests.jit_testing import quick_jit
 from tests.random_params import random_module
 
 MIXER = {"kind": "context_memory", "n_heads": 2}
@@ -54,7 +55,7 @@ def test_leaky_average_equals_the_matrix_definition():
     rng = np.random.default_rng(0)
     k = rng.standard_normal((2, 37, 3, 4))
     beta = np.array([0.3, 2.0, 5.0])
-    got = jax.jit(mosaics.leaky_average)(jnp.asarray(k, jnp.float32), jnp.asarray(beta))
+    got = quick_jit(mosaics.leaky_average)(jnp.asarray(k, jnp.float32), jnp.asarray(beta))
     want = np.stack([ref.leaky_matrix(beta[h], 37) @ k[:, :, h] for h in range(3)], axis=2)
     close(got, want, 1e-5)
 
@@ -70,7 +71,7 @@ def test_logits_equal_the_official_equations(tied):
     model = random_model(cfg, seed=1)
     tokens = np.random.default_rng(2).integers(0, 64, (2, 13))
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(lambda t: model(t).logits)(jnp.asarray(tokens, jnp.int32))
+        got = quick_jit(lambda t: model(t).logits)(jnp.asarray(tokens, jnp.int32))
     p = params_of(model)
     want = ref.logits(p, tokens, n_heads=2) if tied else _untied_logits(p, tokens)
     close(got, want, 1e-4)
@@ -158,9 +159,9 @@ def test_context_memory_equals_the_quadratic_definition(name):
     fast = lambda m, x: m(x, None)[0]  # noqa: E731
     slow = lambda m, x: _quadratic_context_memory(m, x, gap)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        close(jax.jit(fast)(module, x), jax.jit(slow)(module, x), 1e-5, "forward")
-        got = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(state, x)
-        want = jax.jit(jax.grad(loss(slow), argnums=(0, 1)))(state, x)
+        close(quick_jit(fast)(module, x), quick_jit(slow)(module, x), 1e-5, "forward")
+        got = quick_jit(jax.grad(loss(fast), argnums=(0, 1)))(state, x)
+        want = quick_jit(jax.grad(loss(slow), argnums=(0, 1)))(state, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.isfinite(np.asarray(g)).all()
         close(g, w, 1e-4)
@@ -175,7 +176,7 @@ def test_training_draws_the_long_term_gap_per_step_and_evaluation_uses_gap():
     x = jnp.asarray(np.random.default_rng(9).standard_normal((1, 12, 16)), jnp.float32)
     tokens = jnp.zeros((1, 12), jnp.int32)
 
-    @functools.partial(jax.jit, static_argnums=3)
+    @functools.partial(quick_jit, static_argnums=3)
     def call(m, x, step, deterministic):
         return m(x, Ctx.make(tokens, step=step, deterministic=deterministic))[0]
 
@@ -201,7 +202,7 @@ def test_changing_token_t_leaves_earlier_logits_unchanged():
     tokens = np.random.default_rng(7).integers(0, 64, (1, 12))
     other = tokens.copy()
     other[0, 7:] = (other[0, 7:] + 5) % 64
-    fwd = jax.jit(lambda t: model(t).logits)
+    fwd = quick_jit(lambda t: model(t).logits)
     a, b = fwd(jnp.asarray(tokens)), fwd(jnp.asarray(other))
     np.testing.assert_array_equal(np.asarray(a)[0, :7], np.asarray(b)[0, :7])
     assert not np.allclose(np.asarray(a)[0, 7:], np.asarray(b)[0, 7:])
@@ -281,7 +282,7 @@ DECODE_CASES = {
 
 
 def _decoded_logits(model, tokens, pieces, max_len):
-    decode = jax.jit(lambda m, t, s: m.decode(t, s))
+    decode = quick_jit(lambda m, t, s: m.decode(t, s))
     state, got, start = model.init_state(tokens.shape[0], max_len), [], 0
     for size in pieces:
         logits, state = decode(model, tokens[:, start : start + size], state)
@@ -305,7 +306,7 @@ def test_incremental_decoding_gives_the_full_forward_logits(name):
     model = random_model(cfg, seed=5)
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, (2, 18)), jnp.int32)
     with jax.default_matmul_precision("highest"):
-        full = np.asarray(jax.jit(lambda m, t: m(t).logits)(model, tokens))
+        full = np.asarray(quick_jit(lambda m, t: m(t).logits)(model, tokens))
         got = _decoded_logits(model, tokens, [1, 4, 6] + [1] * 7, max_len=20)
     close(got, full, 1e-5)
 
@@ -326,6 +327,6 @@ def test_transformer_with_a_persistent_memory_ffn_decodes_with_its_state():
     model = random_model(cfg, seed=7)
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, 64, (1, 12)), jnp.int32)
     with jax.default_matmul_precision("highest"):
-        full = np.asarray(jax.jit(lambda m, t: m(t).logits)(model, tokens))
+        full = np.asarray(quick_jit(lambda m, t: m(t).logits)(model, tokens))
         got = _decoded_logits(model, tokens, [5] + [1] * 7, max_len=12)
     close(got, full, 1e-5)

@@ -17,6 +17,8 @@ from menagerie.arch import (
     build,
 )
 
+from tests.jit_testing import quick_jit
+
 TINY = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
 PARAM_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
 _ATTENTION = ("n_heads", "n_kv_heads", "head_dim")
@@ -59,7 +61,7 @@ def _model(**overrides) -> nnx.Module:
     return _model_from(_weights(**overrides), **overrides)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(quick_jit, static_argnums=0)
 def _apply(graphdef, state, tokens, kw):
     return nnx.merge(graphdef, state)(tokens, **kw).logits
 
@@ -169,7 +171,7 @@ def test_remat_variants_same_loss_and_grads():
     results = []
     for remat in ("none", "full", "dots"):
         graphdef, state = nnx.split(_model_from(pure, remat=remat), nnx.Param)
-        loss, grads = jax.jit(jax.value_and_grad(_loss_fn(graphdef)))(state, tokens)
+        loss, grads = quick_jit(jax.value_and_grad(_loss_fn(graphdef)))(state, tokens)
         results.append((loss, nnx.to_pure_dict(grads)))
     for loss, grads in results[1:]:
         np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)

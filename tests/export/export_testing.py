@@ -16,9 +16,7 @@ import numpy as np
 from flax import nnx
 from menagerie.train.cli import main
 
-# Tiny programs run once: compiled without XLA's backend optimisations, which took longer than
-# running them (as tests/arch/test_megalodon.py's quick_jit).
-LESS_OPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from ..jit_testing import LESS_OPTIMISED
 
 # A Python process that cannot import JAX, Flax or menagerie (nor the official packages) loads an
 # export folder with its copied mirror module and saves the logits of tokens.pt.

@@ -35,6 +35,7 @@ from menagerie.train.cli import main
 from menagerie.train.config import build_config
 
 from ..cli_testing import MEGALODON_TINY_MODEL, snapshot
+from ..jit_testing import quick_jit
 
 TEXTS = [
     "def área(r):\n    return 3.14159 * r ** 2  # π r²\n",
@@ -111,7 +112,7 @@ def _tokens(tokenizer) -> np.ndarray:
 
 
 def _ours(run, tokens_BT) -> np.ndarray:
-    return np.asarray(nnx.jit(lambda m, t: m(t).logits)(run.model, jnp.asarray(tokens_BT)))
+    return np.asarray(quick_jit(lambda m, t: m(t).logits)(run.model, jnp.asarray(tokens_BT)))
 
 
 def _theirs(folder, tokens_BT) -> np.ndarray:

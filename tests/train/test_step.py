@@ -3,7 +3,6 @@ flag), and parts' aux losses and metrics reach the loss and the logged metrics."
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,6 +10,8 @@ import pytest
 from flax import nnx
 from menagerie.arch import SwiGLU, SwiGLUConfig, TransformerConfig, build
 from menagerie.train.step import make_train_step
+
+from ..jit_testing import quick_jit
 
 
 class CtxProbe(SwiGLU):
@@ -64,7 +65,7 @@ def test_parts_see_the_step_targets_and_mask(microbatches):
         "bad_steps": jnp.int32(0),
         "skipped": jnp.int32(0),
     }
-    _, m = jax.jit(step_fn)(state, batch)
+    _, m = quick_jit(step_fn)(state, batch)
     assert float(m["model/ffn/step"]) == 7.0
     assert float(m["model/ffn/training"]) == 1.0
     # Microbatch metrics are averaged: each microbatch sees its share of the targets.
