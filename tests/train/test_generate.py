@@ -15,7 +15,9 @@ from menagerie.export.run import load_run
 from menagerie.train import generate
 from menagerie.train.cli import main
 
-from ..cli_testing import MEGALODON_TINY_MODEL, ROOT
+from ..cli_testing import MEGALODON_TINY_MODEL
+from ..export.export_testing import saved_run
+from ..random_params import random_module
 
 # Megalodon chunks of 8 tokens: a 10-token prompt and 14 new tokens cross three boundaries.
 CONFIGS = {
@@ -114,17 +116,13 @@ def test_top_k_and_top_p_sample_only_from_the_kept_tokens():
 
 
 def test_generate_cli_streams_the_text_of_the_python_api(tmp_path, capsys):
-    """`menagerie generate` on a trained (2-step) Megalodon run prints the prompt and then
-    exactly the text `generate(load_run(run), ...)` returns with the same options, and a
-    tokens/s line on stderr; bad options and a folder without a run give one `error:` line
-    and exit 2. Catches: a CLI option not passed on (seed, top-k, temperature), text lost or
-    repeated while streaming, the stderr count wrong."""
-    run = tmp_path / "run"
-    model = [f"model.{k}={v}" for k, v in MEGALODON_TINY_MODEL.items()]
-    short = ["train.steps=2", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=0"]
-    short.append("train.sample_tokens=0")
-    preset = str(ROOT / "configs" / "megalodon" / "tiny.yaml")
-    assert main(["train", "-c", preset, f"run_dir={run}", *model, *short]) == 0
+    """`menagerie generate` on a Megalodon run (random weights saved as its checkpoint 0)
+    prints the prompt and then exactly the text `generate(load_run(run), ...)` returns with
+    the same options, and a tokens/s line on stderr; bad options and a folder without a run
+    give one `error:` line and exit 2. Catches: a CLI option not passed on (seed, top-k,
+    temperature), text lost or repeated while streaming, the stderr count wrong."""
+    random = lambda c: random_module(lambda: build(c, rngs=nnx.Rngs(0)), 4)  # noqa: E731
+    run = saved_run(tmp_path, MEGALODON_TINY_MODEL, 32, random)
     capsys.readouterr()
     options = dict(max_new_tokens=24, temperature=0.7, top_k=20, seed=3)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
@@ -132,7 +130,7 @@ def test_generate_cli_streams_the_text_of_the_python_api(tmp_path, capsys):
     printed = capsys.readouterr()
     expected = generate.generate(load_run(run), "def f", **options)
     assert printed.out == "def f" + expected + "\n"
-    assert re.search(r"\[\d+ tokens from step 2, [\d.]+ tokens/s", printed.err), printed.err
+    assert re.search(r"\[\d+ tokens from step 0, [\d.]+ tokens/s", printed.err), printed.err
     assert main(["generate", str(run), "--prompt", "x", "--top-p", "0"]) == 2
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
