@@ -1,7 +1,8 @@
 """Chaos: a training run SIGKILLed at 3 random moments (inside a step, during an async
 checkpoint save, during an eval) and rerun each time ends bitwise equal to an uninterrupted run,
 each rerun having resumed from the newest checkpoint. The driver and the checks are
-bench/chaos.py's (`python bench/chaos.py` runs the same with 20 kills)."""
+bench/chaos.py's (`python bench/chaos.py` runs the same with 20 kills). This is the tiny
+transformer's kill -9 test; the family tests (Megalodon, Memory Mosaics, LTE) resume their own."""
 
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ from .conftest import (
     assert_close_states,
     cli,
     cli_popen,
-    cli_wait,
     saved_state,
     train_losses,
 )
@@ -106,35 +105,6 @@ def _wait_until(proc, ready, timeout: float = 300) -> None:
 
 def _reached(run_dir: Path, step: int) -> bool:
     return any(s >= step for s in _train_steps_logged(run_dir))
-
-
-def test_kill_9_then_rerun_resumes_from_the_newest_checkpoint_bitwise(tmp_path):
-    """A run killed by SIGKILL (no handler runs) and rerun resumes from its newest checkpoint,
-    trains only the steps after it, and ends in the state of an uninterrupted run, bit for bit.
-    (The data order is fixed, so only the step resumed from and the steps trained tell a resume
-    from an older checkpoint, or from scratch, from the right one.)"""
-    full = cli_popen(*_args(tmp_path / "full"), split_stderr=True)  # runs alongside
-    killed = tmp_path / "killed"
-    proc = cli_popen(*_args(killed))
-    # Past step 25 with two checkpoints saved (10 and 20, or 20 and 30).
-    _wait_until(proc, lambda: _reached(killed, 25) and len(_checkpoint_steps(killed)) >= 2)
-    proc.kill()
-    proc.wait()
-    [full] = cli_wait(full)
-    assert full.returncode == 0, full.stderr[-2000:]
-    newest = _checkpoint_steps(killed)[-1]
-    assert newest < 40
-    logged = len(_train_steps_logged(killed))
-
-    again = cli(*_args(killed))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from {killed / 'checkpoints' / str(newest)} (step {newest})" in again.stdout
-    assert _train_steps_logged(killed)[logged:] == list(range(newest + 1, 41))
-    a, b = train_losses(tmp_path / "full"), train_losses(killed)
-    assert [a[s] for s in range(1, 41)] == [b[s] for s in range(1, 41)]  # bitwise
-    final = saved_state(killed / "checkpoints" / "40")
-    assert int(final["step"]) == 40
-    assert_close_states(final, saved_state(tmp_path / "full" / "checkpoints" / "40"), rtol=0.0)
 
 
 def test_sigterm_saves_the_state_of_its_step_and_a_truncated_checkpoint_falls_back(tmp_path):
