@@ -174,37 +174,72 @@ def apply_update_rules(
 
 
 def exact_match_counts(
-    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
+    pred_BT: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, prefix: str = ""
 ) -> dict[str, jax.Array]:
-    """Teacher-forced exact match on the tokens where mask_BT > 0, as float32 sums: `correct`
-    (tokens whose argmax logit is the target), `seq_correct` (rows with a masked token, all of
-    them right) and `sequences` (rows with a masked token)."""
+    """Exact match of predicted tokens on the tokens where mask_BT > 0, as float32 sums:
+    `correct` (tokens predicted right), `seq_correct` (rows with a masked token, all of them
+    right) and `sequences` (rows with a masked token); names start with `prefix`."""
     counted_BT = mask_BT > 0
-    hit_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT) & counted_BT
+    hit_BT = (pred_BT == targets_BT) & counted_BT
     has_B = jnp.any(counted_BT, axis=-1)
     all_right_B = has_B & (jnp.sum(hit_BT, -1) == jnp.sum(counted_BT, -1))
     return {
-        "correct": jnp.sum(hit_BT, dtype=jnp.float32),
-        "seq_correct": jnp.sum(all_right_B, dtype=jnp.float32),
-        "sequences": jnp.sum(has_B, dtype=jnp.float32),
+        f"{prefix}correct": jnp.sum(hit_BT, dtype=jnp.float32),
+        f"{prefix}seq_correct": jnp.sum(all_right_B, dtype=jnp.float32),
+        f"{prefix}sequences": jnp.sum(has_B, dtype=jnp.float32),
     }
 
 
-def make_eval_step(graphdef: nnx.GraphDef, token_bytes: jax.Array) -> Callable:
+def greedy_answers(graphdef: nnx.GraphDef, params: Any, batch: Batch, step=None) -> jax.Array:
+    """[B,T] the model's argmax token at each position when it decodes the answers (the loss
+    mask's targets) greedily, all rows at once: every answer that a row reads back as input
+    (the input after an answer position, equal to its target: teacher forcing) is replaced by
+    the model's own earlier prediction. An input that is not the answer (a teacherless row's
+    `$`) stays. One forward pass per position from the batch's first answer on."""
+    tokens_BT, targets_BT = batch["tokens"], batch["targets"]
+    answer_BT = batch["loss_mask"] > 0
+    read_back_BT = answer_BT[:, :-1] & (tokens_BT[:, 1:] == targets_BT[:, :-1])
+    read_back_BT = jnp.pad(read_back_BT, ((0, 0), (0, 1)))
+    last = tokens_BT.shape[1] - 1
+
+    def position(t, carry):
+        inputs_BT, pred_BT = carry
+        logits_BTV = _forward(graphdef, params, batch | {"tokens": inputs_BT}, step).logits
+        pred_B = jnp.argmax(logits_BTV[:, t], axis=-1).astype(tokens_BT.dtype)
+        nxt = jnp.minimum(t + 1, last)
+        inputs_BT = inputs_BT.at[:, nxt].set(
+            jnp.where(read_back_BT[:, t], pred_B, inputs_BT[:, nxt])
+        )
+        return inputs_BT, pred_BT.at[:, t].set(pred_B)
+
+    first = jnp.argmax(jnp.any(answer_BT, axis=0))  # 0 when there is no answer
+    carry = (tokens_BT, jnp.zeros_like(tokens_BT))
+    return jax.lax.fori_loop(first, last + 1, position, carry)[1]
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, token_bytes: jax.Array, *, greedy: bool = False
+) -> Callable:
     """Sums over a batch (the model as at train `step`), on the tokens of its loss mask: nll,
-    tokens, target bytes (bits per byte = nll / ln 2 / bytes) and the `exact_match_counts`;
-    `eval_report` turns the sums of many batches into metrics."""
+    tokens, target bytes (bits per byte = nll / ln 2 / bytes) and the teacher-forced
+    `exact_match_counts`; with `greedy` (a synthetic task's answers) also those of
+    `greedy_answers`, prefixed "greedy_". `eval_report` turns the sums of many batches into
+    metrics."""
 
     def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
         out = _forward(graphdef, params, batch, step)
         nll_BT, _ = token_losses(out.logits, batch["targets"])
-        mask_BT = batch["loss_mask"]
-        return {
+        targets_BT, mask_BT = batch["targets"], batch["loss_mask"]
+        sums = {
             "nll": jnp.sum(nll_BT * mask_BT),
             "tokens": jnp.sum(mask_BT),
-            "bytes": jnp.sum(token_bytes[batch["targets"]] * mask_BT),
-            **exact_match_counts(out.logits, batch["targets"], mask_BT),
+            "bytes": jnp.sum(token_bytes[targets_BT] * mask_BT),
+            **exact_match_counts(jnp.argmax(out.logits, axis=-1), targets_BT, mask_BT),
         }
+        if greedy:
+            pred_BT = greedy_answers(graphdef, params, batch, step)
+            sums |= exact_match_counts(pred_BT, targets_BT, mask_BT, prefix="greedy_")
+        return sums
 
     return eval_step
 
@@ -213,17 +248,18 @@ def eval_report(sums: dict[str, float], *, exact_match: bool) -> dict[str, float
     """Metrics from the eval-step outputs summed over batches (a missing key counts 0): loss
     (mean nll per token) and tokens, then for text bits_per_byte; for a synthetic task
     (`exact_match`: the mask holds its answers, tokens without bytes) accuracy per answer token,
-    sequence_accuracy (every answer of a sequence right) and sequences."""
+    sequence_accuracy (every answer of a sequence right) and sequences, teacher-forced and, when
+    summed, decoded greedily (greedy_accuracy, greedy_sequence_accuracy)."""
     nll, tokens = sums.get("nll", 0.0), sums.get("tokens", 0.0)
     loss = nll / max(tokens, 1.0)
     if not exact_match:
         bpb = nll / math.log(2) / max(sums.get("bytes", 0.0), 1.0)
         return {"loss": loss, "bits_per_byte": bpb, "tokens": tokens}
     sequences = sums.get("sequences", 0.0)
-    return {
-        "loss": loss,
-        "accuracy": sums.get("correct", 0.0) / max(tokens, 1.0),
-        "sequence_accuracy": sums.get("seq_correct", 0.0) / max(sequences, 1.0),
-        "tokens": tokens,
-        "sequences": sequences,
-    }
+    report = {"loss": loss}
+    for kind in ("", "greedy_"):
+        if not kind or f"{kind}correct" in sums:
+            report[f"{kind}accuracy"] = sums.get(f"{kind}correct", 0.0) / max(tokens, 1.0)
+            right = sums.get(f"{kind}seq_correct", 0.0)
+            report[f"{kind}sequence_accuracy"] = right / max(sequences, 1.0)
+    return report | {"tokens": tokens, "sequences": sequences}

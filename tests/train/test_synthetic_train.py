@@ -4,6 +4,8 @@ learns MQAR above chance, with `menagerie eval` printing the same accuracies."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from menagerie.train.step import eval_report, exact_match_counts
 from menagerie.train.trainer import describe_eval
 
 from ..cli_testing import FAST_COMPILE_ENV
+from ..jit_testing import quick_jit
 from .conftest import ROOT, cli
 
 MQAR_TINY = ROOT / "configs" / "synthetic" / "mqar_tiny.yaml"
@@ -26,7 +29,8 @@ def one_hot_logits(targets_BT: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def counts(logits_BTV, targets_BT, mask_BT) -> dict[str, float]:
-    out = exact_match_counts(jnp.asarray(logits_BTV), jnp.asarray(targets_BT), jnp.asarray(mask_BT))
+    pred_BT = jnp.argmax(jnp.asarray(logits_BTV), axis=-1)
+    out = exact_match_counts(pred_BT, jnp.asarray(targets_BT), jnp.asarray(mask_BT))
     return {k: float(v) for k, v in out.items()}
 
 
@@ -55,6 +59,55 @@ def test_exact_match_on_hand_built_logits() -> None:
         "sequences": 4.0,
     }
     assert describe_eval(report) == "loss 0.3000, accuracy 0.9000, sequence accuracy 0.7500"
+    greedy = {f"greedy_{k}": v for k, v in perfect.items()}
+    report = eval_report(both | greedy, exact_match=True)
+    assert (report["greedy_accuracy"], report["greedy_sequence_accuracy"]) == (0.5, 0.5)
+    assert describe_eval(report).endswith("greedy accuracy 0.5000, greedy sequence accuracy 0.5000")
+
+
+def _greedy_by_hand(model, batch) -> np.ndarray:
+    """Greedy decoding of each row's answers written directly: row by row, position by
+    position, the whole row through the model, its argmax at t put back into the input at
+    t + 1 when that input was the (teacher-forced) answer at t."""
+    tokens, targets, mask = (np.asarray(batch[k]) for k in ("tokens", "targets", "loss_mask"))
+    logits = quick_jit(lambda m, row: m(row[None]).logits[0])
+    out = np.zeros_like(tokens)
+    for b in range(tokens.shape[0]):
+        row = tokens[b].copy()
+        for t in range(tokens.shape[1]):
+            out[b, t] = int(np.argmax(np.asarray(logits(model, jnp.asarray(row))[t])))
+            if mask[b, t] and t + 1 < len(row) and tokens[b, t + 1] == targets[b, t]:
+                row[t + 1] = out[b, t]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["forward", "teacherless"])
+def test_greedy_answers_read_back_their_own_predictions(mode) -> None:
+    """`greedy_answers` equals greedy decoding written row by row, on a random model (wrong
+    answers, so what is read back matters) over path-star rows. Catches: the teacher-forced
+    answers left in the inputs (greedy = teacher-forced accuracy, the Clever-Hans number),
+    a prediction put back one position off, a teacherless row's `$` inputs overwritten, rows
+    decoded from the batch's first answer position computed wrong."""
+    from flax import nnx
+    from menagerie import arch
+    from menagerie.data import PathStarConfig, SyntheticDataset
+    from menagerie.train.step import greedy_answers
+
+    task = PathStarConfig(degree=2, path_len=4, num_nodes=12, mode=mode)
+    data = SyntheticDataset(task, "validation", task.length - 1)
+    rows = [data.window(i, seed=0) for i in range(3)]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    model_cfg = {"d_model": 32, "n_layers": 1, "vocab_size": data.tokenizer.vocab_size}
+    model = arch.build(build_config({"model": model_cfg}).model, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    got = np.asarray(
+        quick_jit(functools.partial(greedy_answers, graphdef))(nnx.to_pure_dict(params), batch)
+    )
+    mask = np.asarray(batch["loss_mask"]) > 0
+    want = _greedy_by_hand(model, batch)
+    np.testing.assert_array_equal(got[mask], want[mask])
+    forced = np.asarray(jnp.argmax(quick_jit(lambda m, x: m(x).logits)(model, batch["tokens"]), -1))
+    assert (got[mask] != forced[mask]).any() == (mode == "forward")
 
 
 def test_text_eval_keeps_its_metrics() -> None:
@@ -130,6 +183,7 @@ def test_tiny_transformer_learns_mqar_and_eval_prints_accuracy(tmp_path) -> None
     assert sorted(evals) == [30, 60]
     final = evals[60]
     assert {"loss", "accuracy", "sequence_accuracy", "tokens", "sequences"} <= set(final)
+    assert {"greedy_accuracy", "greedy_sequence_accuracy"} <= set(final)
     assert "bits_per_byte" not in final
     assert (final["tokens"], final["sequences"]) == (4 * 32 * 4, 4 * 32)  # eval_batches x B (x Q)
     assert final["accuracy"] > 2 / 16, final  # chance: 1 / num_values
@@ -138,6 +192,8 @@ def test_tiny_transformer_learns_mqar_and_eval_prints_accuracy(tmp_path) -> None
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert evaluated.stdout.strip().splitlines()[-1] == (
         f"step 60: eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.4f}, "
-        f"sequence accuracy {final['sequence_accuracy']:.4f} over 512 answer tokens in 128 "
+        f"sequence accuracy {final['sequence_accuracy']:.4f}, greedy accuracy "
+        f"{final['greedy_accuracy']:.4f}, greedy sequence accuracy "
+        f"{final['greedy_sequence_accuracy']:.4f} over 512 answer tokens in 128 "
         "sequences"
     )
