@@ -30,6 +30,14 @@ from .mosaics import (
     PersistentMemoryConfig,
 )
 from .parts import Ctx, FFNConfig, HeadConfig, MixerConfig, Output, PartConfig
+from .planner import (
+    ParallelMTP,
+    ParallelMTPConfig,
+    Planner,
+    PlannerConfig,
+    SequentialMTP,
+    SequentialMTPConfig,
+)
 from .swiglu import SwiGLU, SwiGLUConfig
 from .transformer import Transformer, TransformerConfig
 
@@ -68,9 +76,15 @@ __all__ = [
     "Mosaics",
     "MosaicsConfig",
     "Output",
+    "ParallelMTP",
+    "ParallelMTPConfig",
     "PartConfig",
     "PersistentMemory",
     "PersistentMemoryConfig",
+    "Planner",
+    "PlannerConfig",
+    "SequentialMTP",
+    "SequentialMTPConfig",
     "SwiGLU",
     "SwiGLUConfig",
     "Transformer",

@@ -150,9 +150,10 @@ class Transformer(nnx.Module):
 
     @property
     def decodes(self) -> bool:
-        """Whether this model has incremental decoding: its mixer part has a cache."""
+        """Whether this model has incremental decoding: its mixer part has a cache, and its head
+        does not say otherwise (a planner whose plan conditions the LM needs whole windows)."""
         mixer = self.blocks.mixer if self.cfg.scan_layers else self.blocks[0].mixer
-        return hasattr(mixer, "decode")
+        return hasattr(mixer, "decode") and getattr(self.head, "decodes", True)
 
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """The decoding state before the first token of `batch` sequences of at most
