@@ -45,7 +45,8 @@ def _args(run_dir, *overrides: str) -> tuple[str, ...]:
 def _start(run_dir, devices: int, *overrides: str) -> subprocess.Popen:
     """`menagerie train` on `devices` simulated devices, recording into <run_dir>.specs.json."""
     env = cli_env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    devices_flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices_flag}"  # after the session's
     record = Path(f"{run_dir}.specs.json")
     return subprocess.Popen(
         [sys.executable, "-m", "tests.train.test_multidevice", str(record)]

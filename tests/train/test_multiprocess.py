@@ -37,7 +37,8 @@ def _free_port() -> int:
 
 def _launch(run_dir, devices: int, env_extra: dict, *overrides: str) -> subprocess.Popen:
     env = cli_env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    devices_flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices_flag}"  # after the session's
     env.update(env_extra)
     return subprocess.Popen(
         [sys.executable, "-m", "menagerie.train.cli", *ARGS, f"run_dir={run_dir}", *overrides],
