@@ -397,6 +397,19 @@ class ParallelMTPConfig(HeadBlocksConfig):
         return self.n_future * lm + (self.n_future - 1) * self.block_flops(model, seq_len)
 
 
+def summed_losses(
+    logits: list[jax.Array], ctx: Ctx, offsets: dict[str, int]
+) -> tuple[Aux, jax.Array]:
+    """({name: {loss, accuracy}}, sum of the losses) of each logits [B,T,V] against the token
+    its offset k ahead (`future_targets`), in the order of `offsets` ({name: k})."""
+    aux, total = {}, jnp.zeros((), jnp.float32)
+    for logits_BTV, (name, k) in zip(logits, offsets.items(), strict=True):
+        loss, accuracy = token_loss(logits_BTV, *future_targets(ctx, k))
+        aux[name] = {"loss": loss, "accuracy": accuracy}
+        total = total + loss
+    return aux, total
+
+
 class ParallelMTP(nnx.Module):
     """Next-token logits from the LM head; heads 2..n only add losses (see the module
     docstring)."""
@@ -413,11 +426,10 @@ class ParallelMTP(nnx.Module):
         if ctx.targets is None:
             return logits_BTV, {}
         with jax.named_scope("mtp_parallel"):
-            aux, total = {}, 0.0
-            for k, logits in enumerate(self.future_logits(h_BTD, ctx, embed), start=2):
-                loss, accuracy = token_loss(logits, *future_targets(ctx, k))
-                aux[f"offset{k}"] = {"loss": loss, "accuracy": accuracy}
-                total = total + loss
+            logits = self.future_logits(h_BTD, ctx, embed)
+            aux, total = summed_losses(
+                logits, ctx, {f"offset{k}": k for k in range(2, 2 + len(logits))}
+            )
         return logits_BTV, aux | {"aux_loss": self.cfg.mtp_weight * total}
 
     def future_logits(self, h_BTD: jax.Array, ctx: Ctx, embed: Embed) -> list[jax.Array]:
@@ -480,11 +492,10 @@ class SequentialMTP(nnx.Module):
         if ctx.targets is None:
             return logits_BTV, {}
         with jax.named_scope("mtp_sequential"):
-            aux, total = {}, 0.0
-            for k, logits in enumerate(self.module_logits(h_BTD, ctx, embed), start=1):
-                loss, accuracy = token_loss(logits, *future_targets(ctx, k + 1))
-                aux[f"depth{k}"] = {"loss": loss, "accuracy": accuracy}
-                total = total + loss
+            logits = self.module_logits(h_BTD, ctx, embed)
+            aux, total = summed_losses(
+                logits, ctx, {f"depth{k}": k + 1 for k in range(1, 1 + len(logits))}
+            )
         return logits_BTV, aux | {"aux_loss": self.cfg.mtp_weight / self.cfg.depth * total}
 
     def module_logits(self, h_BTD: jax.Array, ctx: Ctx, embed: Embed) -> list[jax.Array]:
