@@ -29,7 +29,8 @@ conditions block j+1 only (offset by one block, as MEGABYTE's global-to-local sh
 gets no plan. Nothing of block j+1 is an input of its plan or of its predictions: the lookahead
 is teacherless (Bachmann & Nagarajan 2024), at block level. aux_loss = lookahead_weight *
 lookahead_loss + latent_weight * latent_loss; metrics lookahead_loss, lookahead_accuracy,
-latent_loss.
+lookahead_block_accuracy (blocks whose counted lookahead targets are all the argmax: the exact
+match of decoding each block in parallel from its plan), latent_loss.
 
 Choices and deviations, said here:
 - Pooling is a mean (Hourglass's average shortening), restricted to the document of the block's
@@ -117,6 +118,17 @@ def token_loss(logits: jax.Array, tokens: jax.Array, counted: jax.Array) -> tupl
     hits = (jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32)
     n = jnp.maximum(jnp.sum(counted), 1.0)
     return jnp.sum(ce * counted) / n, jnp.sum(hits * counted) / n
+
+
+def block_exact_match(logits_BNPV: jax.Array, tokens_BNP: jax.Array, counted_BNP: jax.Array):
+    """The fraction of blocks with a counted target whose counted targets are all the argmax:
+    decoding each block in parallel from its plan, exactly right (on path-star, with a block
+    ending where the answer starts, the exact match of the whole answer planned at once)."""
+    counted = counted_BNP > 0
+    wrong_BN = jnp.any((jnp.argmax(logits_BNPV, axis=-1) != tokens_BNP) & counted, axis=-1)
+    has_BN = jnp.any(counted, axis=-1)
+    right = jnp.sum(has_BN & ~wrong_BN, dtype=jnp.float32)
+    return right / jnp.maximum(jnp.sum(has_BN, dtype=jnp.float32), 1.0)
 
 
 class HeadBlocksConfig(HeadConfig):
@@ -340,8 +352,11 @@ class Planner(nnx.Module):
         """Lookahead (and latent) losses, their weighted sum as aux_loss, and metrics."""
         cfg = self.cfg
         tokens, counted = self.lookahead_targets(ctx)
-        loss, accuracy = token_loss(self.lookahead_logits(z_BND, embed), tokens, counted)
+        logits_BNPV = self.lookahead_logits(z_BND, embed)
+        loss, accuracy = token_loss(logits_BNPV, tokens, counted)
+        blocks = block_exact_match(logits_BNPV, tokens, counted)
         aux = {"lookahead_loss": loss, "lookahead_accuracy": accuracy}
+        aux["lookahead_block_accuracy"] = blocks
         total = cfg.lookahead_weight * loss
         if self.latent is not None:
             aux["latent_loss"] = self.latent_loss(s_BND, z_BND, ctx)

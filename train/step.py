@@ -223,8 +223,9 @@ def make_eval_step(
     """Sums over a batch (the model as at train `step`), on the tokens of its loss mask: nll,
     tokens, target bytes (bits per byte = nll / ln 2 / bytes) and the teacher-forced
     `exact_match_counts`; with `greedy` (a synthetic task's answers) also those of
-    `greedy_answers`, prefixed "greedy_". `eval_report` turns the sums of many batches into
-    metrics."""
+    `greedy_answers`, prefixed "greedy_"; and the model's own metrics (a head's or a part's,
+    "model/..."), with `batches` 1 to average them. `eval_report` turns the sums of many batches
+    into metrics."""
 
     def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
         out = _forward(graphdef, params, batch, step)
@@ -235,6 +236,8 @@ def make_eval_step(
             "tokens": jnp.sum(mask_BT),
             "bytes": jnp.sum(token_bytes[targets_BT] * mask_BT),
             **exact_match_counts(jnp.argmax(out.logits, axis=-1), targets_BT, mask_BT),
+            **{f"model/{k}": v for k, v in out.metrics.items()},
+            "batches": jnp.float32(1.0),
         }
         if greedy:
             pred_BT = greedy_answers(graphdef, params, batch, step)
@@ -249,12 +252,15 @@ def eval_report(sums: dict[str, float], *, exact_match: bool) -> dict[str, float
     (mean nll per token) and tokens, then for text bits_per_byte; for a synthetic task
     (`exact_match`: the mask holds its answers, tokens without bytes) accuracy per answer token,
     sequence_accuracy (every answer of a sequence right) and sequences, teacher-forced and, when
-    summed, decoded greedily (greedy_accuracy, greedy_sequence_accuracy)."""
+    summed, decoded greedily (greedy_accuracy, greedy_sequence_accuracy); then the model's own
+    metrics ("model/...", as summed over `batches`: their mean over batches)."""
     nll, tokens = sums.get("nll", 0.0), sums.get("tokens", 0.0)
     loss = nll / max(tokens, 1.0)
+    batches = max(sums.get("batches", 0.0), 1.0)
+    model = {k: v / batches for k, v in sums.items() if k.startswith("model/")}
     if not exact_match:
         bpb = nll / math.log(2) / max(sums.get("bytes", 0.0), 1.0)
-        return {"loss": loss, "bits_per_byte": bpb, "tokens": tokens}
+        return {"loss": loss, "bits_per_byte": bpb, "tokens": tokens} | model
     sequences = sums.get("sequences", 0.0)
     report = {"loss": loss}
     for kind in ("", "greedy_"):
@@ -262,4 +268,4 @@ def eval_report(sums: dict[str, float], *, exact_match: bool) -> dict[str, float
             report[f"{kind}accuracy"] = sums.get(f"{kind}correct", 0.0) / max(tokens, 1.0)
             right = sums.get(f"{kind}seq_correct", 0.0)
             report[f"{kind}sequence_accuracy"] = right / max(sequences, 1.0)
-    return report | {"tokens": tokens, "sequences": sequences}
+    return report | {"tokens": tokens, "sequences": sequences} | model

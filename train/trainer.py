@@ -520,7 +520,8 @@ def _is_names(x: Any) -> bool:
 def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:
     """An `eval_report` as text: "loss 2.1000, bits/byte 3.0000", or for a synthetic task "loss
     0.2000, accuracy 0.9500, sequence accuracy 0.7500, greedy accuracy 0.9000, greedy sequence
-    accuracy 0.6000" (teacher-forced, then decoded greedily)."""
+    accuracy 0.6000" (teacher-forced, then decoded greedily); with a planner head, its plan's
+    accuracy and block accuracy (each block decoded in parallel from its plan)."""
     parts = [f"loss {ev['loss']:.4f}"]
     if "bits_per_byte" in ev:
         parts.append(f"bits/byte {ev['bits_per_byte']:.4f}")
@@ -530,6 +531,9 @@ def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:
     if "greedy_accuracy" in ev:
         parts.append(f"greedy accuracy {ev['greedy_accuracy']:.4f}")
         parts.append(f"greedy sequence accuracy {ev['greedy_sequence_accuracy']:.4f}")
+    if "model/head/lookahead_block_accuracy" in ev:
+        parts.append(f"plan accuracy {ev['model/head/lookahead_accuracy']:.4f}")
+        parts.append(f"plan block accuracy {ev['model/head/lookahead_block_accuracy']:.4f}")
     return sep.join(parts)
 
 

@@ -12,7 +12,7 @@ import optax
 import pydantic
 import pytest
 from flax import nnx
-from menagerie.arch import Ctx, TransformerConfig, build
+from menagerie.arch import Ctx, TransformerConfig, build, planner
 from menagerie.arch.stack import run_layers
 
 from tests.jit_testing import quick_jit
@@ -208,6 +208,22 @@ def test_planner_lookahead_and_latent_losses_are_the_direct_computation():
     np.testing.assert_allclose(aux["latent_loss"], np.mean(errs), rtol=1e-5)
     expected = 0.7 * aux["lookahead_loss"] + 0.2 * aux["latent_loss"]
     np.testing.assert_allclose(aux["aux_loss"], expected, rtol=1e-6)
+
+
+def test_block_exact_match_counts_blocks_whose_counted_tokens_are_all_right():
+    """Bug caught: a block wrong only where nothing counts scored wrong, a block with one counted
+    miss scored right, or blocks without a counted target in the denominator."""
+    tokens = np.array([[[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1], [2, 2, 2]]])  # [1,N=5,P=3]
+    predicted = tokens.copy()
+    predicted[0, 1, 2] = 0  # block 1: a miss where nothing counts -> right
+    predicted[0, 2, 0] = 0  # block 2: a counted miss -> wrong
+    predicted[0, 4] = 0  # block 4: all wrong, nothing counted -> not a block
+    counted = np.ones_like(tokens)
+    counted[0, 1, 2] = 0
+    counted[0, 4] = 0
+    logits = jax.nn.one_hot(predicted, 10)
+    got = planner.block_exact_match(logits, jnp.asarray(tokens), jnp.asarray(counted))
+    np.testing.assert_allclose(got, 3 / 4)  # blocks 0, 1, 3 of the four with a counted target
 
 
 def _trunk(model, x_BTD, ctx):

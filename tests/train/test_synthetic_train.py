@@ -120,6 +120,18 @@ def test_text_eval_keeps_its_metrics() -> None:
     assert describe_eval(report, "  ") == f"loss 1.5000  bits/byte {6 / np.log(2) / 8:.4f}"
 
 
+def test_model_metrics_are_averaged_over_eval_batches() -> None:
+    """Catches a model's own metrics (a head's, a part's) summed over batches instead of
+    averaged, or dropped from either kind of report."""
+    sums = {"nll": 6.0, "tokens": 4.0, "bytes": 8.0, "batches": 4.0, "model/head/x": 2.0}
+    assert eval_report(sums, exact_match=False)["model/head/x"] == 0.5
+    sums |= {"correct": 2.0, "seq_correct": 0.0, "sequences": 1.0}
+    plan = {"model/head/lookahead_accuracy": 3.0, "model/head/lookahead_block_accuracy": 1.0}
+    report = eval_report(sums | plan, exact_match=True)
+    assert (report["model/head/x"], report["model/head/lookahead_block_accuracy"]) == (0.5, 0.25)
+    assert describe_eval(report).endswith("plan accuracy 0.7500, plan block accuracy 0.2500")
+
+
 @pytest.mark.parametrize("preset", [MQAR_TINY, LINREG_TINY], ids=lambda p: p.name)
 def test_saved_config_round_trips(preset) -> None:
     """Catches a run folder's config.yaml that does not rebuild the run's task (the task saved
