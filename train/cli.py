@@ -9,6 +9,8 @@
     menagerie convert-lte RUN_DIR --out NEW_RUN_DIR [--step N] [key.sub=value ...]
     menagerie generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K
                        --top-p P --seed S --step N]
+    menagerie sweep run SWEEP.yaml [--out DIR] [--jobs N] [--emit slurm|commands --nodes N]
+    menagerie sweep report SWEEP_DIR [--params non_embedding|total] [--bootstrap N]
 
 Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
 with status 2; `--debug` shows the traceback instead. Multi-process (multi-host) runs start one
@@ -71,7 +73,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.ffn.eta=0.5")
     _generate_parser(sub)
+    _sweep_parser(sub)
     return p
+
+
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="scaling-law sweeps: run a grid or isoFLOP ladder, fit laws")
+    ssub = s.add_subparsers(dest="sweep_command", required=True)
+    r = ssub.add_parser("run", help="train a sweep's unfinished runs, or emit their commands")
+    r.add_argument("sweep_file", help="sweep YAML (see configs/sweeps/)")
+    r.add_argument("--out", help="sweep folder (default: the file's out_dir, else sweeps/NAME)")
+    r.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    r.add_argument("--emit", choices=["slurm", "commands"], help="write commands, run nothing")
+    r.add_argument("--nodes", type=int, default=1, help="--emit slurm: nodes per run")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = ssub.add_parser("report", help="collect a sweep's losses, fit scaling laws, plot")
+    p.add_argument("sweep_dir", help="folder `sweep run` wrote")
+    p.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding")
+    p.add_argument("--bootstrap", type=int, default=100, help="Approach 3 bootstrap refits")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _generate_parser(sub) -> None:
@@ -214,6 +234,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    if args.sweep_command == "run":
+        from .sweep import cmd_run
+
+        return cmd_run(args)
+    from .sweep_report import cmd_report
+
+    return cmd_report(args)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments; dotted overrides may also come after options (argparse stops taking a
     positional list at the first option: `convert-lte RUN --step 5 a=1 --out X`)."""
@@ -247,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "import-hf": cmd_import_hf,
         "convert-lte": cmd_convert_lte,
         "generate": cmd_generate,
+        "sweep": cmd_sweep,
     }[args.command]
     if args.debug:
         return handler(args)
