@@ -173,7 +173,8 @@ def read_sweep(path: str | Path) -> SweepFile:
         if first["type"] == "extra_forbidden":
             fields = _fields_at(first["loc"][:-1])
             msg = f"unknown field; known here: {', '.join(fields)}"
-        raise ConfigError(f"sweep file '{path}': {loc + ': ' if loc else ''}{msg}") from None
+        where = f"{loc}: " if loc and not msg.startswith(loc) else ""
+        raise ConfigError(f"sweep file '{path}': {where}{msg}") from None
 
 
 def _fields_at(loc: tuple) -> list[str]:
