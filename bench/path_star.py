@@ -26,7 +26,9 @@ blocks), so the arms' parameters are about equal (the table gives each one's cou
 
 Every run is one `menagerie train` process; `--jobs` run at once, each pinned to its own CPU
 (one XLA thread pool per core is faster on 2 cores than two processes sharing both). Prints one
-line per run, then a table (mean and the seeds' values); writes bench/results/path_star.json.
+line per run, then a table (mean and the seeds' values; for the planner also `plan`, the mean
+exact match of the path written at once from its plan, the eval's plan block accuracy); writes
+bench/results/path_star.json.
 Asserts nothing.
 """
 
@@ -51,6 +53,7 @@ from menagerie.data.path_star import PathStarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+PLAN = "model/head/lookahead_block_accuracy"
 ARMS = ("next_token", "mtp_parallel", "mtp_sequential", "teacherless", "reverse", "planner")
 
 
@@ -110,6 +113,8 @@ def train(run_dir: Path, cfg: dict, cpus: Queue) -> dict[str, Any]:
     last = [r for r in rows if r["kind"] == "eval"][-1]
     keep = ("loss", "accuracy", "sequence_accuracy", "greedy_accuracy", "greedy_sequence_accuracy")
     out = {k: last[k] for k in keep}
+    if PLAN in last:  # the planner's path written at once from its plan (block-parallel)
+        out["plan_sequence_accuracy"] = last[PLAN]
     return out | {"params_M": _params(done.stdout), "seconds": time.perf_counter() - t0}
 
 
@@ -137,16 +142,18 @@ def run_all(args) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per graph and arm, the mean exact-match accuracy and each seed's."""
-    lines = ["| graph | arm | params | greedy exact match (mean) | per seed | token acc |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| graph | arm | params | greedy exact match (mean) | per seed | token acc | plan |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for (graph, arm), group in itertools.groupby(rows, key=lambda r: (r["graph"], r["arm"])):
         group = list(group)
         acc = [r["greedy_sequence_accuracy"] for r in group]
         tok = statistics.mean(r["greedy_accuracy"] for r in group)
         seeds = ", ".join(f"{a:.3f}" for a in acc)
+        plan = [r["plan_sequence_accuracy"] for r in group if "plan_sequence_accuracy" in r]
+        plan = f"{statistics.mean(plan):.3f}" if plan else ""
         lines.append(
             f"| {graph} | {arm} | {group[0]['params_M']:.3f}M | {statistics.mean(acc):.3f} | "
-            f"{seeds} | {tok:.3f} |"
+            f"{seeds} | {tok:.3f} | {plan} |"
         )
     return "\n".join(lines)
 
