@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .sweep import Run, is_finished, read_plan
-from .sweep_fit import approach3_frontier, fit_approach2, fit_approach3, law
+from .sweep_fit import PARAMS, approach3_frontier, fit_approach2, fit_approach3, law
 
 COLUMNS = (
     "name",
@@ -90,11 +90,22 @@ def fit_arm(rows: list[dict], params: str, bootstrap: int) -> dict[str, Any]:
         out["approach3"] = fit_approach3(n, d, loss, bootstrap=bootstrap)
     except ValueError as e:
         out["approach3"] = {"skipped": str(e)}
+    if "params" in out["approach3"] and len(rows) < 3 * len(PARAMS):
+        out["approach3"]["note"] = (
+            f"{len(rows)} runs for {len(PARAMS)} parameters: barely determined, do not "
+            "extrapolate (more sizes and budgets narrow the bootstrap intervals)"
+        )
     if any(r["budget"] is None for r in rows):
         out["approach2"] = {"skipped": "a grid sweep has no compute budgets (use isoflop:)"}
     else:
         budgets = np.array([r["budget"] for r in rows], np.float64)
         out["approach2"] = fit_approach2(budgets, n, d, loss)
+        outside = [b["C"] for b in out["approach2"]["budgets"] if not b["n_parabola"]["inside"]]
+        if outside:
+            out["approach2"]["note"] = (
+                f"the minimum lies outside the sizes swept at C = {outside}: extrapolated; "
+                "add sizes on that side"
+            )
     return out
 
 
@@ -116,7 +127,8 @@ def describe(arm: str, fit: dict[str, Any]) -> str:
             band = f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else ""
             return f"{k}={p[k]:.3g}{band}"
 
-        parts.append("Approach 3: " + ", ".join(show(k) for k in ("E", "alpha", "beta", "a_opt")))
+        shown = ", ".join(show(k) for k in ("E", "alpha", "beta", "a_opt"))
+        parts.append(f"Approach 3: {shown}" + (" (barely determined)" if "note" in a3 else ""))
     else:
         parts.append(f"Approach 3 skipped: {a3['skipped']}")
     a2 = fit["approach2"]

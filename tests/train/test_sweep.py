@@ -34,7 +34,7 @@ def _plan(out: Path) -> list[dict]:
 
 def _build_sweep(out: Path) -> None:
     for args in (
-        ("sweep", "run", str(SWEEP), "--out", str(out)),
+        ("sweep", "run", str(SWEEP), "--out", str(out), "--jobs", "2"),
         ("sweep", "report", str(out), "--bootstrap", BOOTSTRAP),
     ):
         done = cli(*args)
@@ -43,7 +43,8 @@ def _build_sweep(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> Path:
-    """The CI sweep run and reported once per test session (shared: copy before changing)."""
+    """The CI sweep run (two runs at a time) and reported once per test session (shared: copy
+    before changing)."""
     return built_once(tmp_path_factory, "sweep-ci", _build_sweep)
 
 
