@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import ConfigError, TrainingError
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True)
+# Unknown fields are refused; values are coerced (PyYAML reads 1e9 as text, pydantic as 1e9).
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 PLAN_FILE = "plan.json"
 EMITTERS = ("slurm", "commands")
 
@@ -106,7 +107,7 @@ class LrRule(BaseModel):
 class IsoFLOP(BaseModel):
     """A ladder of compute budgets crossed with each arm's `sizes`."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = _STRICT
 
     budgets: list[float]
     """Training FLOPs C per run (forward + backward, the model's `flops_per_token`)."""
@@ -163,6 +164,11 @@ def read_sweep(path: str | Path) -> SweepFile:
     """The sweep file at `path`; ConfigError (one line) if it is missing or malformed."""
     from .config import read_yaml
 
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"sweep file '{path}' does not exist; pass a sweep YAML such as "
+            "configs/sweeps/ci_tiny.yaml"
+        )
     raw = read_yaml(path)
     try:
         return SweepFile.model_validate(raw)
@@ -481,7 +487,8 @@ def emit_commands(runs: list[Run], arms: dict[str, Arm]) -> str:
 def emit_slurm(runs: list[Run], arms: dict[str, Arm], out_dir: Path, nodes: int = 1) -> str:
     """An sbatch job-array script: array task i trains run i (a rerun resumes it). Multi-node
     runs start one process per node with `srun` and MENAGERIE_DISTRIBUTED=auto (JAX reads the
-    SLURM environment; `train.distributed`)."""
+    SLURM environment; `train.distributed`). Partition, time and GPUs: sbatch's own options on
+    its command line (they override the script's #SBATCH lines)."""
     logs = (out_dir / "logs").resolve()
     lines = [
         "#!/bin/bash",
