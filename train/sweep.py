@@ -138,7 +138,7 @@ class SweepFile(BaseModel):
     arms: dict[str, Arm]
     """Architecture label -> its base config; the label names its runs and colours its plots."""
     overrides: dict[str, Any] = {}
-    """Dotted config fields set on every run of every arm (after the arm's own)."""
+    """Dotted config fields set on every run of every arm (an arm's own overrides win)."""
     grid: Grid | None = None
     isoflop: IsoFLOP | None = None
     out_dir: str | None = None
@@ -232,7 +232,7 @@ def plan(sweep: SweepFile, out_dir: Path) -> tuple[list[Run], list[str]]:
     for label, arm in sweep.arms.items():
         if sweep.grid is not None:
             for point in sweep.grid.points():
-                overrides = {**arm.overrides, **sweep.overrides, **point}
+                overrides = {**sweep.overrides, **arm.overrides, **point}
                 runs.append(_run(label, arm, overrides, _name(label, point), None, out_dir))
         else:
             runs += _ladder(sweep, label, arm, out_dir, notes)
@@ -264,7 +264,7 @@ def _ladder(sweep: SweepFile, label: str, arm: Arm, out_dir: Path, notes: list[s
         if written:
             raise ConfigError(f"arms.{label}.sizes[{i}] sets {written[0]}, which is derived")
     sized = [
-        (size, _counts(arm, {**arm.overrides, **sweep.overrides, **size})) for size in arm.sizes
+        (size, _counts(arm, {**sweep.overrides, **arm.overrides, **size})) for size in arm.sizes
     ]
     for c in sorted(iso.budgets):
         kept = []
@@ -278,7 +278,7 @@ def _ladder(sweep: SweepFile, label: str, arm: Arm, out_dir: Path, notes: list[s
                 derived_values["optim.lr"] = float(f"{iso.lr.coef * n**iso.lr.exponent:.4g}")
             if iso.warmup_fraction is not None:
                 derived_values["optim.warmup_steps"] = round(iso.warmup_fraction * steps)
-            overrides = {**arm.overrides, **sweep.overrides, **size, **derived_values}
+            overrides = {**sweep.overrides, **arm.overrides, **size, **derived_values}
             name = _name(label, {"C": c, **size})
             kept.append(_run(label, arm, overrides, name, c, out_dir))
         if not kept:
