@@ -12,7 +12,9 @@ config)` that imports only torch. Per family (`MIRRORS`):
 - transformer: `modeling_transformer.py`, a copy of `export/torch_transformer.py`, with
   `export.transformer`'s `mirror_state_dict` and `mirror_config`. It takes the attention mixer,
   the swiglu, mlp and lte FFNs (LTE over swiglu or mlp, any routing, computed as our model
-  does at inference) and the LM head, tied or not; a run with another part is refused in one
+  does at inference) and the LM head, tied or not, or a lookahead head as at inference (a
+  conditioning planner's plan, then the LM head; the training-only modules left out); a run
+  with another part is refused in one
   line before anything is written (`export.transformer.check`). A Llama (attention, swiglu,
   lm) also goes to `--format hf`; this format is for the parts Llama lacks.
 

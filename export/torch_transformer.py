@@ -32,6 +32,16 @@ contiguous experts of S = expert_size neurons; a router gives scores G = sigmoid
     dejavu, hard           1 on each token's top_k scores, else 0
     dejavu, not hard       1 (stage 1 runs the dense FFN)
 
+The planner head (`arch/planner.py`, kind planner with condition_lm), before the LM head: the
+final states h are mean-pooled into blocks of P = block tokens (the last block may be partial),
+`layers` causal blocks run over the block sequence (RoPE over block indices 0..N-1), RMSNorm
+gives the plans z_j, and W_c z_j is added to every token of block j+1 (block 0 gets nothing):
+
+    logits = (h + shift_one_block(W_c RMSNorm(planner layers(pool(h))))) @ W_head^T
+
+The lookahead decoder and the latent map only train: they are not here. Heads whose inference
+output is the LM head's (the MTP heads, a planner without condition_lm) export as `head: lm`.
+
 Computing every neuron and zeroing the inactive experts' is what menagerie's sparse kernel
 computes (it skips them instead). Equal scores in a top-k go to the lower expert index in
 menagerie; torch.topk does not promise an order for ties (float scores rarely tie).
@@ -71,6 +81,19 @@ ROUTINGS = ("threshold", "topk", "dejavu")
 
 
 @dataclasses.dataclass
+class PlannerConfig:
+    """The inference-time settings of a planner head whose plan conditions the LM."""
+
+    block: int  # P: tokens per block
+    layers: int  # causal blocks over the block sequence
+    n_heads: int  # of those blocks' attention
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    hidden_dim: int  # of their SwiGLU
+
+
+@dataclasses.dataclass
 class TransformerConfig:
     """The model: menagerie's `model:` fields that the forward pass reads."""
 
@@ -86,10 +109,13 @@ class TransformerConfig:
     ffn: str = "swiglu"  # swiglu, mlp or lte
     ffn_hidden_dim: int = 0  # F (of the inner FFN for lte)
     lte: LTEConfig | None = None  # with ffn lte
+    planner: PlannerConfig | None = None  # a planner head whose plan conditions the LM
 
     def __post_init__(self):
         if isinstance(self.lte, dict):
             self.lte = LTEConfig(**self.lte)
+        if isinstance(self.planner, dict):
+            self.planner = PlannerConfig(**self.planner)
         if self.ffn not in ("swiglu", "mlp", "lte") or (self.ffn == "lte") != (
             self.lte is not None
         ):
@@ -254,15 +280,46 @@ class Block(nn.Module):
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
+class Planner(nn.Module):
+    """h [B,T,D] -> h + the plan of block j at every token of block j+1 (see the docstring)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        p = cfg.planner
+        inner = dataclasses.replace(
+            cfg, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, head_dim=p.head_dim,
+            rope_theta=p.rope_theta, ffn="swiglu", ffn_hidden_dim=p.hidden_dim, lte=None,
+            planner=None,
+        )  # fmt: skip
+        self.block = p.block
+        self.layers = nn.ModuleList(Block(inner) for _ in range(p.layers))
+        self.plan_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.condition = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        b, t, d = h_BTD.shape
+        p = self.block
+        n = -(-t // p)
+        padded_BNPD = F.pad(h_BTD, (0, 0, 0, n * p - t)).reshape(b, n, p, d)
+        count_N = torch.clamp(t - p * torch.arange(n), max=p).to(h_BTD.dtype)
+        x_BND = padded_BNPD.sum(2) / count_N[:, None]  # each block's mean over its tokens
+        for layer in self.layers:
+            x_BND = layer(x_BND)
+        c_BND = self.condition(self.plan_norm(x_BND))
+        c_BND = F.pad(c_BND[:, :-1], (0, 0, 1, 0))  # block j+1 gets the plan of block j
+        return h_BTD + c_BND.repeat_interleave(p, dim=1)[:, :t]
+
+
 class Transformer(nn.Module):
-    """tokens [B,T] -> logits [B,T,V] float32: embed, blocks, final RMSNorm, LM head (`head`
-    [V, D], the very tensor `embed.weight` when tied)."""
+    """tokens [B,T] -> logits [B,T,V] float32: embed, blocks, final RMSNorm, the planner's
+    conditioning if any, LM head (`head` [V, D], the very tensor `embed.weight` when tied)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.planner = Planner(cfg) if cfg.planner is not None else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -271,7 +328,10 @@ class Transformer(nn.Module):
         x_BTD = self.embed(tokens_BT).float()
         for layer in self.layers:
             x_BTD = layer(x_BTD)
-        return self.head(self.final_norm(x_BTD)).float()
+        h_BTD = self.final_norm(x_BTD)
+        if self.planner is not None:
+            h_BTD = self.planner(h_BTD)
+        return self.head(h_BTD).float()
 
 
 def load(

@@ -8,7 +8,10 @@ kernels are [in..., out...]; torch `Linear` weights are [out, in] with the heads
 (q [H*Dh, D], o [D, H*Dh]). `PART_WEIGHTS` below is the whole map of a block.
 
 Parts the mirror has: mixer attention; ffn swiglu, mlp, or lte over swiglu or mlp (any
-routing); head lm. `check` refuses the others in one line. The attention's `impl` (xla or
+routing); head lm, or a lookahead head (`arch/planner.py`) computed as at inference: the LM
+head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c). The
+parameters only a head's training losses read are not written (`TRAINING_ONLY`). `check`
+refuses other parts in one line. The attention's `impl` (xla or
 cudnn) and LTE's `impl` (the sparse kernel) choose how the same function is computed, so
 they are not written; nor are the training-only fields (LTE's losses, router learning rate).
 """
@@ -22,7 +25,20 @@ import numpy as np
 from menagerie.train.errors import ConfigError
 
 # The parts the mirror has, by slot; LTE's inner FFN must be one of `INNER`.
-PARTS = {"mixer": ("attention",), "ffn": ("swiglu", "mlp", "lte"), "head": ("lm",)}
+PARTS = {
+    "mixer": ("attention",),
+    "ffn": ("swiglu", "mlp", "lte"),
+    "head": ("lm", "planner", "mtp_parallel", "mtp_sequential"),
+}
+# A head's parameters that only its training losses read (the planner's lookahead decoder and
+# latent map, the MTP heads' extra blocks): not exported. A planner without condition_lm adds
+# its layers and plan norm (its plan then reaches nothing at inference).
+TRAINING_ONLY = {
+    "lm": (),
+    "planner": ("offsets", "decoder_norm", "decoder_up", "decoder_down", "out_norm", "latent"),
+    "mtp_parallel": ("trunks", "norms"),
+    "mtp_sequential": ("h_norms", "e_norms", "projections", "trunks", "out_norms"),
+}
 INNER = ("swiglu", "mlp")
 # Name parts kept float32 under --dtype bfloat16: the norm scales, and the router, whose
 # threshold or top-k decision a bfloat16 rounding would flip.
@@ -83,6 +99,7 @@ def mirror_config(model: Any) -> dict[str, Any]:
         "ffn": ffn.kind,
         "ffn_hidden_dim": (ffn.inner if ffn.kind == "lte" else ffn).dim(model),
         "lte": None,
+        "planner": planner_config(model) if conditions(model) else None,
     }
     if ffn.kind == "lte":
         out["lte"] = {
@@ -99,18 +116,62 @@ def mirror_config(model: Any) -> dict[str, Any]:
     return out
 
 
-def part_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
-    """mirror name under `layers.{i}.` -> (our path under a block, kernel input axes)."""
+def conditions(model: Any) -> bool:
+    """Whether the head is a planner whose plan conditions the LM (the mirror's `Planner`)."""
+    return model.head.kind == "planner" and model.head.condition_lm
+
+
+def planner_config(model: Any) -> dict[str, Any]:
+    """config.json's `planner`: the mirror's `PlannerConfig` fields of our planner head."""
+    head = model.head
+    attention = head.attention()
+    return {
+        "block": head.block,
+        "layers": head.planner_layers,
+        "n_heads": attention.n_heads,
+        "n_kv_heads": attention.kv_heads,
+        "head_dim": attention.dim_head(model),
+        "rope_theta": attention.rope_theta,
+        "hidden_dim": head.ffn().dim(model),
+    }
+
+
+def training_only(model: Any) -> tuple[str, ...]:
+    """The head's parameter groups the export leaves out (`TRAINING_ONLY`)."""
+    unused_plan = model.head.kind == "planner" and not conditions(model)
+    return TRAINING_ONLY[model.head.kind] + (("layers", "plan_norm") if unused_plan else ())
+
+
+def block_weights(ffn_map: dict) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """mirror name under a block -> (our path under it, kernel input axes), for the attention
+    mixer and an FFN of map `ffn_map`."""
     out = {"mixer_norm.weight": (("mixer_norm", "scale"), None)}
     out |= {f"mixer.{name}": (("mixer", *path), n) for name, (path, n) in ATTENTION.items()}
     out["ffn_norm.weight"] = (("ffn_norm", "scale"), None)
+    out |= {f"ffn.{name}": (("ffn", *path), n) for name, (path, n) in ffn_map.items()}
+    return out
+
+
+def part_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """mirror name under `layers.{i}.` -> (our path under a block, kernel input axes)."""
     ffn = model.ffn
     if ffn.kind == "lte":
         inner = {f"inner.{k}": (("inner", *p), n) for k, (p, n) in FFNS[ffn.inner.kind].items()}
-        ffn_map = inner | ROUTER | (PREDICTOR_OUT if ffn.routing == "dejavu" else {})
-    else:
-        ffn_map = FFNS[ffn.kind]
-    out |= {f"ffn.{name}": (("ffn", *path), n) for name, (path, n) in ffn_map.items()}
+        return block_weights(inner | ROUTER | (PREDICTOR_OUT if ffn.routing == "dejavu" else {}))
+    return block_weights(FFNS[ffn.kind])
+
+
+def head_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """mirror name -> (our path, kernel input axes) of the head: the LM head's matrix when
+    untied, and a conditioning planner's layers, plan norm and W_c."""
+    lm = ("head",) if model.head.kind == "lm" else ("head", "lm")
+    out = {} if model.tie_embeddings else {"head.weight": ((*lm, "out", "kernel"), 1)}
+    if conditions(model):
+        for i in range(model.head.planner_layers):
+            for name, (path, n) in block_weights(FFNS["swiglu"]).items():
+                out[f"planner.layers.{i}.{name}"] = (("head", "layers", i, *path), n)
+        out["planner.plan_norm.weight"] = (("head", "plan_norm", "scale"), None)
+        out["planner.condition.weight"] = (("head", "condition", "kernel"), 1)
     return out
 
 
@@ -133,9 +194,10 @@ def mirror_state_dict(model: Any, params: dict) -> dict[str, np.ndarray]:
             out[f"layers.{i}.{name}"] = _to_torch(_layer_leaf(params, path, i, model), n_in)
             used.add(("blocks", *path))
     out["final_norm.weight"] = take(("final_norm", "scale"), None)
-    if not model.tie_embeddings:
-        out["head.weight"] = take(("head", "out", "kernel"), 1)
-    left = sorted(".".join(map(str, p)) for p in _paths(params, model) if p not in used)
+    out |= {name: take(path, n_in) for name, (path, n_in) in head_weights(model).items()}
+    dropped = {("head", group) for group in training_only(model)}
+    paths = (p for p in _paths(params, model) if p not in used and p[:2] not in dropped)
+    left = sorted(".".join(map(str, p)) for p in paths)
     if left:
         raise ConfigError(
             f"--format torch: the mirror does not place {len(left)} parameter(s) of this run "

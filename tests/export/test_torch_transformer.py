@@ -51,7 +51,7 @@ def lte(inner: dict, **fields) -> dict:
     return {"kind": "lte", "inner": inner, "expert_size": 4, **fields}
 
 
-# name -> model fields over TINY; every one's FFN is beyond Llama (--format hf refuses it)
+# name -> model fields over TINY; each has an FFN or a head beyond Llama (--format hf refuses it)
 CONFIGS = {
     "threshold-soft-swiglu-untied-scan": dict(
         mixer=GQA, ffn=lte(SWIGLU), tie_embeddings=False, scan_layers=True
@@ -78,6 +78,26 @@ CONFIGS = {
         mixer=GQA, ffn=lte(MLP, hard_from_step=1, all_experts=True), scan_layers=False
     ),
     "mlp-untied-scan": dict(mixer=GQA, ffn=MLP, tie_embeddings=False, scan_layers=True),
+    # Lookahead heads (arch/planner.py): a planner whose plan conditions the LM (blocks of 5 over
+    # 24 tokens: the last block partial), and two whose inference is the LM head alone.
+    "planner-swiglu-untied-scan": dict(
+        mixer=GQA,
+        ffn=SWIGLU,
+        head={"kind": "planner", "block": 5, "n_heads": 2, "hidden_dim": 20, "latent_weight": 0.1},
+        tie_embeddings=False,
+    ),
+    "planner-aux-only-swiglu-tied-loop": dict(
+        mixer=GQA,
+        ffn=SWIGLU,
+        head={"kind": "planner", "condition_lm": False, "block": 4, "n_heads": 2, "hidden_dim": 20},
+        scan_layers=False,
+    ),
+    "mtp-parallel-mlp-tied-loop": dict(
+        mixer=GQA, ffn=MLP, head={"kind": "mtp_parallel", "n_future": 2}, scan_layers=False
+    ),
+    "mtp-sequential-swiglu-untied": dict(
+        mixer=MHA_OWN_DIMS, ffn=SWIGLU, head={"kind": "mtp_sequential"}, tie_embeddings=False
+    ),
 }
 HARD = ("threshold-hard", "topk", "dejavu")  # configs whose gates are 0 for some experts
 
@@ -124,7 +144,8 @@ def test_the_torch_mirror_gives_our_logits(name, tmp_path):
     1/sqrt(D) or not causal, RMSNorm as 1 + weight, tanh GELU; LTE's gate soft where ours is
     hard (or hard where soft), the top-k weights 1 instead of G (topk) or G instead of 1
     (dejavu), expert e's gate on neurons e, e + E, ... instead of its contiguous block, dejavu
-    without W2, the router bias dropped, all_experts ignored; in the format: a kernel under the
+    without W2, the router bias dropped, all_experts ignored; the planner's plan added to its
+    own block instead of the next, its plan norm skipped; in the format: a kernel under the
     wrong name or orientation (q/o head flattening), config.json's hard flag, top_k or tau
     not written. For hard routing it first checks that the random routers leave a real mix of
     experts on and off, so that those gate bugs would move the logits."""
