@@ -7,6 +7,8 @@ rotate-half layout (pairs (i, i + Dh/2), `arch.attention_ops.apply_rope`, as HF'
 `convert_llama_weights_to_hf.py`). Only the layout of matrices differs: our kernels are
 [in..., out...] (q [D,H,Dh], o [H,Dh,D]); torch `Linear` weights are [out, in] with the heads
 flattened (q_proj [H*Dh, D], o_proj [D, H*Dh]). `LAYER` and `TOP` below are the whole map.
+A lookahead head (`arch/planner.py`) whose inference output is its LM head's (the MTP heads, a
+planner without condition_lm) exports as that LM head; its training-only modules are left out.
 
 The folder: config.json (the Llama fields as transformers 4.x writes them; 5.x reads them too),
 model.safetensors (metadata {"format": "pt"}, which transformers requires), generation_config.json
@@ -27,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from menagerie.train.errors import CheckpointError, ConfigError
+
+from .transformer import TRAINING_ONLY, conditions
 
 FAMILIES = ("transformer",)
 PARTS = {"mixer": "attention", "ffn": "swiglu", "head": "lm"}  # the parts Llama has
@@ -52,11 +56,17 @@ TOP = {
 }
 
 
+def lm_head_only(model: Any) -> bool:
+    """Whether the head's inference output is its LM head's alone (the LM head, the MTP heads,
+    a planner whose plan does not condition the LM): Llama's lm_head, the rest left out."""
+    return model.head.kind in TRAINING_ONLY and not conditions(model)
+
+
 def check(model: Any) -> None:
     """ConfigError naming the first part of `model` that LlamaForCausalLM cannot express."""
     for slot, kind in PARTS.items():
         got = getattr(model, slot).kind
-        if got != kind:
+        if got != kind and not (slot == "head" and lm_head_only(model)):
             parts = ", ".join(f"{s} {k}" for s, k in PARTS.items())
             raise ConfigError(
                 f"--format hf writes Llama models ({parts}); this run's model.{slot}.kind is "
@@ -183,6 +193,8 @@ def to_hf_state_dict(model: Any, params: dict) -> dict[str, np.ndarray]:
     params = _map(lambda x: np.asarray(x, np.float32), params)
     out = {}
     for name, (path, n_in) in TOP.items():
+        if name == "lm_head.weight" and model.head.kind != "lm":  # a lookahead head's LM head
+            path = ("head", "lm", *path[1:])
         if name != "lm_head.weight" or not model.tie_embeddings:
             out[name] = _to_hf(_get(params, path), n_in)
     for i in range(model.n_layers):

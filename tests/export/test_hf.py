@@ -140,6 +140,28 @@ def test_transformers_gives_our_logits(runs, exports, name):
     assert generation["suppress_tokens"][0] == run.tokenizer.vocab_size
 
 
+LM_HEAD_ONLY = {  # lookahead heads whose inference output is their LM head's
+    "mtp_sequential": {"kind": "mtp_sequential"},
+    "aux_only_planner": {"kind": "planner", "condition_lm": False, "block": 4},
+}
+
+
+@pytest.mark.parametrize("head", LM_HEAD_ONLY)
+def test_a_lookahead_head_exports_as_its_lm_head(head, tmp_path):
+    """An untied MTP head, or a planner that does not condition the LM, exports as a Llama
+    whose lm_head is the head's LM head, with the training-only modules left out. Catches: the
+    untied LM head read from the plain head's path (a KeyError) or from a module only training
+    reads, a planner that conditions the LM let through (its test in EXPORT_CASES)."""
+    tok = ByteTokenizer()
+    model = {"d_model": 32, "n_layers": 1, "ffn": {"hidden_dim": 48}, "tie_embeddings": False}
+    cfg = build_config({"model": model | {"head": LM_HEAD_ONLY[head]}, "train": {"seq_len": 32}})
+    cfg = cfg.model_copy(update={"model": cfg.model.with_vocab(tok.vocab_size)})
+    run = LoadedRun(_random_model(cfg.model, seed=5), tok, cfg, 0, None)
+    folder = to_hf(run, tmp_path / "hf")
+    tokens = _tokens(tok)
+    np.testing.assert_allclose(_theirs(folder, tokens), _ours(run, tokens), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_tokenizer_encodes_and_decodes_as_ours(runs, exports, name):
     """Catches: byte ids off by one or in another byte order, the literal text "<|eos|>" read
@@ -319,19 +341,22 @@ def test_import_hf_refusals_say_why_in_one_line_and_write_nothing(exports, tmp_p
 EXPORT_CASES = {
     "megalodon": "--format hf writes transformer models; ",
     "toy_ffn": "model.ffn.kind is 'toy_relu2', which LlamaForCausalLM cannot express",
+    "planner": "model.head.kind is 'planner', which LlamaForCausalLM cannot express",
     "no_checkpoint": "has no checkpoint yet; train first",
 }
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_export_hf_refusals_say_why_in_one_line_and_write_nothing(corpus, tmp_path, case):
-    """Catches: a Megalodon run, or a transformer with a part Llama lacks (a squared-ReLU FFN),
-    exported as a Llama; an export of a run with no checkpoint."""
+    """Catches: a Megalodon run, or a transformer with a part Llama lacks (a squared-ReLU FFN, a
+    planner whose plan conditions the LM), exported as a Llama; an export of a run with no
+    checkpoint."""
     run_dir, out = tmp_path / "run", tmp_path / "out"
     run_dir.mkdir()
     model = {
         "megalodon": MEGALODON_TINY_MODEL,
         "toy_ffn": {"ffn": {"kind": "toy_relu2"}},
+        "planner": {"head": {"kind": "planner"}},  # its plan conditions the LM
         "no_checkpoint": {"d_model": 32, "n_layers": 1},
     }[case]
     cfg = {"model": model, "data": {"source": str(corpus)}, "train": {"seq_len": 32}}
