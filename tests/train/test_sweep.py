@@ -95,9 +95,9 @@ def test_sweep_runs_end_to_end_and_reports(swept):
     """The CI sweep through `menagerie sweep run` and `sweep report`: six ordinary run folders
     whose configs train the derived steps (each run's C within half a step of its budget), the
     learning rate of the size rule, a final eval each; runs.csv with those six rows and counts;
-    fits.json with both approaches for the arm; three PNGs. Catches steps derived without the
-    batch or sequence length, a count from the wrong config, a rule not applied, or a report
-    that drops runs."""
+    fits.json with both approaches for the arm; three PNGs. Catches the size rule's learning
+    rate not applied, tokens (so D and C) counted without the batch size, or steps that do not
+    spend the budget."""
     sweep = yaml.safe_load(SWEEP.read_text())
     plan = _plan(swept)
     assert len(plan) == 6
@@ -139,8 +139,7 @@ def test_killed_sweep_redoes_no_finished_run(swept, tmp_path):
     unfinished run trains, after the five others finished, then rerun: the five are skipped
     (their folders byte for byte unchanged), the killed run resumes from its checkpoint, and
     the report's runs.csv and fits.json equal those of the uninterrupted sweep. Catches a sweep
-    that retrains finished runs, counts a killed run as finished (no final eval), or restarts
-    a killed run from scratch in another folder."""
+    that retrains finished runs or counts a killed run as finished (no final eval)."""
     out = tmp_path / "sweep"
     shutil.copytree(swept, out)
     shutil.rmtree(out / "report")
