@@ -11,6 +11,7 @@
                        --top-p P --seed S --step N]
     menagerie sweep run SWEEP.yaml [--out DIR] [--jobs N] [--emit slurm|commands --nodes N]
     menagerie sweep report SWEEP_DIR [--params non_embedding|total] [--bootstrap N]
+    menagerie plan    [--config FILE] [--devices N --device-memory 80GB] [--json] [key=value ...]
 
 Errors in what the user gave (config, data, run directory, checkpoint) print one line and exit
 with status 2; `--debug` shows the traceback instead. Multi-process (multi-host) runs start one
@@ -74,7 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.ffn.eta=0.5")
     _generate_parser(sub)
     _sweep_parser(sub)
+    _plan_parser(sub, common)
     return p
+
+
+def _plan_parser(sub, common) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="per-device memory of a config's training step, without allocating",
+        description="Simulate N devices here with XLA_FLAGS=--xla_force_host_platform_device_count"
+        "=N (then XLA's compiled memory analysis is shown too), or plan for --devices N abstract "
+        "ones.",
+    )
+    common(pl)
+    pl.add_argument("--devices", type=int, help="plan for N devices that are not here (abstract)")
+    pl.add_argument("--device-memory", help="memory of one device, e.g. 80GB: says if it fits")
+    pl.add_argument("--no-compile", action="store_true", help="skip XLA's memory analysis")
+    pl.add_argument("--json", action="store_true", help="one JSON object of the numbers")
 
 
 def _sweep_parser(sub) -> None:
@@ -244,6 +261,12 @@ def cmd_sweep(args) -> int:
     return cmd_report(args)
 
 
+def cmd_plan(args) -> int:
+    from .plan import cmd_plan as run
+
+    return run(args)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments; dotted overrides may also come after options (argparse stops taking a
     positional list at the first option: `convert-lte RUN --step 5 a=1 --out X`)."""
@@ -278,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert-lte": cmd_convert_lte,
         "generate": cmd_generate,
         "sweep": cmd_sweep,
+        "plan": cmd_plan,
     }[args.command]
     if args.debug:
         return handler(args)
