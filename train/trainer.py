@@ -97,13 +97,37 @@ class Trainer:
         # Data first: the tokenizer (a synthetic task's own) fixes the model's vocabulary.
         self.train_data, self.val_data = open_datasets(cfg.data, cfg.train.seq_len)
         self.tokenizer = self.train_data.tokenizer
+        self._set_up_state(cfg, self.tokenizer.vocab_size)
+        if self.cfg.optim.uses_lapack and jax.default_backend() == "cpu":
+            # XLA:CPU already uses every core; LAPACK's own thread pool on top of it slows the
+            # SVD refreshes and the steps after them (train.lowrank.limit_cpu_lapack_threads).
+            lowrank.limit_cpu_lapack_threads(1)
+        # Last: everything that can be checked was, so a refused config writes nothing.
+        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
+
+    @classmethod
+    def layout_only(cls, cfg: RunConfig, mesh: Any, tokenizer_vocab: int) -> Trainer:
+        """A Trainer without data or run folder: `mesh` (a Mesh, or an AbstractMesh for devices
+        that are not here), the abstract model, the optimizer and the shardings of the state,
+        so `abstract_state` and `jit_train_step` work; nothing is allocated or written. For
+        memory planning and ahead-of-time compilation (`train.plan`)."""
+        self = cls.__new__(cls)
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.mesh = mesh
+        check_mesh_fits(cfg, mesh_lib.data_parallel_size(mesh))
+        self._set_up_state(cfg, tokenizer_vocab)
+        return self
+
+    # ------------------------------------------------------------------ state
+
+    def _set_up_state(self, cfg: RunConfig, tokenizer_vocab: int) -> None:
+        """The model (abstract first, so shardings are known before anything is allocated), the
+        optimizer and the shardings of the state and of a batch, on `self.mesh`."""
         try:
-            model_cfg = cfg.model.with_vocab(self.tokenizer.vocab_size)
+            model_cfg = cfg.model.with_vocab(tokenizer_vocab)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.cfg = cfg.model_copy(update={"model": model_cfg})
-
-        # Model: abstract first, so shardings are known before anything is allocated.
         abstract_model = nnx.eval_shape(lambda: arch.build(model_cfg, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_state = nnx.split(abstract_model)
         self.param_names = mesh_lib.logical_names(abstract_state)
@@ -112,16 +136,8 @@ class Trainer:
         self.optimizer, self.schedule = make_optimizer(
             self.cfg.optim, self.cfg.train.steps, self.param_names
         )
-        if self.cfg.optim.uses_lapack and jax.default_backend() == "cpu":
-            # XLA:CPU already uses every core; LAPACK's own thread pool on top of it slows the
-            # SVD refreshes and the steps after them (train.lowrank.limit_cpu_lapack_threads).
-            lowrank.limit_cpu_lapack_threads(1)
         self.state_shardings = self._state_shardings(abstract_params)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        # Last: everything that can be checked was, so a refused config writes nothing.
-        self.run_dir = prepare_run_dir(self.cfg, start_over=start_over)
-
-    # ------------------------------------------------------------------ state
 
     def _state_shardings(self, abstract_params: Any) -> dict:
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
