@@ -19,6 +19,7 @@ the real train step is also compiled and XLA's memory analysis printed beside th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -156,6 +157,17 @@ def saved_residuals(graphdef, params: Any, batch: dict) -> list[jax.ShapeDtypeSt
     return list(seen.values())
 
 
+@contextlib.contextmanager
+def _context(trainer: Trainer):
+    """`trainer.context()`, or for an AbstractMesh the same with the abstract mesh."""
+    if not isinstance(trainer.mesh, AbstractMesh):
+        with trainer.context():
+            yield
+        return
+    with jax.sharding.use_abstract_mesh(trainer.mesh), mesh_lib.axis_rules(trainer.mesh):
+        yield
+
+
 def _global_bytes(xs) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in xs)
 
@@ -165,7 +177,7 @@ def activation_bytes(trainer: Trainer, params: Any, batch: dict) -> tuple[int, i
 
     def saved(remat):
         fn = lambda p, b: saved_residuals(_graphdef(trainer, remat), p, b)  # noqa: E731
-        with trainer.context():
+        with _context(trainer):
             return _global_bytes(jax.eval_shape(fn, params, batch))
 
     model = trainer.cfg.model
