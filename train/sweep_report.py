@@ -188,9 +188,16 @@ def _draw_loss_vs_flops(ax, rows, fits, colour, key) -> None:
             marker = markers[i % len(markers)]
             label = f"{arm} N={size:.3g}"
             ax.plot(x, y, marker=marker, color=colour[arm], alpha=0.8, label=label)
+            law_params = fits[arm]["approach3"].get("params")
+            if law_params:  # the fitted law along this size's runs: D = C / FLOPs per token
+                mine = [r for r in rows if r["arm"] == arm and r[key] == size]
+                per_token = mine[0]["flops"] / mine[0]["tokens"]
+                grid = np.geomspace(min(x), max(x), 30)
+                fitted = law(law_params, np.full_like(grid, size), grid / per_token)
+                ax.plot(grid, fitted, ":", color=colour[arm], alpha=0.6)
     ax.set_xlabel("training FLOPs C")
     ax.set_ylabel("final eval loss")
-    ax.set_title("loss against compute, one line per model size")
+    ax.set_title("loss against compute, one line per model size (dotted: Approach 3 fit)")
 
 
 def _draw_isoflop(ax, rows, fits, colour, key) -> None:
