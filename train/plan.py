@@ -72,6 +72,7 @@ class Plan:
     gradients: int
     activations: int
     backward: int
+    gathered: int
     inputs: int
     groups: list[Group]
     warnings: list[str]
@@ -85,6 +86,7 @@ class Plan:
             + self.gradients
             + self.activations
             + self.backward
+            + self.gathered
             + self.inputs
         )
 
@@ -216,6 +218,24 @@ def param_groups(trainer: Trainer, params: Any) -> list[Group]:
     return list(groups.values())
 
 
+def gathered_bytes(groups: list[Group], mesh, n_layers: int) -> int:
+    """FSDP's working set: the largest unit the step gathers whole over `fsdp` (one layer's
+    weights, or one parameter outside the stack), twice: its weights and their gradient before
+    the reduce-scatter."""
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1:
+        return 0
+    layer, largest = 0, 0
+    for g in groups:
+        flat = [a for e in g.spec for a in ((e,) if isinstance(e, str) else (e or ()))]
+        whole = g.bytes_per_device * (fsdp if "fsdp" in flat else 1)
+        if "layers" in g.names or g.count == n_layers > 1:
+            layer += whole // n_layers
+        else:
+            largest = max(largest, whole)
+    return 2 * max(layer, largest)
+
+
 def replication_warnings(groups: list[Group], mesh) -> list[str]:
     """One line per parameter dimension whose rule names a mesh axis (of size > 1) that the
     sharding does not use because that axis does not divide the dimension."""
@@ -274,6 +294,7 @@ def make_plan(cfg: RunConfig, devices: int | None = None, compile: bool = True) 
         gradients=shard_bytes(params) * (2 if t.microbatches > 1 else 1),
         activations=activations,
         backward=backward,
+        gathered=gathered_bytes(groups, mesh, trainer.cfg.model.n_layers),
         inputs=shard_bytes(batch) + shard_bytes(counters),
         groups=groups,
         warnings=replication_warnings(groups, mesh),
@@ -311,6 +332,7 @@ def format_plan(plan: Plan, cfg: RunConfig, device_memory: float | None = None) 
         ("gradients" + (" (sum + one microbatch)" if t.microbatches > 1 else ""), plan.gradients),
         (f"activations saved for backward (remat {m.remat})", plan.activations),
         ("backward working set (recompute, d logits)", plan.backward),
+        ("fsdp: one layer gathered (weights, grads)", plan.gathered),
         ("batch and counters", plan.inputs),
         ("total", plan.total),
     ]
@@ -326,7 +348,7 @@ def format_plan(plan: Plan, cfg: RunConfig, device_memory: float | None = None) 
         ]
     if device_memory:
         lines.append(
-            f"{plan.total / device_memory:.0%} of {human(device_memory)} per device"
+            f"{plan.total / device_memory:.0%} of {device_memory / 1e9:.0f} GB per device"
             + ("" if plan.total <= device_memory else ": does NOT fit")
         )
     if cfg.mesh.tensor > 1 or plan.mesh.get("tensor", 1) > 1:

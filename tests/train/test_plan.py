@@ -26,6 +26,7 @@ EIGHT_DEVICES = {
     "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
 }
 TOLERANCE = 0.2
+ESTIMATES = ("params", "opt_state", "gradients", "activations", "backward", "gathered", "inputs")
 
 
 def _plan(*args: str, env: dict | None = None) -> dict:
@@ -72,7 +73,15 @@ def test_eight_devices_match_real_state_and_xla():
     _check_against_xla(plan, _real_bytes(*EIGHT, env=EIGHT_DEVICES))
     abstract = _plan(*EIGHT, "--devices", "8")
     assert abstract["compiled"] is None and abstract["platform"] == "abstract"
-    for key in ("params", "opt_state", "gradients", "activations", "backward", "inputs"):
+    for key in (
+        "params",
+        "opt_state",
+        "gradients",
+        "activations",
+        "backward",
+        "gathered",
+        "inputs",
+    ):
         assert abstract[key] == plan[key], key
 
 
