@@ -66,6 +66,7 @@ class Plan:
 
     mesh: dict[str, int]
     devices: int
+    n_params: int
     platform: str
     params: int
     opt_state: int
@@ -288,6 +289,7 @@ def make_plan(cfg: RunConfig, devices: int | None = None, compile: bool = True) 
     plan = Plan(
         mesh=dict(mesh.shape),
         devices=math.prod(mesh.shape.values()),
+        n_params=trainer.cfg.model.num_params(),
         platform="abstract" if devices is not None else jax.devices()[0].platform,
         params=shard_bytes(params),
         opt_state=shard_bytes(state["opt_state"]),
@@ -321,7 +323,8 @@ def format_plan(plan: Plan, cfg: RunConfig, device_memory: float | None = None) 
     mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
     lines = [
         f"mesh {mesh} on {plan.devices} {plan.platform} device(s); {m.family} "
-        f"{m.d_model}x{m.n_layers}, remat {m.remat}, batch {t.batch_size} x {t.seq_len} in "
+        f"{m.d_model}x{m.n_layers} ({plan.n_params / 1e6:,.2f}M params), remat {m.remat}, "
+        f"batch {t.batch_size} x {t.seq_len} in "
         f"{t.microbatches} microbatch(es), optimizer {cfg.optim.name}",
         "",
         f"{'per device':<44}{'estimate':>14}",
