@@ -11,10 +11,13 @@ optimizer and the shardings that training uses) through `jax.eval_shape`:
   the devices that split a batch (data x fsdp x sequence). Tensor parallelism also splits head
   and MLP activations; that is not counted, so with `mesh.tensor > 1` this is an upper bound;
 - backward working set: what a remat policy recomputes for one layer (the residuals it did not
-  save, per layer) plus the float32 gradient of the logits.
-On devices that are here (real or simulated with XLA_FLAGS=--xla_force_host_platform_device_count=N)
-the real train step is also compiled and XLA's memory analysis printed beside the estimate;
-`--devices N` plans for N devices that are not here (an `AbstractMesh`: no compilation).
+  save, per layer) plus the float32 gradient of the logits;
+- FSDP's gathered unit: the largest piece (one layer's weights, or one parameter outside the
+  stack) gathered whole over `fsdp`, with its gradient before the reduce-scatter.
+On devices that are here (real, or simulated with
+XLA_FLAGS=--xla_force_host_platform_device_count=N) the real train step is also compiled and XLA's
+memory analysis printed beside the estimate; `--devices N` plans for N devices that are not
+here (an `AbstractMesh`: no compilation).
 """
 
 from __future__ import annotations
