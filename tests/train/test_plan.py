@@ -59,15 +59,17 @@ def _check_against_xla(plan: dict, real: dict) -> None:
 
 
 def test_one_device_matches_real_state_and_xla():
-    """Catches: activations traced under another remat policy than the config's (the planner
-    tracing remat none: 2.5x XLA's total), and optimizer state or parameters counted from the
-    wrong tree (not equal to the real state's bytes)."""
+    """Catches: activations traced under another remat policy than the config's (remat none
+    traced for a remat full config: more than 20% off XLA's total), and optimizer state counted
+    as two copies of the parameters (Adam's step count, 8 bytes, is missed)."""
     _check_against_xla(_plan(*ONE), _real_bytes(*ONE))
 
 
 def test_eight_devices_match_real_state_and_xla():
-    """Catches: per-device bytes taken from global shapes (shardings ignored: 8x the real
-    shards), and activations not divided over the data-parallel devices (4x XLA's)."""
+    """Catches: per-device bytes taken from global shapes (shardings ignored: twice the real
+    shards under fsdp=2), activations not divided over the data-parallel devices (more than 20%
+    over XLA's total), and an abstract mesh whose sizes go to the wrong axes (`--devices 8`
+    then plans another optimizer-state layout than 8 simulated devices measure)."""
     plan = _plan(*EIGHT, env=EIGHT_DEVICES)
     assert plan["devices"] == 8 and plan["mesh"]["fsdp"] == 2
     _check_against_xla(plan, _real_bytes(*EIGHT, env=EIGHT_DEVICES))
