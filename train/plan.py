@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -108,13 +109,19 @@ def plan_mesh(cfg: RunConfig, devices: int | None):
 
 
 def tokenizer_vocab(cfg: RunConfig) -> int:
-    """The tokenizer's vocabulary size without preparing data: a synthetic task's, bytes', a
-    tokenizer.json's, or for a BPE still to be trained its target size."""
+    """The tokenizer's vocabulary size without preparing data: a synthetic task's, a prepared
+    folder's own (`data.source`: what training reads), bytes', a tokenizer.json's, or for a BPE
+    still to be trained its target size."""
     from menagerie.data import TaskTokenizer, load_tokenizer
+    from menagerie.data.tokenizers import tokenizer_from_meta
 
     data = cfg.data
     if data.is_synthetic:
         return TaskTokenizer(data.task).vocab_size
+    folder = Path(data.source).expanduser()
+    if data.source != "stdlib" and (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text())
+        return tokenizer_from_meta(meta, folder).vocab_size
     if data.tokenizer == "bpe":
         return data.bpe_vocab_size
     return load_tokenizer(data.tokenizer).vocab_size
