@@ -364,7 +364,7 @@ def format_plan(plan: Plan, cfg: RunConfig, device_memory: float | None = None) 
             f"{plan.total / device_memory:.0%} of {device_memory / 1e9:.0f} GB per device"
             + ("" if plan.total <= device_memory else ": does NOT fit")
         )
-    if cfg.mesh.tensor > 1 or plan.mesh.get("tensor", 1) > 1:
+    if plan.mesh["tensor"] > 1:
         lines.append("(activations: tensor-parallel splits not counted, an upper bound)")
     lines += ["", _groups_table(plan.groups)]
     lines += [f"warning: {w}" for w in plan.warnings]
