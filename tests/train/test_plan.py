@@ -17,9 +17,9 @@ import sys
 
 from .conftest import ROOT, TINY, cli, cli_env
 
-# Tiny on every path the planner reads: a remat policy that saves less than all, GaLore's
-# projected state, fsdp + data sharding of parameters and batch.
-ONE = ("model.remat=full",)
+# Tiny on every path the planner reads: a remat policy that saves less than all, gradient
+# accumulation, GaLore's projected state, fsdp + data sharding of parameters and batch.
+ONE = ("model.remat=full", "train.microbatches=2")
 EIGHT = ("mesh.data=4", "mesh.fsdp=2", "model.remat=full", "optim.name=galore", "optim.rank=8")
 # After the session's own flags (tests/conftest.py), not instead of them.
 EIGHT_DEVICES = {
@@ -60,8 +60,9 @@ def _check_against_xla(plan: dict, real: dict) -> None:
 
 def test_one_device_matches_real_state_and_xla():
     """Catches: activations traced under another remat policy than the config's (remat none
-    traced for a remat full config: more than 20% off XLA's total), and optimizer state counted
-    as two copies of the parameters (Adam's step count, 8 bytes, is missed)."""
+    traced for a remat full config: more than 20% off XLA's total), activations traced on the
+    whole batch instead of one microbatch (likewise), and optimizer state counted as two copies
+    of the parameters (Adam's step count, 8 bytes, is missed)."""
     _check_against_xla(_plan(*ONE), _real_bytes(*ONE))
 
 
