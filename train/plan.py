@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -410,8 +411,10 @@ def cmd_plan(args) -> int:
 
     if args.devices is not None and args.devices < 1:
         raise ConfigError(f"--devices {args.devices} must be >= 1")
-    cfg = build_config(read_yaml(args.config) if args.config else {}, args.overrides)
-    plan = make_plan(cfg, args.devices, compile=not args.no_compile)
     memory = parse_memory(args.device_memory) if args.device_memory else None
+    cfg = build_config(read_yaml(args.config) if args.config else {}, args.overrides)
+    with warnings.catch_warnings():  # the plan lists replicated dimensions itself
+        warnings.filterwarnings("ignore", message="logical axis .* not divisible")
+        plan = make_plan(cfg, args.devices, compile=not args.no_compile)
     print(plan_json(plan) if args.json else format_plan(plan, cfg, memory))
     return 0
