@@ -94,7 +94,8 @@ def _fit_once(log_n, log_d, log_l) -> np.ndarray:
 
 def _as_params(x: np.ndarray) -> dict[str, float]:
     e, a, b, alpha, beta = x
-    return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
+    with np.errstate(over="ignore"):  # a degenerate bootstrap fit's log A may pass 709: A = inf
+        return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
 
 
 def fit_approach3(
