@@ -109,14 +109,13 @@ def plan_mesh(cfg: RunConfig, devices: int | None):
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))
 
 
-def tokenizer_vocab(cfg: RunConfig) -> int:
-    """The tokenizer's vocabulary size without preparing data: a synthetic task's, a prepared
-    folder's own (`data.source`: what training reads), bytes', a tokenizer.json's, or for a BPE
-    still to be trained its target size."""
+def tokenizer_vocab(data) -> int:
+    """The vocabulary size of the tokenizer `data` (a DataConfig) gives, without preparing data:
+    a synthetic task's, a prepared folder's own (`data.source`: what training reads), bytes', a
+    tokenizer.json's, or for a BPE still to be trained its target size."""
     from menagerie.data import TaskTokenizer, load_tokenizer
     from menagerie.data.tokenizers import tokenizer_from_meta
 
-    data = cfg.data
     if data.is_synthetic:
         return TaskTokenizer(data.task).vocab_size
     folder = Path(data.source).expanduser()
@@ -287,7 +286,7 @@ def compiled_memory(trainer: Trainer, state: Any, batch: dict) -> dict[str, int]
 def make_plan(cfg: RunConfig, devices: int | None = None, compile: bool = True) -> Plan:
     """The plan of `cfg` on this host's devices, or on `devices` abstract ones (no compile)."""
     mesh = plan_mesh(cfg, devices)
-    trainer = Trainer.layout_only(cfg, mesh, tokenizer_vocab(cfg))
+    trainer = Trainer.layout_only(cfg, mesh, tokenizer_vocab(cfg.data))
     state = trainer.abstract_state()
     t = trainer.cfg.train
     params = state["params"]

@@ -319,6 +319,7 @@ def _run(label: str, arm: Arm, overrides: dict, name: str, budget, out_dir: Path
 def _counts(arm: Arm, overrides: dict, name: str | None = None):
     """(config, non-embedding N, total N, FLOPs per token) of an arm with `overrides`."""
     from .config import build_config, read_yaml
+    from .plan import tokenizer_vocab
 
     raw = read_yaml(arm.config) if arm.config else {}
     try:
@@ -328,22 +329,6 @@ def _counts(arm: Arm, overrides: dict, name: str | None = None):
         raise ConfigError(f"run '{name or _label(overrides)}': {e}") from None
     n, n_total = model.num_params(include_embeddings=False), model.num_params()
     return cfg, n, n_total, model.flops_per_token(cfg.train.seq_len)
-
-
-def tokenizer_vocab(data) -> int:
-    """Tokens of the tokenizer `data` (a DataConfig) will use, without preparing anything."""
-    from menagerie.data import ByteTokenizer, TaskTokenizer, load_tokenizer
-
-    if data.is_synthetic:
-        return TaskTokenizer(data.task).vocab_size
-    meta = Path(data.source) / "meta.json"
-    if meta.is_file():  # a prepared folder: the tokenizer it was made with
-        return int(json.loads(meta.read_text())["tokenizer"]["vocab_size"])
-    if data.tokenizer == "byte":
-        return ByteTokenizer().vocab_size
-    if data.tokenizer == "bpe":
-        return data.bpe_vocab_size
-    return load_tokenizer(data.tokenizer).vocab_size
 
 
 def override_text(value: Any) -> str:

@@ -116,7 +116,7 @@ def _main(overrides: list[str]) -> None:
     from menagerie.train.trainer import Trainer
 
     cfg = load_config(TINY, overrides)
-    trainer = Trainer.layout_only(cfg, mesh_lib.make_mesh(cfg.mesh), tokenizer_vocab(cfg))
+    trainer = Trainer.layout_only(cfg, mesh_lib.make_mesh(cfg.mesh), tokenizer_vocab(cfg.data))
     state = trainer.init_state()
     device = jax.devices()[0]
 
