@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, SerializeAsAny, model_validator
 from .errors import ConfigError
 from .optim import AdamWConfig, OptimConfig
 
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+"""The mesh's axes, outermost first (`train.mesh` builds it in this order)."""
+
 _STRICT = ConfigDict(
     extra="forbid",
     use_attribute_docstrings=True,
@@ -90,7 +93,11 @@ class TrainConfig(BaseModel):
 
 
 class MeshConfig(BaseModel):
-    """Device mesh axis sizes; -1 means "all remaining devices" (at most one axis)."""
+    """Device mesh axis sizes. Each mesh axis is `dcn_<axis>` x `<axis>` devices long: the outer
+    factor spans DCN granules (TPU slices; elsewhere processes, one per node on a GPU cluster),
+    the inner one the devices inside a granule (ICI / NVLink). So `dcn_data=4` puts data
+    parallelism across 4 nodes while FSDP and tensor groups stay inside each. -1 on an inner
+    axis means "all remaining devices of a granule" (at most one axis)."""
 
     model_config = _STRICT
 
@@ -101,16 +108,41 @@ class MeshConfig(BaseModel):
     tensor: int = 1
     """Tensor parallelism: heads and MLP width split."""
     sequence: int = 1
-    """Sequence parallelism: the sequence axis of activations split."""
+    """Sequence parallelism: the sequence axis of activations split (must divide
+    train.seq_len)."""
+    dcn_data: int = 1
+    """Granules (slices or nodes) the data axis spans; 1 = none. The product of the dcn_* sizes
+    must be the number of slices (TPU) or processes (GPU, CPU); on CPU with one process, that
+    many equal blocks of simulated devices stand in for them."""
+    dcn_fsdp: int = 1
+    """Granules the fsdp axis spans (parameter all-gathers then cross the DCN); 1 = none."""
+    dcn_tensor: int = 1
+    """Granules the tensor axis spans; 1 = none (tensor parallelism wants the fast links)."""
+    dcn_sequence: int = 1
+    """Granules the sequence axis spans; 1 = none."""
+
+    def inner(self) -> dict[str, int]:
+        """axis -> size inside one granule (-1: fill)."""
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def outer(self) -> dict[str, int]:
+        """axis -> number of granules it spans."""
+        return {axis: getattr(self, f"dcn_{axis}") for axis in MESH_AXES}
 
     @model_validator(mode="after")
     def _check(self) -> MeshConfig:
-        sizes = self.model_dump()
+        sizes = self.inner()
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ValueError("only one mesh axis may be -1 (fill); set the others to sizes")
         bad = [k for k, v in sizes.items() if v == 0 or v < -1]
         if bad:
             raise ValueError(f"mesh.{bad[0]}={sizes[bad[0]]} must be a positive size or -1")
+        bad = [k for k, v in self.outer().items() if v < 1]
+        if bad:
+            raise ValueError(
+                f"mesh.dcn_{bad[0]}={getattr(self, f'dcn_{bad[0]}')} must be >= 1 "
+                "(1 = the axis stays inside one slice or node)"
+            )
         return self
 
 
@@ -184,6 +216,12 @@ class RunConfig(BaseModel):
     @classmethod
     def _default_choice_keys(cls, data: Any) -> Any:
         return default_choice_keys(cls, data)
+
+    @model_validator(mode="after")
+    def _check_sequence(self) -> RunConfig:
+        if self.mesh.sequence != -1:  # a filled axis is checked on the mesh (check_mesh_fits)
+            _check_sequence_fits(self, self.mesh.sequence * self.mesh.dcn_sequence)
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -448,14 +486,34 @@ def _deep_copy(tree: Any) -> Any:
     return tree
 
 
-def check_mesh_fits(cfg: RunConfig, data_parallel: int) -> None:
-    """Batch sizes must split over the data-parallel devices (data x fsdp)."""
+def check_mesh_fits(cfg: RunConfig, data_parallel: int, sequence: int | None = None) -> None:
+    """Batch sizes must split over the data-parallel devices (data x fsdp), and sequences over
+    the `sequence` mesh axis (its size; None: as far as the config states it)."""
     per_micro = cfg.train.batch_size // cfg.train.microbatches
     if per_micro % data_parallel:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches}"
             f" = {per_micro} sequences per microbatch does not split over {data_parallel}"
             f" data-parallel devices; use a multiple of {data_parallel}"
+        )
+    if sequence is not None:
+        try:
+            _check_sequence_fits(cfg, sequence)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_sequence_fits(cfg: RunConfig, sequence: int) -> None:
+    """ValueError unless the sequence mesh axis (`sequence` devices) divides train.seq_len:
+    each device holds an equal block of every sequence (ring attention passes them around)."""
+    seq_len = cfg.train.seq_len
+    if seq_len % sequence:
+        dcn = f" x mesh.dcn_sequence={cfg.mesh.dcn_sequence}" if cfg.mesh.dcn_sequence > 1 else ""
+        up = -(-seq_len // sequence) * sequence
+        raise ValueError(
+            f"the sequence mesh axis (mesh.sequence={cfg.mesh.sequence}{dcn}: {sequence} devices)"
+            f" does not divide train.seq_len={seq_len}; use a multiple of {sequence} (e.g. "
+            f"train.seq_len={up}) or a mesh.sequence that divides {seq_len}"
         )
 
 

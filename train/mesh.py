@@ -21,10 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from menagerie.arch import axes as arch_axes
 
-from .config import MeshConfig
+from .config import MESH_AXES, MeshConfig
 from .errors import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 
 def logical_rules() -> dict[str, str | tuple[str, ...] | None]:
@@ -46,34 +44,136 @@ def axis_rules(mesh: Mesh):
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Axis sizes with the -1 axis filled; ConfigError if they do not multiply to the devices."""
-    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    """Axis sizes (dcn x inner per axis, the -1 axis filled) of a mesh of `num_devices` devices;
+    ConfigError if they do not multiply to the devices."""
+    outer = cfg.outer()
+    granules = math.prod(outer.values())
+    if num_devices % granules:
+        raise ConfigError(
+            f"mesh.dcn_* sizes {_nontrivial(outer)} make {granules} granules (slices or nodes), "
+            f"which do not split {num_devices} devices evenly; use a device count that "
+            f"{granules} divides"
+        )
+    inner = inner_shape(cfg, num_devices // granules, granules)
+    return {axis: outer[axis] * inner[axis] for axis in MESH_AXES}
+
+
+def inner_shape(cfg: MeshConfig, per_granule: int, granules: int = 1) -> dict[str, int]:
+    """Axis sizes inside one granule of `per_granule` devices, the -1 axis filled."""
+    sizes = cfg.inner()
+    where = f"{per_granule} device{'s' if per_granule != 1 else ''}"
+    where += " per granule" if granules > 1 else ""
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:
-        if num_devices % fixed:
+        if per_granule % fixed:
             raise ConfigError(
-                f"mesh sizes {sizes} leave {num_devices}/{fixed} devices for mesh.{fill[0]}, "
-                f"not a whole number; make the fixed axes divide {num_devices}"
+                f"mesh sizes {sizes} leave {per_granule}/{fixed} devices for mesh.{fill[0]}, "
+                f"not a whole number; make the fixed axes divide {where}"
             )
-        sizes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
+        sizes[fill[0]] = per_granule // fixed
+    elif fixed != per_granule:
         raise ConfigError(
-            f"mesh sizes {sizes} multiply to {fixed} but there are {num_devices} devices; "
+            f"mesh sizes {sizes} multiply to {fixed} but there are {where}; "
             "set one axis to -1 to fill"
         )
     return sizes
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - CPU and odd topologies: plain reshape is fine
-        grid = np.asarray(devices).reshape(shape)
+    """The mesh of `cfg` over `devices` (default: all of them, every process's). Without a DCN
+    split, one topology-aware grid; with one, `hybrid_grid`: each granule (slice or process)
+    holds a contiguous block along every axis, so axes with dcn_<axis> = 1 stay inside one."""
+    devices = jax.devices() if devices is None else list(devices)
+    outer = cfg.outer()
+    if math.prod(outer.values()) == 1:
+        sizes = mesh_shape(cfg, len(devices))
+        shape = tuple(sizes[a] for a in MESH_AXES)
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # noqa: BLE001 - CPU and odd topologies: plain reshape is fine
+            grid = np.asarray(devices).reshape(shape)
+        return Mesh(grid, MESH_AXES)
+    unit, granules = device_granules(devices, outer)
+    inner = inner_shape(cfg, len(granules[0]), len(granules))
+    inner_t, outer_t = tuple(inner.values()), tuple(outer.values())
+    grid = None
+    if unit != "pseudo":  # real slices or processes: let JAX pick each granule's topology
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                inner_t, outer_t, devices, process_is_granule=unit == "process"
+            )
+        except Exception:  # noqa: BLE001 - a granule shape its topology cannot take: reshape
+            grid = None
+    if grid is None:
+        grid = hybrid_grid(granules, inner_t, outer_t)
     return Mesh(grid, MESH_AXES)
+
+
+def device_granules(devices: list, outer: dict[str, int]) -> tuple[str, list[list]]:
+    """The devices grouped by what the DCN joins: ("slice", ...) by `slice_index` on TPU (or
+    where devices name several slices), else ("process", ...) by `process_index`. On CPU with a
+    single process, ("pseudo", ...): the simulated devices in as many contiguous blocks (by id)
+    as the dcn_* sizes ask for, so a hybrid layout is built and tested on one machine.
+    ConfigError, one line saying what to set, when the granules do not match the dcn_* product
+    or differ in size."""
+    count = math.prod(outer.values())
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    # CPU devices of a multi-process run carry slice_index 0 too: slices only where they are
+    # TPU slices, or where there are several (say, NVLink domains).
+    tpu = devices[0].platform == "tpu"
+    unit = "slice" if None not in slices and (tpu or len(slices) > 1) else "process"
+    by_key: dict[int, list] = {}
+    for d in devices:
+        by_key.setdefault(getattr(d, f"{unit}_index"), []).append(d)
+    granules = [by_key[k] for k in sorted(by_key)]
+    if len(granules) == 1 and devices[0].platform == "cpu" and unit == "process":
+        n = len(devices)
+        if n % count:
+            raise ConfigError(
+                f"mesh.dcn_* sizes {_nontrivial(outer)} multiply to {count} but this run has 1 "
+                f"process, and its {n} simulated CPU devices do not split into {count} equal "
+                f"blocks to stand in for processes; set the mesh.dcn_* sizes to 1 (one process), "
+                f"or simulate a multiple of {count} devices "
+                "(XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+            )
+        ordered = sorted(devices, key=lambda d: d.id)
+        return "pseudo", [ordered[i * n // count : (i + 1) * n // count] for i in range(count)]
+    if len(granules) != count:
+        k = len(granules)
+        raise ConfigError(
+            f"mesh.dcn_* sizes {_nontrivial(outer)} multiply to {count} but this run has {k} "
+            f"{_PLURAL[unit] if k != 1 else unit}; set them to multiply to {k} (e.g. "
+            f"mesh.dcn_data={k}), or all to 1 for no DCN split"
+        )
+    if len({len(g) for g in granules}) > 1:
+        raise ConfigError(
+            f"the {_PLURAL[unit]} hold different numbers of devices "
+            f"({[len(g) for g in granules]}); a hybrid mesh needs equal ones: give each the "
+            "same devices, or set the mesh.dcn_* sizes to 1"
+        )
+    return unit, granules
+
+
+def hybrid_grid(granules: list[list], inner: tuple[int, ...], outer: tuple[int, ...]):
+    """Device grid of shape outer * inner (per axis) in which granule g, at position `outer_idx`
+    of the outer grid (row-major), fills the block [outer_idx * inner, (outer_idx + 1) * inner)
+    in the order of its device list: the layout of `mesh_utils.create_hybrid_device_mesh`
+    (np.block of per-granule meshes), as a plain reshape for devices without a topology."""
+    flat = np.empty(sum(len(g) for g in granules), dtype=object)
+    flat[:] = [d for g in granules for d in g]
+    k = len(inner)
+    index_OI = np.arange(flat.size).reshape(*outer, *inner)  # [o_0 .. o_k, i_0 .. i_k]
+    interleaved = index_OI.transpose([j for a in range(k) for j in (a, k + a)])  # o_0 i_0 o_1 ..
+    return flat[interleaved.reshape([o * i for o, i in zip(outer, inner, strict=True)])]
+
+
+_PLURAL = {"slice": "slices", "process": "processes"}
+
+
+def _nontrivial(outer: dict[str, int]) -> str:
+    """'dcn_data=4, dcn_fsdp=2' (the axes that cross the DCN)."""
+    return ", ".join(f"dcn_{a}={v}" for a, v in outer.items() if v > 1) or "all 1"
 
 
 def data_parallel_size(mesh: Mesh) -> int:
