@@ -72,6 +72,11 @@ def check(model: Any) -> None:
                 f"--format hf writes Llama models ({parts}); this run's model.{slot}.kind is "
                 f"'{got}', which LlamaForCausalLM cannot express"
             )
+    if model.mixer.window is not None:
+        raise ConfigError(
+            f"--format hf writes Llama models, whose attention sees every earlier token; this "
+            f"run's model.mixer.window is {model.mixer.window}; use --format torch"
+        )
 
 
 # ---------------------------------------------------------------------------- config

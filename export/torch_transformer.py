@@ -110,6 +110,8 @@ class TransformerConfig:
     ffn_hidden_dim: int = 0  # F (of the inner FFN for lte)
     lte: LTEConfig | None = None  # with ffn lte
     planner: PlannerConfig | None = None  # a planner head whose plan conditions the LM
+    window: int | None = None  # local attention: the last `window` keys, the query's own included
+    sinks: int = 0  # with a window: the first `sinks` positions stay visible (StreamingLLM)
 
     def __post_init__(self):
         if isinstance(self.lte, dict):
@@ -157,6 +159,7 @@ class Attention(nn.Module):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
         self.rope_theta = cfg.rope_theta
+        self.window, self.sinks = cfg.window, cfg.sinks
         self.q = nn.Linear(d, h * hd, bias=False)
         self.k = nn.Linear(d, k * hd, bias=False)
         self.v = nn.Linear(d, k * hd, bias=False)
@@ -171,10 +174,17 @@ class Attention(nn.Module):
         k_BTHD = k_BTKD.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
         v_BTHD = v_BTKD.repeat_interleave(group, dim=2)
         scores_BHTS = torch.einsum("bthd,bshd->bhts", q_BTHD, k_BTHD) / math.sqrt(hd)
-        future_TS = torch.ones(t, t, dtype=torch.bool).triu(1)
-        probs_BHTS = scores_BHTS.masked_fill(future_TS, float("-inf")).softmax(-1)
+        probs_BHTS = scores_BHTS.masked_fill(~self.visible(t), float("-inf")).softmax(-1)
         o_BTHD = torch.einsum("bhts,bshd->bthd", probs_BHTS, v_BTHD)
         return self.o(o_BTHD.reshape(b, t, -1))
+
+    def visible(self, t: int) -> torch.Tensor:
+        """[T, S] bool: key s is visible to query t (causal; within the window or a sink)."""
+        q_T1, k_1S = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        keep = k_1S <= q_T1
+        if self.window is not None:
+            keep = keep & ((k_1S > q_T1 - self.window) | (k_1S < self.sinks))
+        return keep
 
 
 class SwiGLU(nn.Module):

@@ -11,9 +11,10 @@ Parts the mirror has: mixer attention; ffn swiglu, mlp, or lte over swiglu or ml
 routing); head lm, or a lookahead head (`arch/planner.py`) computed as at inference: the LM
 head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c). The
 parameters only a head's training losses read are not written (`TRAINING_ONLY`). `check`
-refuses other parts in one line. The attention's `impl` (xla or
-cudnn) and LTE's `impl` (the sparse kernel) choose how the same function is computed, so
-they are not written; nor are the training-only fields (LTE's losses, router learning rate).
+refuses other parts in one line. The attention's `impl` (xla, cudnn or the Pallas kernel) and
+LTE's `impl` (the sparse kernel) choose how the same function is computed, so they are not
+written (its `window` and `sinks` are: they change the function); nor are the training-only
+fields (LTE's losses, router learning rate).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def mirror_config(model: Any) -> dict[str, Any]:
         "ffn_hidden_dim": (ffn.inner if ffn.kind == "lte" else ffn).dim(model),
         "lte": None,
         "planner": planner_config(model) if conditions(model) else None,
+        "window": mixer.window,
+        "sinks": mixer.sinks,
     }
     if ffn.kind == "lte":
         out["lte"] = {

@@ -25,6 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from menagerie.kernels.dispatch import KernelUnsupportedError
+
 from .errors import USER_ERRORS
 
 
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     try:
         return handler(args)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, KernelUnsupportedError) as e:  # a kernel the device lacks: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Trainer.run's Interrupted says what it saved

@@ -14,10 +14,11 @@ from tests.jit_testing import quick_jit
 CONFIGS = {
     "scanned-tied-gqa": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2),
     "looped-untied-mha": dict(scan_layers=False, tie_embeddings=False, n_kv_heads=None),
+    "window-sinks": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2, window=6, sinks=2),
 }
 
 
-def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads):
+def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, **window):
     """A 2-layer model with every parameter N(0, 0.5), so a misplaced cache entry shows."""
     cfg = TransformerConfig(
         d_model=16,
@@ -26,7 +27,7 @@ def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads):
         vocab_multiple=1,
         scan_layers=scan_layers,
         tie_embeddings=tie_embeddings,
-        mixer=dict(kind="attention", n_heads=4, n_kv_heads=n_kv_heads),
+        mixer=dict(kind="attention", n_heads=4, n_kv_heads=n_kv_heads, **window),
     )
     graphdef, shapes = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(1)
@@ -41,7 +42,8 @@ def test_decoding_with_the_kv_cache_gives_the_full_forward_logits(name):
     relative), scanned and looped layers, GQA and MHA, tied and untied. Catches: keys or
     values written at the wrong cache slot, RoPE at the position in the piece instead of in
     the sequence, a query seeing empty slots ahead of it (or not seeing its own piece), a
-    layer reading another layer's cache, the position not advanced between calls."""
+    layer reading another layer's cache, the position not advanced between calls; with a
+    window of 6 and 2 sinks, a decode step that sees the whole cache (or drops the sinks)."""
     model = _model(**CONFIGS[name])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 50, (2, 20)), jnp.int32)
     full = np.asarray(quick_jit(lambda m, t: m(t).logits)(model, tokens))

@@ -342,6 +342,7 @@ EXPORT_CASES = {
     "megalodon": "--format hf writes transformer models; ",
     "toy_ffn": "model.ffn.kind is 'toy_relu2', which LlamaForCausalLM cannot express",
     "planner": "model.head.kind is 'planner', which LlamaForCausalLM cannot express",
+    "window": "this run's model.mixer.window is 8; use --format torch",
     "no_checkpoint": "has no checkpoint yet; train first",
 }
 
@@ -349,7 +350,7 @@ EXPORT_CASES = {
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_export_hf_refusals_say_why_in_one_line_and_write_nothing(corpus, tmp_path, case):
     """Catches: a Megalodon run, or a transformer with a part Llama lacks (a squared-ReLU FFN, a
-    planner whose plan conditions the LM), exported as a Llama; an export of a run with no
+    planner whose plan conditions the LM, a local attention window), exported as a Llama; an export of a run with no
     checkpoint."""
     run_dir, out = tmp_path / "run", tmp_path / "out"
     run_dir.mkdir()
@@ -357,6 +358,7 @@ def test_export_hf_refusals_say_why_in_one_line_and_write_nothing(corpus, tmp_pa
         "megalodon": MEGALODON_TINY_MODEL,
         "toy_ffn": {"ffn": {"kind": "toy_relu2"}},
         "planner": {"head": {"kind": "planner"}},  # its plan conditions the LM
+        "window": {"mixer": {"kind": "attention", "window": 8, "sinks": 2}},
         "no_checkpoint": {"d_model": 32, "n_layers": 1},
     }[case]
     cfg = {"model": model, "data": {"source": str(corpus)}, "train": {"seq_len": 32}}

@@ -78,6 +78,10 @@ CONFIGS = {
         mixer=GQA, ffn=lte(MLP, hard_from_step=1, all_experts=True), scan_layers=False
     ),
     "mlp-untied-scan": dict(mixer=GQA, ffn=MLP, tie_embeddings=False, scan_layers=True),
+    # A local window of 5 keys with 2 sinks (StreamingLLM) over 24 tokens.
+    "window-sinks-swiglu-tied-loop": dict(
+        mixer=GQA | {"window": 5, "sinks": 2}, ffn=SWIGLU, scan_layers=False
+    ),
     # Lookahead heads (arch/planner.py): a planner whose plan conditions the LM (blocks of 5 over
     # 24 tokens: the last block partial), and two whose inference is the LM head alone.
     "planner-swiglu-untied-scan": dict(
@@ -141,7 +145,7 @@ def test_the_torch_mirror_gives_our_logits(name, tmp_path):
     """The folder that `write` makes, loaded by its own `modeling_transformer.load` (strict),
     gives our float32 logits within 1e-4 on 2 x 24 random tokens. Catches, in the mirror: RoPE
     in the interleaved layout, GQA heads grouped h % K instead of h // G, attention scaled by
-    1/sqrt(D) or not causal, RMSNorm as 1 + weight, tanh GELU; LTE's gate soft where ours is
+    1/sqrt(D) or not causal, the window one key too wide or the sinks dropped, RMSNorm as 1 + weight, tanh GELU; LTE's gate soft where ours is
     hard (or hard where soft), the top-k weights 1 instead of G (topk) or G instead of 1
     (dejavu), expert e's gate on neurons e, e + E, ... instead of its contiguous block, dejavu
     without W2, the router bias dropped, all_experts ignored; the planner's plan added to its
