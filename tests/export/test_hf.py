@@ -350,8 +350,8 @@ EXPORT_CASES = {
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_export_hf_refusals_say_why_in_one_line_and_write_nothing(corpus, tmp_path, case):
     """Catches: a Megalodon run, or a transformer with a part Llama lacks (a squared-ReLU FFN, a
-    planner whose plan conditions the LM, a local attention window), exported as a Llama; an export of a run with no
-    checkpoint."""
+    planner whose plan conditions the LM, a local attention window), exported as a Llama; an
+    export of a run with no checkpoint."""
     run_dir, out = tmp_path / "run", tmp_path / "out"
     run_dir.mkdir()
     model = {

@@ -142,17 +142,18 @@ def assert_real_mix(gates: list[np.ndarray]) -> None:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_torch_mirror_gives_our_logits(name, tmp_path):
-    """The folder that `write` makes, loaded by its own `modeling_transformer.load` (strict),
-    gives our float32 logits within 1e-4 on 2 x 24 random tokens. Catches, in the mirror: RoPE
-    in the interleaved layout, GQA heads grouped h % K instead of h // G, attention scaled by
-    1/sqrt(D) or not causal, the window one key too wide or the sinks dropped, RMSNorm as 1 + weight, tanh GELU; LTE's gate soft where ours is
-    hard (or hard where soft), the top-k weights 1 instead of G (topk) or G instead of 1
-    (dejavu), expert e's gate on neurons e, e + E, ... instead of its contiguous block, dejavu
-    without W2, the router bias dropped, all_experts ignored; the planner's plan added to its
-    own block instead of the next, its plan norm skipped; in the format: a kernel under the
-    wrong name or orientation (q/o head flattening), config.json's hard flag, top_k or tau
-    not written. For hard routing it first checks that the random routers leave a real mix of
-    experts on and off, so that those gate bugs would move the logits."""
+    """The folder that `write` makes, loaded by its own `modeling_transformer.load` (strict), gives
+    our float32 logits within 1e-4 on 2 x 24 random tokens. Catches, in the mirror: RoPE in the
+    interleaved layout, GQA heads grouped h % K instead of h // G, attention scaled by 1/sqrt(D)
+    or not causal, the window one key too wide or the sinks dropped, RMSNorm as 1 + weight, tanh
+    GELU; LTE's gate soft where ours is hard (or hard where soft), the top-k weights 1 instead
+    of G (topk) or G instead of 1 (dejavu), expert e's gate on neurons e, e + E, ... instead of
+    its contiguous block, dejavu without W2, the router bias dropped, all_experts ignored; the
+    planner's plan added to its own block instead of the next, its plan norm skipped; in the
+    format: a kernel under the wrong name or orientation (q/o head flattening), config.json's
+    hard flag, top_k or tau not written. For hard routing it first checks that the random
+    routers leave a real mix of experts on and off, so that those gate bugs would move the
+    logits."""
     cfg = TransformerConfig(**TINY, **CONFIGS[name])
     model = random_model(cfg, seed=3)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
