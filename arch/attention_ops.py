@@ -1,7 +1,8 @@
 """Softmax attention and RoPE: the math of the attention mixer, independent of any module.
 
 `attention` is `kernels.blocked_attention` (jnp, every backend: a blocked causal layout with a
-FlashAttention-style custom VJP) or cuDNN's fused kernel; `apply_rope` rotates query/key pairs.
+FlashAttention-style custom VJP) or cuDNN's fused kernel, and `arch.ring_attention` when the
+active mesh splits the sequence; `apply_rope` rotates query/key pairs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from menagerie.kernels.blocked_attention import blocked_attention
+
+from .ring_attention import ring_attention, ring_devices
 
 
 def apply_rope(
@@ -54,9 +57,14 @@ def attention(
     returns [B,T,H,D] in q's dtype. "xla": `kernels.blocked_attention` (causal query blocks
     of q_block that skip the masked upper blocks; float32 softmax). "cudnn":
     jax.nn.dot_product_attention's cuDNN kernel (GPU, bf16/fp16 inputs; untested here so far).
+    Under a mesh whose `sequence` axis (size P > 1) is not manual, either impl is
+    `arch.ring_attention` (jnp blocks, float32 softmax; T a multiple of 2P), so the compiler
+    never gathers the whole sequence's keys and values.
     """
     t, d = q_BTHD.shape[1], q_BTHD.shape[3]
     scale = 1.0 / math.sqrt(d)
+    if ring_devices() > 1:
+        return ring_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, causal=causal, scale=scale)
     if impl == "cudnn":
         same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         if causal:
