@@ -30,7 +30,7 @@ from . import lowrank
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, RunLock, prepare_run_dir, record_data_change
 from .config import RunConfig, check_mesh_fits
-from .distributed import from_process_0
+from .distributed import from_process_0, peer_failures, preemption_reached
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
@@ -54,11 +54,17 @@ class Summary:
 
 
 class _StopSignals:
-    """SIGTERM (a preemption) or a first Ctrl-C (SIGINT) sets `requested` to the signal's name:
-    the loop saves a checkpoint at the next step boundary and stops (SIGTERM: the run returns,
-    exit 0; Ctrl-C: `Interrupted`, exit 130). A Ctrl-C after that aborts at once."""
+    """SIGTERM (a preemption) or a first Ctrl-C (SIGINT) stops the run at a step boundary after a
+    save (SIGTERM: the run returns, exit 0; Ctrl-C: `Interrupted`, exit 130). A Ctrl-C after
+    that aborts at once.
 
-    def __init__(self):
+    With several processes (`shared`) all must stop at the same step, since the save is
+    collective: a SIGTERM to any of them is JAX's preemption notice (its own handler, installed
+    by `jax.distributed.initialize`, stays in place), which `distributed.preemption_reached`
+    turns into one step for all; a Ctrl-C is passed on as that notice."""
+
+    def __init__(self, shared: bool = False):
+        self.shared = shared
         self.requested: str | None = None
         self._old = {}
 
@@ -67,13 +73,23 @@ class _StopSignals:
             if signum == signal.SIGINT and self.requested is not None:
                 raise KeyboardInterrupt
             self.requested = self.requested or signal.Signals(signum).name
+            if self.shared:
+                signal.raise_signal(signal.SIGTERM)  # to JAX's handler: a notice to all
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner's thread)
                 pass
         return self
+
+    def stop_after(self, iteration: int) -> str | None:
+        """The signal that stops the run after loop `iteration` (1, 2, ... in this process;
+        not the step: JAX's sync point counts from 0 whenever the notice came, even before the
+        loop); None to go on. The same on every process."""
+        if not self.shared:
+            return self.requested
+        return (self.requested or "SIGTERM") if preemption_reached(iteration) else None
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -291,7 +307,7 @@ class Trainer:
         folder's lock. SIGTERM: saves at the next step boundary and returns with
         `summary.preempted`; Ctrl-C: saves the same way, then raises `Interrupted` (a second
         Ctrl-C aborts at once)."""
-        with self._run_lock(), self._checkpointer() as ckpt:
+        with peer_failures(), self._run_lock(), self._checkpointer() as ckpt:
             ckpt.prepare_writes()
             state, start = self._restore_or_init(ckpt)
             if jax.process_index() == 0:
@@ -318,10 +334,10 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        step = start
+        step, stopped_by = start, None
         bar = _ProgressBar(self.console, cfg, start)
         with MetricsWriter(self.run_dir, tensorboard=cfg.log.tensorboard) as writer:
-            with _StopSignals() as stop, self.context(), bar:
+            with _StopSignals(jax.process_count() > 1) as stop, self.context(), bar:
                 while step < t.steps:
                     state, m = train_step(state, self._global_batch(next(batches)))
                     step += 1
@@ -337,22 +353,24 @@ class Trainer:
                         self._log_eval(writer, step, self.evaluate(state, eval_step))
                         meter.restart_clock()
                     ckpt.save(step, state, self._meta(step))
-                    if stop.requested:
-                        self._save_and_stop(ckpt, step, state, stop.requested)
+                    if stopped_by := stop.stop_after(step - start):
+                        self._save_and_stop(ckpt, step, state, stopped_by)
                         break
             summary.final_step = step
             summary.skipped_steps = int(jax.device_get(state["skipped"]))
-            summary.preempted = stop.requested == "SIGTERM"
-            if not stop.requested:
+            summary.preempted = stopped_by == "SIGTERM"
+            if not stopped_by:
                 self._finish(ckpt, writer, state, eval_step, summary)
             ckpt.wait()
-        return summary, stop.requested
+        return summary, stopped_by
 
     def _save_and_stop(self, ckpt: Checkpointer, step: int, state: dict, signame: str) -> None:
         ckpt.save(step, state, self._meta(step), force=True)
         ckpt.wait()
         if signame == "SIGTERM":
-            self.console.print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+            n = jax.process_count()
+            to = f" to one or more of the {n} processes, all stopping at this step" if n > 1 else ""
+            self.console.print(f"SIGTERM{to}: saved step {step} to {ckpt.directory}; exiting")
 
     @contextlib.contextmanager
     def _run_lock(self):
