@@ -58,12 +58,13 @@ def attention(
     of q_block that skip the masked upper blocks; float32 softmax). "cudnn":
     jax.nn.dot_product_attention's cuDNN kernel (GPU, bf16/fp16 inputs; untested here so far).
     Under a mesh whose `sequence` axis (size P > 1) is not manual, either impl is
-    `arch.ring_attention` (jnp blocks, float32 softmax; T a multiple of 2P), so the compiler
-    never gathers the whole sequence's keys and values.
+    `arch.ring_attention` (jnp blocks, float32 softmax), so the compiler never gathers the
+    whole sequence's keys and values; that needs T to be a multiple of 2P (else a warning, and
+    the compiler places the attention).
     """
     t, d = q_BTHD.shape[1], q_BTHD.shape[3]
     scale = 1.0 / math.sqrt(d)
-    if ring_devices() > 1:
+    if ring_devices(t) > 1:
         return ring_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, causal=causal, scale=scale)
     if impl == "cudnn":
         same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]

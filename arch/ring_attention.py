@@ -4,8 +4,9 @@ axis `sequence`, keys and values passed from device to device around its ring.
 What it computes: what `kernels.blocked_attention` computes (its dense reference defines it):
 GQA, query t sees key s iff s <= t (when causal) and segment_ids[t] == segment_ids[s]; scores,
 softmax and the running sums in float32, output in q's dtype. `attention_ops.attention` routes
-here whenever the active mesh has a `sequence` axis of size P > 1 that is not already manual, so
-no device ever holds the whole sequence's keys and values.
+here whenever the active mesh has a `sequence` axis of size P > 1 that is not already manual
+and 2P divides the sequence length, so no device ever holds the whole sequence's keys and
+values (other lengths are left to the compiler, with a warning: `ring_devices`).
 
 Layout (zigzag, the load balancing of Llama 3's context parallelism, Dubey et al. 2024 §3.3.2):
 the T tokens are cut into 2P chunks of C = T/(2P), and device i holds chunks i and 2P-1-i of
@@ -39,13 +40,14 @@ device's own T/P tokens, and each step holds O(T/P) besides the C x C scores.
 
 Communication per device and layer: forward P-1 sends of the local k, v and segment ids;
 backward P-1 sends of k, v, segment ids and P of the float32 dk, dv; the zigzag reorder moves
-half of q, k, v, segment ids and the output (and of their gradients) once each way.
+the local blocks of q, k, v, the segment ids and the output once (two half-block permutes each;
+only chunk 0 stays where it is), and the backward their gradients the other way.
 
 Deviations from `kernels.blocked_attention`: the backward's delta is rowsum(do * o)
 (FlashAttention's form), not sum(p * dp), since a row's probabilities span the ring; the
 blocked kernel uses the latter so that a saturated softmax with huge scores (Memory Mosaics:
-1e4) gives exactly zero score gradients. Steps are unrolled in Python (P collective-permutes in
-the program), so the program grows with P. The device index enters as data (an arange split
+1e4) gives exactly zero score gradients. Steps are unrolled in Python (the program has O(P)
+collective-permutes per layer), so it grows with P. The device index enters as data (an arange split
 over `sequence`), not `lax.axis_index`, as in Megalodon's sequence parallelism: XLA:CPU
 executables loaded from the persistent compilation cache get partition ids wrong.
 """
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -66,13 +69,30 @@ AXIS = "sequence"  # the mesh axis whose devices form the ring (train.mesh.MESH_
 _MASKED = float(np.finfo(np.float32).min)
 
 
-def ring_devices() -> int:
-    """P: the size of the active mesh's `sequence` axis when that axis is the compiler's to
-    place (a mesh is active, the axis is not already manual); else 1."""
+def ring_devices(length: int) -> int:
+    """P, the size of the active mesh's `sequence` axis, when ring attention serves a sequence
+    of `length` tokens: a mesh is active, the axis is > 1 and not already manual, and 2P divides
+    `length` (the zigzag chunks). Else 1: the compiler places the whole-sequence attention, which
+    gathers the sequence; for a split axis that is warned once per length (sampling windows can
+    be of any length; a training sequence is meant to be a multiple of 2P)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes:
         return 1
-    return mesh.shape[AXIS]
+    p = mesh.shape[AXIS]
+    if p > 1 and length % (2 * p):
+        if (length, p) not in _warned:
+            _warned.add((length, p))
+            warnings.warn(
+                f"ring attention cuts the sequence into 2 x mesh.sequence = {2 * p} chunks, which "
+                f"do not divide {length} tokens: this attention gathers the whole sequence on "
+                f"every device instead; use a length that is a multiple of {2 * p}",
+                stacklevel=3,
+            )
+        return 1
+    return p
+
+
+_warned: set[tuple[int, int]] = set()
 
 
 def ring_attention(
@@ -84,7 +104,7 @@ def ring_attention(
     causal: bool = True,
     scale: float | None = None,
 ) -> jax.Array:
-    """Softmax attention over the active mesh's `sequence` axis (P = `ring_devices()` > 1).
+    """Softmax attention over the active mesh's `sequence` axis (P = `ring_devices(T)` > 1).
 
     q [B,T,H,D], k [B,T,K,D], v [B,T,K,E] with K | H (query head h reads kv head h // G),
     segment_ids [B,T] int; scale default 1/sqrt(D); returns [B,T,H,E] in q's dtype, split like
