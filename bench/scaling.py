@@ -22,7 +22,7 @@ spend computing; `no wait` is `coll %` without it.
 
 Simulated devices share the machine's cores: this measures the overhead sharding adds, not a
 speed-up. Target: collectives at most 15% of step time at 8 devices with FSDP. Prints a table
-and one JSON line; writes bench/results/scaling.json. Asserts nothing.
+and one JSON line; writes bench/results/scaling.json (`--out`). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--profile-steps", type=int, default=2, help="profiled steps per run")
+    ap.add_argument("--out", default=str(RESULTS / "scaling.json"), help="where the JSON goes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -217,8 +218,8 @@ def main() -> None:
         for line in r["replicated"]:
             print(f"  {r['devices']} {r['mode']}: {line}")
     out = {"bench": "scaling", "args": vars(args), "target_met": verdict, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
 
 

@@ -5,6 +5,10 @@ file knows which mesh axis a logical axis lands on. A dimension that a mesh axis
 is replicated instead (reported once), so odd vocabularies or head counts never fail to shard.
 `shardings_for` and `opt_state_shardings` are the one place that turns names into the shardings
 of the parameters and of the optimizer state.
+
+`make_mesh` builds the data x fsdp x tensor x sequence mesh; with `mesh.dcn_<axis>` > 1 it is a
+hybrid mesh (`mesh_utils.create_hybrid_device_mesh`): each slice or process holds a contiguous
+block of every axis, so only the axes with a DCN factor cross the slower network between them.
 """
 
 from __future__ import annotations
