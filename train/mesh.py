@@ -65,8 +65,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 def inner_shape(cfg: MeshConfig, per_granule: int, granules: int = 1) -> dict[str, int]:
     """Axis sizes inside one granule of `per_granule` devices, the -1 axis filled."""
     sizes = cfg.inner()
-    where = f"{per_granule} device{'s' if per_granule != 1 else ''}"
-    where += " per granule" if granules > 1 else ""
+    where = f"{per_granule} devices" + (" per granule" if granules > 1 else "")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:

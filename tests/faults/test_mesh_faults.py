@@ -15,7 +15,7 @@ CASES = {
     # name: (overrides, fragment of the one line)
     "fixed axes do not divide the devices": (
         ["mesh.fsdp=2"],
-        "leave 1/2 devices for mesh.data, not a whole number; make the fixed axes divide 1 device",
+        "leave 1/2 devices for mesh.data, not a whole number; make the fixed axes divide 1 devices",
     ),
     "sequence axis does not divide seq_len": (
         ["mesh.data=1", "mesh.sequence=3"],  # TINY: seq_len 64
