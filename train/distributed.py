@@ -11,23 +11,23 @@ process says what it waits for, and waits at most MENAGERIE_COORDINATOR_TIMEOUT 
 default): a process other than 0 that cannot reach the coordinator in that time stops with one
 line; process 0 (which runs the coordinator) and the start-up after the connection are bounded
 by the same timeout, but when they run out JAX itself ends the process with its own message. On
-CPU
-the collectives between processes go through gloo. After it, `jax.devices()` lists every
+CPU the collectives between processes go through gloo. After it, `jax.devices()` lists every
 process's devices; the mesh spans them all, each process feeds its slice of the global batch
 (`data.pipeline`), process 0 alone writes logs and the run's config, and Orbax coordinates the
 checkpoint writes.
 
-Failures never hang (`PeerWatch`, `stop_agreed`):
+Failures never hang (`PeerWatch`, `preemption_reached`):
 
 - A lost peer: every process writes a heartbeat counter into the coordination service's
   key-value store and watches the others'; a process whose counter has not moved for
   MENAGERIE_PEER_TIMEOUT seconds (120 by default) is lost, and every other process prints one
-  line naming it and exits with status 3 (`EXIT_PEER_LOST`). A collective that fails because its
-  peer is gone (gloo: "connection reset by peer") waits for that verdict (`peer_failures`)
-  rather than printing a traceback. JAX's own heartbeat detection, set to twice that timeout,
-  is the backstop; when process 0 dies, its coordination service goes with it and JAX ends
-  every other process at once with its own message (`client.h`: "Terminating process because
-  the JAX distributed service detected fatal errors").
+  line naming it and exits with status 3 (`EXIT_PEER_LOST`). An error in training first waits
+  until the other processes are seen alive (`peer_failures`): a collective that failed because
+  its peer is gone (gloo: "connection reset by peer") ends in that line, not a traceback.
+  JAX's own heartbeat detection, set to twice that timeout, is the backstop. When process 0
+  dies, its coordination service goes with it and JAX ends every other process at once with
+  its own message (`client.h`: "Terminating process because the JAX distributed service
+  detected fatal errors").
 - A preemption: SIGTERM to any one process (or several) is JAX's preemption notice; the
   processes agree on the step at which all of them save and stop
   (`multihost_utils.reached_preemption_sync_point`).
@@ -112,7 +112,7 @@ def initialize(env: dict[str, str] | None = None) -> bool:
         print(f"{ENV_AUTO}=auto: joining the cluster (waits up to {timeout} s)", flush=True)
     # CPU processes exchange data through gloo (harmless where the backend is GPU/TPU).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_enable_preemption_service", True)  # `stop_agreed` needs it
+    jax.config.update("jax_enable_preemption_service", True)  # `preemption_reached` needs it
     jax.distributed.initialize(
         **kwargs,
         initialization_timeout=timeout,
@@ -120,9 +120,19 @@ def initialize(env: dict[str, str] | None = None) -> bool:
         heartbeat_timeout_seconds=2 * peer_timeout,
     )
     _done[0] = True
-    _watch[0] = PeerWatch(_client, jax.process_index(), jax.process_count(), peer_timeout)
-    _watch[0].start()
+    _watch_peers(peer_timeout)
     return True
+
+
+def _watch_peers(timeout: int) -> None:
+    import jax
+    from jax._src.distributed import global_state  # its client is None after shutdown
+
+    watch = PeerWatch(
+        lambda: global_state.client, jax.process_index(), jax.process_count(), timeout
+    )
+    watch.start()
+    _watch[0] = watch
 
 
 def _seconds(env, name: str, default: int) -> int:
@@ -134,13 +144,6 @@ def _seconds(env, name: str, default: int) -> int:
     if seconds <= 0:
         raise ConfigError(f"{name}={raw!r} must be a whole number of seconds > 0")
     return seconds
-
-
-def _client():
-    """JAX's coordination-service client; None once `jax.distributed.shutdown` has run."""
-    from jax._src.distributed import global_state
-
-    return global_state.client
 
 
 def _wait_for_coordinator(address: str, timeout: int, who: str) -> None:
@@ -206,7 +209,7 @@ class PeerWatch(threading.Thread):
     def __init__(self, client: Callable, me: int, count: int, timeout: float):
         super().__init__(name="menagerie-peer-watch", daemon=True)
         self.client, self.me, self.count, self.timeout = client, me, count, timeout
-        self.interval = min(max(timeout / 10, 0.2), 10.0)
+        self.interval = min(max(timeout / 10, 0.2), 5.0)
         now = time.monotonic()
         self.seen = {i: ("", now) for i in range(count) if i != me}  # counter, when it moved
         self.answered = now  # when the store last answered
@@ -220,6 +223,16 @@ class PeerWatch(threading.Thread):
                 os.write(2, (self.verdict(lost) + "\n").encode())
                 os._exit(EXIT_PEER_LOST)
             time.sleep(self.interval)
+
+    def wait_for_peers(self) -> None:
+        """Until every other process's counter has moved since this call (a few intervals if
+        all are alive), or until one is lost and `run` ends this process: at most `timeout`
+        and three intervals."""
+        since = time.monotonic()
+        while time.monotonic() < since + self.timeout + 3 * self.interval and self.is_alive():
+            if all(moved > since for _, moved in self.seen.values()):
+                return
+            time.sleep(self.interval / 4)
 
     def exchange(self, client, beat: int, now: float) -> None:
         """Writes this process's counter and reads the others' (any error: the store did not
@@ -256,27 +269,17 @@ _watch: list[PeerWatch | None] = [None]
 
 @contextlib.contextmanager
 def peer_failures():
-    """Around work with collectives: an error from the JAX runtime (a collective whose peer is
-    gone: gloo says "connection reset by peer") first waits for `PeerWatch`'s verdict, so that
-    the one line naming the lost process is all that is printed; if no process was lost, the
-    error goes on as it was."""
+    """Around work with collectives: an error (a collective whose peer is gone, as gloo's
+    "connection reset by peer" or an Orbax save that failed on it) waits until every other
+    process is seen alive (`PeerWatch.wait_for_peers`) before it goes on up; if one was lost,
+    the watch ends this process with the one line that names it, and nothing else is printed."""
     try:
         yield
-    except Exception as e:
+    except Exception:
         watch = _watch[0]
-        if watch is not None and watch.is_alive() and _from_jax_runtime(e):
-            watch.join(watch.timeout + 3 * watch.interval)  # the watch ends the process if lost
+        if watch is not None and watch.is_alive():
+            watch.wait_for_peers()
         raise
-
-
-def _from_jax_runtime(e: BaseException | None) -> bool:
-    import jax
-
-    while e is not None:
-        if isinstance(e, jax.errors.JaxRuntimeError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def preemption_reached(iteration: int) -> bool:

@@ -367,10 +367,14 @@ class Trainer:
     def _save_and_stop(self, ckpt: Checkpointer, step: int, state: dict, signame: str) -> None:
         ckpt.save(step, state, self._meta(step), force=True)
         ckpt.wait()
-        if signame == "SIGTERM":
-            n = jax.process_count()
-            to = f" to one or more of the {n} processes, all stopping at this step" if n > 1 else ""
-            self.console.print(f"SIGTERM{to}: saved step {step} to {ckpt.directory}; exiting")
+        n, where = jax.process_count(), ckpt.directory
+        if signame == "SIGTERM" and n == 1:
+            self.console.print(f"SIGTERM: saved step {step} to {where}; exiting")
+        elif signame == "SIGTERM":
+            self.console.print(
+                f"preemption notice (SIGTERM or Ctrl-C to one of the {n} processes): saved step "
+                f"{step} to {where}; all {n} stop at this step"
+            )
 
     @contextlib.contextmanager
     def _run_lock(self):
