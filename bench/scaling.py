@@ -6,12 +6,13 @@ tensor and sequence sharding, split into compute and collectives from a profile.
 Each device count is its own process (XLA_FLAGS=--xla_force_host_platform_device_count=N set
 before JAX starts), which builds the real Trainer on configs/transformer/small.yaml once per mode
 (`mesh.<mode>=-1`, every other axis 1; on one device the modes are one run) and runs its jitted,
-donated train step on stdlib batches: one step to compile, one to warm up, `--steps` timed
+donated train step on stdlib batches: compiled ahead of time, one step to warm up, `--steps` timed
 (median wall time), then `--profile-steps` under `jax.profiler.trace`.
 
 The split: the trace holds one event per executed XLA op (thunk), with its device and HLO
-instruction name. Collectives are the ops named all-reduce, all-gather, reduce-scatter,
-collective-permute, all-to-all (and their -start/-done halves). `coll %` is, averaged over the
+instruction name; the compiled module's text gives each name's opcode. Collectives are the
+all-reduce, all-gather, reduce-scatter, collective-permute and all-to-all ops (and their
+-start/-done halves). `coll %` is, averaged over the
 devices, the time a device spends inside collectives (the union of their intervals) as a share
 of the profiled steps' wall time; `coll ms` is that share of the median step and `compute ms`
 the rest of it (everything else, host dispatch included). SPMD resharding shows up as these
@@ -46,7 +47,7 @@ PRESET = ROOT / "configs" / "transformer" / "small.yaml"
 MODES = ("data", "fsdp", "tensor", "sequence")
 COLLECTIVE = re.compile(
     r"^(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|collective-broadcast)"
-    r"(-start|-done)?(\.\d+)?$"
+    r"(-start|-done)?$"
 )
 TARGET = 0.15
 
@@ -59,10 +60,34 @@ def mesh_overrides(mode: str) -> list[str]:
 # ---- the profile ----------------------------------------------------------------------------
 
 
-def collective_time(trace_file: Path, module: str = "train_step") -> dict[str, list[float]]:
-    """Per device (by `device_ordinal`), the time (µs) inside collective ops of `module` in a
-    Chrome/Perfetto trace ('collective': the union of their intervals, so ops that overlap or
-    sit in a loop count once) and inside those ops' rendezvous ('wait')."""
+def collective_ops(hlo_text: str) -> set[str]:
+    """Names of the instructions of a compiled HLO module whose opcode is a collective. (Trace
+    events carry the instruction's name, which JAX may take from its own op: a `ppermute` in
+    shard_map is the collective-permute `ppermute.3`.)"""
+    names = set()
+    for line in hlo_text.splitlines():
+        head, eq, rest = line.strip().removeprefix("ROOT ").partition(" = ")
+        if eq and COLLECTIVE.match(_opcode(rest)):
+            names.add(head.lstrip("%"))
+    return names
+
+
+def _opcode(rest: str) -> str:
+    """'f32[2]{0} all-gather(...)' or '(f32[], s32[]) all-reduce(...)' -> the opcode."""
+    depth = 0
+    for i, c in enumerate(rest):  # skip the shape, which may be a tuple
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and c == " ":
+            return rest[i + 1 :].split("(", 1)[0]
+    return ""
+
+
+def collective_time(
+    trace_file: Path, collectives: set[str], module: str = "train_step"
+) -> dict[str, list[float]]:
+    """Per device (by `device_ordinal`), the time (µs) inside the ops named in `collectives` of
+    `module` in a Chrome/Perfetto trace ('collective': the union of their intervals, so ops that
+    overlap count once) and inside those ops' rendezvous ('wait')."""
     events = json.loads(gzip.open(trace_file).read())["traceEvents"]
     by_thread: dict[tuple, list[dict]] = {}
     for e in events:
@@ -78,7 +103,7 @@ def collective_time(trace_file: Path, module: str = "train_step") -> dict[str, l
             args = e.get("args") or {}
             inside = stack[-1][1] if stack else None
             span = (e["ts"], e["ts"] + e["dur"])
-            if module in args.get("hlo_module", "") and COLLECTIVE.match(args["hlo_op"]):
+            if module in args.get("hlo_module", "") and args["hlo_op"] in collectives:
                 inside = args["device_ordinal"]
                 spans.setdefault(inside, {"collective": [], "wait": []})["collective"].append(span)
             elif inside is not None and e["name"] == "Rendezvous":
@@ -113,22 +138,24 @@ def measure(mode: str, steps: int, profile_steps: int, tmp: Path) -> dict:
     state = trainer.init_state()
     step_fn = trainer.jit_train_step()
     it = trainer.train_data.batches(t.batch_size, seed=t.seed)
-    batches = [trainer._global_batch(next(it)) for _ in range(2 + steps + profile_steps)]
-    times = []
+    batches = [trainer._global_batch(next(it)) for _ in range(1 + steps + profile_steps)]
     with trainer.context():
-        for batch in batches[: 2 + steps]:
+        t0 = time.perf_counter()
+        step_fn = step_fn.lower(state, batches[0]).compile()  # its HLO names the collectives
+        times = [time.perf_counter() - t0]
+        for batch in batches[: 1 + steps]:
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
         with jax.profiler.trace(str(tmp / f"profile-{mode}"), create_perfetto_trace=True):
             t0 = time.perf_counter()
-            for batch in batches[2 + steps :]:
+            for batch in batches[1 + steps :]:
                 state, metrics = step_fn(state, batch)
                 jax.block_until_ready((state, metrics))
             profiled_us = (time.perf_counter() - t0) * 1e6
     (trace,) = (tmp / f"profile-{mode}").rglob("*.trace.json.gz")
-    per_device = collective_time(trace)
+    per_device = collective_time(trace, collective_ops(step_fn.as_text()))
     coll, wait = (statistics.mean(per_device[k] or [0.0]) for k in ("collective", "wait"))
     step = statistics.median(times[2:])
     share = coll / profiled_us
