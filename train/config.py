@@ -505,15 +505,20 @@ def check_mesh_fits(cfg: RunConfig, data_parallel: int, sequence: int | None = N
 
 def _check_sequence_fits(cfg: RunConfig, sequence: int) -> None:
     """ValueError unless the sequence mesh axis (`sequence` devices) divides train.seq_len:
-    each device holds an equal block of every sequence (ring attention passes them around)."""
+    each device holds an equal block of every sequence. The attention mixer's ring attention
+    (`arch/ring_attention.py`) needs 2 x `sequence` equal chunks (its zigzag load balancing)."""
     seq_len = cfg.train.seq_len
-    if seq_len % sequence:
+    ring = sequence > 1 and getattr(getattr(cfg.model, "mixer", None), "kind", "") == "attention"
+    chunks = 2 * sequence if ring else sequence
+    if seq_len % chunks:
         dcn = f" x mesh.dcn_sequence={cfg.mesh.dcn_sequence}" if cfg.mesh.dcn_sequence > 1 else ""
-        up = -(-seq_len // sequence) * sequence
+        up = -(-seq_len // chunks) * chunks
+        need = f"2 x {sequence} zigzag chunks of ring attention" if ring else "it"
+        fits = seq_len // 2 if ring else seq_len
         raise ValueError(
             f"the sequence mesh axis (mesh.sequence={cfg.mesh.sequence}{dcn}: {sequence} devices)"
-            f" does not divide train.seq_len={seq_len}; use a multiple of {sequence} (e.g. "
-            f"train.seq_len={up}) or a mesh.sequence that divides {seq_len}"
+            f" does not divide train.seq_len={seq_len} into {need}; use a multiple of {chunks} "
+            f"(e.g. train.seq_len={up}) or a mesh.sequence that divides {fits}"
         )
 
 

@@ -101,7 +101,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     inner = inner_shape(cfg, len(granules[0]), len(granules))
     inner_t, outer_t = tuple(inner.values()), tuple(outer.values())
     grid = None
-    if unit != "pseudo":  # real slices or processes: let JAX pick each granule's topology
+    if unit in ("slice", "process"):  # real slices or processes: JAX picks their topology
         try:
             grid = mesh_utils.create_hybrid_device_mesh(
                 inner_t, outer_t, devices, process_is_granule=unit == "process"
@@ -117,7 +117,8 @@ def device_granules(devices: list, outer: dict[str, int]) -> tuple[str, list[lis
     """The devices grouped by what the DCN joins: ("slice", ...) by `slice_index` on TPU (or
     where devices name several slices), else ("process", ...) by `process_index`. On CPU with a
     single process, ("pseudo", ...): the simulated devices in as many contiguous blocks (by id)
-    as the dcn_* sizes ask for, so a hybrid layout is built and tested on one machine.
+    as the dcn_* sizes ask for, so a hybrid layout is built and tested on one machine. With a
+    multiple of that many processes (one per GPU), ("node", ...): consecutive processes grouped.
     ConfigError, one line saying what to set, when the granules do not match the dcn_* product
     or differ in size."""
     count = math.prod(outer.values())
@@ -142,6 +143,8 @@ def device_granules(devices: list, outer: dict[str, int]) -> tuple[str, list[lis
             )
         ordered = sorted(devices, key=lambda d: d.id)
         return "pseudo", [ordered[i * n // count : (i + 1) * n // count] for i in range(count)]
+    if unit == "process" and len(granules) > count and len(granules) % count == 0:
+        return "node", _processes_per_node(granules, count)
     if len(granules) != count:
         k = len(granules)
         raise ConfigError(
@@ -156,6 +159,14 @@ def device_granules(devices: list, outer: dict[str, int]) -> tuple[str, list[lis
             "same devices, or set the mesh.dcn_* sizes to 1"
         )
     return unit, granules
+
+
+def _processes_per_node(granules: list[list], nodes: int) -> list[list]:
+    """One process per GPU (SLURM's `srun --ntasks-per-node=G`, what `MENAGERIE_DISTRIBUTED=auto`
+    expects): `nodes` blocks of consecutive processes, the processes of one node (schedulers
+    number a node's tasks consecutively, SLURM's default block distribution)."""
+    per = len(granules) // nodes
+    return [[d for g in granules[i * per : (i + 1) * per] for d in g] for i in range(nodes)]
 
 
 def hybrid_grid(granules: list[list], inner: tuple[int, ...], outer: tuple[int, ...]):

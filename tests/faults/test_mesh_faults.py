@@ -19,7 +19,8 @@ CASES = {
     ),
     "sequence axis does not divide seq_len": (
         ["mesh.data=1", "mesh.sequence=3"],  # TINY: seq_len 64
-        "does not divide train.seq_len=64; use a multiple of 3 (e.g. train.seq_len=66)",
+        "does not divide train.seq_len=64 into 2 x 3 zigzag chunks of ring attention; use a "
+        "multiple of 6 (e.g. train.seq_len=66)",
     ),
     "DCN shape of more processes than there are": (
         ["mesh.dcn_data=2"],

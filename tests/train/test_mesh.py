@@ -147,6 +147,16 @@ def test_processes_are_the_granules_and_a_dcn_shape_of_another_count_is_refused(
         mesh_lib.make_mesh(MeshConfig(dcn_data=2), uneven)
 
 
+def test_one_process_per_gpu_groups_consecutive_processes_into_nodes():
+    """SLURM with one task per GPU: 8 processes of one device on 2 nodes (dcn_data=2) are 2
+    granules of 4 consecutive processes, so fsdp stays inside a node. Catches: each process
+    taken as a granule (the DCN shape refused, or fsdp spread across nodes)."""
+    devices = [FakeDevice(i, i) for i in range(8)]
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=4, dcn_data=2), devices)
+    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    np.testing.assert_array_equal(procs[:, :, 0, 0], [[0, 1, 2, 3], [4, 5, 6, 7]])
+
+
 def test_slices_are_the_granules_where_devices_have_one():
     """TPU: slices, not hosts, are what the DCN joins (4 hosts in 2 slices: 2 granules)."""
     devices = [FakeSliceDevice(i, i // 2, slice_index=i // 4) for i in range(8)]
@@ -163,7 +173,10 @@ def test_mesh_config_checks():
         MeshConfig(dcn_fsdp=-1)
     with pytest.raises(ConfigError, match=r"dcn_sequence=2: 4 devices\) does not divide .*=66"):
         build_config({}, ["mesh.sequence=2", "mesh.dcn_sequence=2", "train.seq_len=66"])
-    build_config({}, ["mesh.sequence=2", "mesh.dcn_sequence=2", "train.seq_len=68"])
+    # ring attention cuts the sequence into 2 x 4 zigzag chunks: 68 is not enough, 72 is
+    with pytest.raises(ConfigError, match=r"2 x 4 zigzag chunks .*\(e.g. train.seq_len=72\)"):
+        build_config({}, ["mesh.sequence=2", "mesh.dcn_sequence=2", "train.seq_len=68"])
+    build_config({}, ["mesh.sequence=2", "mesh.dcn_sequence=2", "train.seq_len=72"])
     cfg = build_config(
         {}, ["mesh.data=1", "mesh.sequence=-1", "train.seq_len=66"]
     )  # size known on the mesh
