@@ -236,7 +236,7 @@ class PeerWatch(threading.Thread):
 
     def exchange(self, client, beat: int, now: float) -> None:
         """Writes this process's counter and reads the others' (any error: the store did not
-        answer; `lost` times that)."""
+        answer; `lost` times that; a call that never returns is left to JAX's heartbeat)."""
         try:
             client.key_value_set(f"{HEARTBEATS}{self.me}", str(beat), allow_overwrite=True)
             counters = dict(client.key_value_dir_get(HEARTBEATS))
@@ -287,7 +287,7 @@ def preemption_reached(iteration: int) -> bool:
     or resumed; the same count on every process): True at one iteration, the same on all, after
     a SIGTERM to any of them. JAX's preemption sync: its SIGTERM handler (installed by
     `jax.distributed.initialize`) tells the coordination service, which gives every process the
-    next iteration of the fastest one. Measured on CPU: 0.2 us per call without a notice."""
+    next iteration of the fastest one. Without a notice, a call only reads a counter."""
     from jax.experimental import multihost_utils
 
     return multihost_utils.reached_preemption_sync_point(iteration)

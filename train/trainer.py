@@ -306,7 +306,9 @@ class Trainer:
         """Trains from the latest checkpoint (or from scratch) to `train.steps`, holding the run
         folder's lock. SIGTERM: saves at the next step boundary and returns with
         `summary.preempted`; Ctrl-C: saves the same way, then raises `Interrupted` (a second
-        Ctrl-C aborts at once)."""
+        Ctrl-C aborts at once). With several processes, a signal to any of them stops all at one
+        step (`_StopSignals`), and an error first waits until the others are seen alive
+        (`distributed.peer_failures`: a lost one is named in one line instead)."""
         with peer_failures(), self._run_lock(), self._checkpointer() as ckpt:
             ckpt.prepare_writes()
             state, start = self._restore_or_init(ckpt)
