@@ -56,11 +56,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_a_killed_one_is_named
     One process trained from scratch to N + 2 saved the same states, bit for bit, at N and at
     N + 2: the SIGTERM checkpoint is the state of step N, and training from it goes on exactly.
 
-    Caught when broken (each seen to fail it): each process deciding alone to stop (process 1
-    saves while process 0 trains on; they wait on each other until the test's timeout); no
-    peer watch (the survivor's failed collective prints a traceback, then JAX aborts it at
-    twice the timeout); a failed collective that does not wait for the watch's verdict (a
-    traceback before the line)."""
+    Caught when broken (each seen to fail it, bench/mutants/peers-*): each process deciding
+    alone to stop (process 1 saves while process 0 trains on: they wait on each other until
+    the test's timeout); no peer watch (the survivor does not end in the line naming process
+    1); a failed collective that does not wait for the watch's verdict (a traceback first)."""
     run, reference = tmp_path / "run", tmp_path / "reference"
     n = _sigterm_to_process_1(run)
     assert _steps(run) == [n]

@@ -118,7 +118,9 @@ def _resume_across_process_counts(tmp_path, uninterrupted: list[dict]) -> None:
     """Both runs stop after their step-4 checkpoint (the step-6 ones moved out); the 2-process
     run resumes in 1 process and the 1-process run in 2 processes, both on FSDP over two
     devices (Orbax reshards on restore): each resumes from step 4, not from step 2 or from
-    scratch, runs steps 5 and 6 only, and ends where the uninterrupted runs ended."""
+    scratch, runs steps 5 and 6 only, and ends where the uninterrupted runs ended. Caught when
+    broken (seen): a restore in the layout the checkpoint was saved with, not the new one
+    (Orbax: "Topology mismatch", no readable checkpoint)."""
     for run in ("multi", "one"):
         shutil.move(tmp_path / run / "checkpoints/6", tmp_path / f"{run}-6")
     fsdp = ("mesh.data=1", "mesh.fsdp=2", "train.eval_batches=0")
