@@ -175,6 +175,10 @@ def test_incomplete_or_wrong_environment_is_one_config_error():
             "not an integer",
         ),
         ({"MENAGERIE_DISTRIBUTED": "maybe"}, "use 'auto' or 'off'"),
+        (
+            {"MENAGERIE_DISTRIBUTED": "auto", "MENAGERIE_PEER_TIMEOUT": "2m"},
+            "MENAGERIE_PEER_TIMEOUT='2m' must be a whole number of seconds > 0",
+        ),
     ]
     for env, message in bad:
         with pytest.raises(ConfigError, match=message):
