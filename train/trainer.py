@@ -108,7 +108,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, start_over: bool = False, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.mesh: Mesh = mesh_lib.make_mesh(cfg.mesh)
-        check_mesh_fits(cfg, mesh_lib.data_parallel_size(self.mesh))
+        check_mesh_fits(cfg, mesh_lib.data_parallel_size(self.mesh), self.mesh.shape["sequence"])
 
         # Data first: the tokenizer (a synthetic task's own) fixes the model's vocabulary.
         self.train_data, self.val_data = open_datasets(cfg.data, cfg.train.seq_len)
@@ -130,7 +130,7 @@ class Trainer:
         self = cls.__new__(cls)
         self.console = Console(highlight=False, soft_wrap=True)
         self.mesh = mesh
-        check_mesh_fits(cfg, mesh_lib.data_parallel_size(mesh))
+        check_mesh_fits(cfg, mesh_lib.data_parallel_size(mesh), mesh.shape["sequence"])
         self._set_up_state(cfg, tokenizer_vocab)
         return self
 

@@ -108,6 +108,15 @@ def test_mesh_that_does_not_fit_is_one_line():
     assert "multiply to 6 but there are 8 devices" in out.stderr
 
 
+def test_filled_sequence_axis_that_does_not_fit_the_length_is_one_line():
+    """mesh.sequence=-1 fills to 8 devices only on the mesh: the trainer's layout checks it.
+    Catches: the sequence check made only on the sizes the config states (-1 passes it)."""
+    overrides = ["mesh.data=1", "mesh.sequence=-1", "train.seq_len=72"]
+    out = cli("plan", "-c", str(TINY), "--devices", "8", *overrides)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "does not divide train.seq_len=72 into 2 x 8 zigzag chunks" in out.stderr
+
+
 def _main(overrides: list[str]) -> None:
     import jax
     from menagerie.train import mesh as mesh_lib
