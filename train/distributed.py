@@ -212,6 +212,7 @@ class PeerWatch(threading.Thread):
         self.interval = min(max(timeout / 10, 0.2), 5.0)
         now = time.monotonic()
         self.seen = {i: ("", now) for i in range(count) if i != me}  # counter, when it moved
+        self.moves = dict.fromkeys(self.seen, 0)  # how often each counter was seen to move
         self.answered = now  # when the store last answered
 
     def run(self) -> None:
@@ -225,14 +226,19 @@ class PeerWatch(threading.Thread):
             time.sleep(self.interval)
 
     def wait_for_peers(self) -> None:
-        """Until every other process's counter has moved since this call (a few intervals if
-        all are alive), or until one is lost and `run` ends this process: at most `timeout`
-        and three intervals."""
-        since = time.monotonic()
+        """Until every other process's counter has moved twice since this call (a few intervals
+        if all are alive), or until one is lost and `run` ends this process: at most `timeout`
+        and three intervals. Twice: the first move seen may be the last write of a process
+        that died just before this call; the second was written after that read."""
+        since, start = time.monotonic(), dict(self.moves)
         while time.monotonic() < since + self.timeout + 3 * self.interval and self.is_alive():
-            if all(moved > since for _, moved in self.seen.values()):
+            if self.alive_since(start):
                 return
             time.sleep(self.interval / 4)
+
+    def alive_since(self, start: dict[int, int]) -> bool:
+        """Whether every other process's counter moved twice since `moves` was `start`."""
+        return all(self.moves[i] >= start[i] + 2 for i in start)
 
     def exchange(self, client, beat: int, now: float) -> None:
         """Writes this process's counter and reads the others' (any error: the store did not
@@ -247,6 +253,7 @@ class PeerWatch(threading.Thread):
             new = counters.get(f"{HEARTBEATS}{i}", old)
             if new != old:
                 self.seen[i] = (new, now)
+                self.moves[i] += 1
 
     def lost(self, now: float) -> list[int]:
         """The processes silent for more than `timeout` s; process 0 alone if the store (which

@@ -152,3 +152,25 @@ def test_peer_watch_names_the_silent_processes_and_never_a_beating_one():
     for t in range(30, 45, 2):
         watch.exchange(store, t, t0 + t)
     assert watch.lost(t0 + 44) == [0]
+
+
+def test_a_dead_process_last_beat_read_late_is_not_taken_for_life():
+    """After an error, `wait_for_peers` asks each counter to move twice: process 2 wrote its
+    last beat and died just before the wait began, and the watch reads that beat only after,
+    once; a live process 0 moves on. Catches (seen failing in CI as a race): a wait that ends
+    on one move, so the error's traceback prints before the watch's line naming process 2."""
+    store = _Store()
+    watch = PeerWatch(lambda: store, me=1, count=3, timeout=10)
+    store.values.update({f"{HEARTBEATS}0": "1", f"{HEARTBEATS}2": "1"})
+    watch.exchange(store, 1, watch.answered)
+    store.values[f"{HEARTBEATS}2"] = "2"  # its last beat, then it dies
+    start = dict(watch.moves)  # the error: the wait starts here
+    for beat in range(2, 6):
+        store.values[f"{HEARTBEATS}0"] = str(beat)
+        watch.exchange(store, beat, watch.answered + beat)
+    assert not watch.alive_since(start)
+    store.values[f"{HEARTBEATS}2"] = "3"  # had it lived
+    watch.exchange(store, 6, watch.answered + 6)
+    store.values[f"{HEARTBEATS}2"] = "4"
+    watch.exchange(store, 7, watch.answered + 7)
+    assert watch.alive_since(start)
