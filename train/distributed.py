@@ -28,6 +28,12 @@ Failures never hang (`PeerWatch`, `preemption_reached`):
   dies, its coordination service goes with it and JAX ends every other process at once with
   its own message (`client.h`: "Terminating process because the JAX distributed service
   detected fatal errors").
+- A stuck run: the heartbeat also carries the process's last finished step (`progress`, which
+  the trainer calls after every step and every evaluation batch). When this process has
+  finished nothing for MENAGERIE_STEP_TIMEOUT seconds (1800 by default; counted from its
+  first finished step, so the first compile is not timed), it prints one line naming the
+  processes that are behind (or saying that all are stuck at one step, as in a collective that
+  never completes) and exits 3: a process alive but stuck no longer hangs the run.
 - A preemption: SIGTERM to any one process (or several) is JAX's preemption notice; the
   processes agree on the step at which all of them save and stop
   (`multihost_utils.reached_preemption_sync_point`).
@@ -52,6 +58,8 @@ ENV_TIMEOUT = "MENAGERIE_COORDINATOR_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 ENV_PEER_TIMEOUT = "MENAGERIE_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT_S = 120
+ENV_STEP_TIMEOUT = "MENAGERIE_STEP_TIMEOUT"
+DEFAULT_STEP_TIMEOUT_S = 1800
 EXIT_PEER_LOST = 3
 HEARTBEATS = "menagerie/heartbeat/"
 
@@ -100,6 +108,7 @@ def initialize(env: dict[str, str] | None = None) -> bool:
         raise ConfigError(f"{ENV_AUTO}={env[ENV_AUTO]!r}: use 'auto' or 'off'")
     timeout = _seconds(env, ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
     peer_timeout = _seconds(env, ENV_PEER_TIMEOUT, DEFAULT_PEER_TIMEOUT_S)
+    step_timeout = _seconds(env, ENV_STEP_TIMEOUT, DEFAULT_STEP_TIMEOUT_S)
     if explicit:
         print(
             f"process {i} of {n}: connecting to the coordinator at {address} "
@@ -120,17 +129,16 @@ def initialize(env: dict[str, str] | None = None) -> bool:
         heartbeat_timeout_seconds=2 * peer_timeout,
     )
     _done[0] = True
-    _watch_peers(peer_timeout)
+    _watch_peers(peer_timeout, step_timeout)
     return True
 
 
-def _watch_peers(timeout: int) -> None:
+def _watch_peers(timeout: int, step_timeout: int) -> None:
     import jax
     from jax._src.distributed import global_state  # its client is None after shutdown
 
-    watch = PeerWatch(
-        lambda: global_state.client, jax.process_index(), jax.process_count(), timeout
-    )
+    me, count = jax.process_index(), jax.process_count()
+    watch = PeerWatch(lambda: global_state.client, me, count, timeout, step_timeout)
     watch.start()
     _watch[0] = watch
 
@@ -204,11 +212,21 @@ class PeerWatch(threading.Thread):
     The counters come from this thread, not from the training loop, so a slow step (the first
     one compiles, an eval, a checkpoint) never looks like a lost process: XLA compiles and runs
     with Python's GIL released, and this thread holds it for microseconds. Each process times
-    the others with its own clock, so the hosts' clocks need not agree."""
+    the others with its own clock, so the hosts' clocks need not agree.
 
-    def __init__(self, client: Callable, me: int, count: int, timeout: float):
+    A heartbeat is "counter/step": the step is this process's last finished one (`progress`).
+    When this process has finished nothing for `step_timeout` seconds since its first finished
+    step, `stuck` names the processes that are behind and this thread ends the process too."""
+
+    def __init__(
+        self, client: Callable, me: int, count: int, timeout: float, step_timeout: float = 0
+    ):
         super().__init__(name="menagerie-peer-watch", daemon=True)
         self.client, self.me, self.count, self.timeout = client, me, count, timeout
+        self.step_timeout = step_timeout  # 0: no step watch
+        self.step: int | None = None  # this process's last finished step (None: none yet)
+        self.progressed: float | None = None  # when `progress` was last called
+        self.steps: dict[int, int] = {}  # the others' last finished steps, as last read
         self.interval = min(max(timeout / 10, 0.2), 5.0)
         now = time.monotonic()
         self.seen = {i: ("", now) for i in range(count) if i != me}  # counter, when it moved
@@ -220,10 +238,37 @@ class PeerWatch(threading.Thread):
         while (client := self.client()) is not None:  # None: JAX has shut down
             beat += 1
             self.exchange(client, beat, time.monotonic())
-            if lost := self.lost(time.monotonic()):
-                os.write(2, (self.verdict(lost) + "\n").encode())
+            now = time.monotonic()
+            if line := (self.verdict(lost) if (lost := self.lost(now)) else self.stuck(now)):
+                os.write(2, (line + "\n").encode())
                 os._exit(EXIT_PEER_LOST)
             time.sleep(self.interval)
+
+    def progress(self, step: int | None) -> None:
+        """Marks `step` finished now (None: progress within the last step, an eval batch)."""
+        self.step = self.step if step is None else step
+        self.progressed = time.monotonic()
+
+    def stuck(self, now: float) -> str | None:
+        """The one line when nothing finished here for `step_timeout` s: which processes are
+        behind (the lowest last finished step), or that every process stopped at one step."""
+        if not self.step_timeout or self.progressed is None or self.step is None:
+            return None
+        if now - self.progressed <= self.step_timeout:
+            return None
+        steps = {**self.steps, self.me: self.step}
+        low, high = min(steps.values()), max(steps.values())
+        behind = sorted(i for i, s in steps.items() if s == low)
+        if low == high:
+            where = f"every process is stuck after step {low} (a collective or I/O that never ends)"
+        else:
+            who = "process" if len(behind) == 1 else "processes"
+            where = f"{who} {', '.join(map(str, behind))} stuck after step {low}, others at {high}"
+        return (
+            f"error: nothing finished for {self.step_timeout} s ({ENV_STEP_TIMEOUT}): {where}; "
+            f"process {self.me} of {self.count} stops too: start all {self.count} processes "
+            "again to resume from the last checkpoint"
+        )
 
     def wait_for_peers(self) -> None:
         """Until every other process's counter has moved twice since this call (a few intervals
@@ -244,7 +289,8 @@ class PeerWatch(threading.Thread):
         """Writes this process's counter and reads the others' (any error: the store did not
         answer; `lost` times that; a call that never returns is left to JAX's heartbeat)."""
         try:
-            client.key_value_set(f"{HEARTBEATS}{self.me}", str(beat), allow_overwrite=True)
+            step = "-" if self.step is None else self.step
+            client.key_value_set(f"{HEARTBEATS}{self.me}", f"{beat}/{step}", allow_overwrite=True)
             counters = dict(client.key_value_dir_get(HEARTBEATS))
         except Exception:  # noqa: BLE001 - whatever the client raises, the store did not answer
             return
@@ -254,6 +300,9 @@ class PeerWatch(threading.Thread):
             if new != old:
                 self.seen[i] = (new, now)
                 self.moves[i] += 1
+                _, _, step = new.partition("/")
+                if step.isdigit():
+                    self.steps[i] = int(step)
 
     def lost(self, now: float) -> list[int]:
         """The processes silent for more than `timeout` s; process 0 alone if the store (which
@@ -272,6 +321,13 @@ class PeerWatch(threading.Thread):
 
 
 _watch: list[PeerWatch | None] = [None]
+
+
+def progress(step: int | None = None) -> None:
+    """Tells the peer watch (multi-process runs) that `step` finished, or (None) that work after
+    the last step did (an evaluation batch): two attribute writes."""
+    if (watch := _watch[0]) is not None:
+        watch.progress(step)
 
 
 @contextlib.contextmanager

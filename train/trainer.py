@@ -30,7 +30,7 @@ from . import lowrank
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, RunLock, prepare_run_dir, record_data_change
 from .config import RunConfig, check_mesh_fits
-from .distributed import from_process_0, peer_failures, preemption_reached
+from .distributed import from_process_0, peer_failures, preemption_reached, progress
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .generate import sample
 from .metrics import MetricsWriter, device_peak_flops
@@ -296,6 +296,7 @@ class Trainer:
         for local in batches:
             batch = self._global_batch(local)
             out = jax.device_get(eval_step(state["params"], batch, state["step"]))
+            progress()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return eval_report(sums, exact_match=self.cfg.data.is_synthetic)
@@ -344,6 +345,7 @@ class Trainer:
                     state, m = train_step(state, self._global_batch(next(batches)))
                     step += 1
                     m = jax.device_get(m)
+                    progress(step)
                     meter.add()
                     summary.last_loss = float(m["loss"])
                     bar(step, summary.last_loss)

@@ -174,3 +174,37 @@ def test_a_dead_process_last_beat_read_late_is_not_taken_for_life():
     store.values[f"{HEARTBEATS}2"] = "4"
     watch.exchange(store, 7, watch.answered + 7)
     assert watch.alive_since(start)
+
+
+def test_a_process_alive_but_stuck_is_named_after_the_step_timeout():
+    """Heartbeats carry the last finished step. Process 1 keeps beating but finishes nothing
+    after step 5 while process 0 reached 6: once nothing finished for MENAGERIE_STEP_TIMEOUT
+    (counted from the first finished step: the first compile is not timed) its watch names
+    process 1 as behind; when both stop at one step, the line says every process is stuck.
+    Catches: the step not carried by the heartbeat (every process then looks stuck at one
+    step), the first compile timed, a stall reported before the timeout."""
+    store = _Store()
+    zero, one = (
+        PeerWatch(lambda: store, me=i, count=2, timeout=60, step_timeout=30) for i in (0, 1)
+    )
+    t0 = zero.answered
+    for watch in (zero, one):
+        watch.exchange(store, 1, t0)
+        assert watch.stuck(t0 + 1000) is None  # no step finished yet: compiling
+    zero.progress(5), one.progress(5)
+    zero.progress(6)
+    for beat in (2, 3):
+        for watch in (zero, one):
+            watch.exchange(store, beat, t0 + beat)
+    assert one.stuck(one.progressed + 29) is None
+    line = one.stuck(one.progressed + 31)
+    assert line == (
+        "error: nothing finished for 30 s (MENAGERIE_STEP_TIMEOUT): process 1 stuck after step "
+        "5, others at 6; process 1 of 2 stops too: start all 2 processes again to resume from "
+        "the last checkpoint"
+    )
+    assert "process 1 stuck after step 5, others at 6" in zero.stuck(zero.progressed + 31)
+    one.progress(6)
+    for watch in (zero, one):
+        watch.exchange(store, 4, t0 + 4)
+    assert "every process is stuck after step 6" in one.stuck(one.progressed + 31)

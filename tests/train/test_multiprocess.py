@@ -179,6 +179,10 @@ def test_incomplete_or_wrong_environment_is_one_config_error():
             {"MENAGERIE_DISTRIBUTED": "auto", "MENAGERIE_PEER_TIMEOUT": "2m"},
             "MENAGERIE_PEER_TIMEOUT='2m' must be a whole number of seconds > 0",
         ),
+        (
+            {"MENAGERIE_DISTRIBUTED": "auto", "MENAGERIE_STEP_TIMEOUT": "0"},
+            "MENAGERIE_STEP_TIMEOUT='0' must be a whole number of seconds > 0",
+        ),
     ]
     for env, message in bad:
         with pytest.raises(ConfigError, match=message):
