@@ -15,10 +15,24 @@ CONFIGS = {
     "scanned-tied-gqa": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2),
     "looped-untied-mha": dict(scan_layers=False, tie_embeddings=False, n_kv_heads=None),
     "window-sinks": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2, window=6, sinks=2),
+    # LTE over SwiGLU routing hard at inference (the gather path): position-wise, so decoding
+    # must route each new token as the full forward routes it
+    "lte-hard": dict(
+        scan_layers=True,
+        tie_embeddings=True,
+        n_kv_heads=2,
+        ffn=dict(
+            kind="lte",
+            inner=dict(kind="swiglu", hidden_dim=32),
+            expert_size=4,
+            hard_from_step=1,
+            impl="gather",
+        ),
+    ),
 }
 
 
-def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, **window):
+def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, ffn=None, **window):
     """A 2-layer model with every parameter N(0, 0.5), so a misplaced cache entry shows."""
     cfg = TransformerConfig(
         d_model=16,
@@ -28,6 +42,7 @@ def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, **window):
         scan_layers=scan_layers,
         tie_embeddings=tie_embeddings,
         mixer=dict(kind="attention", n_heads=4, n_kv_heads=n_kv_heads, **window),
+        **({} if ffn is None else {"ffn": ffn}),
     )
     graphdef, shapes = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(1)
