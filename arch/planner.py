@@ -43,9 +43,10 @@ Choices and deviations, said here:
   added after the backbone's final norm, just before the unembedding.
 - `condition_lm` defaults to true: a plan that steers the next block is the point of the design
   (and of generation that uses the plan); with it off the planner is only an auxiliary loss on
-  the backbone and costs nothing outside training. With it on the model has no incremental
-  decoding (the head's `decodes` is False, read by `Transformer.decodes`): generation recomputes
-  a window per token (`train.generate`), which recomputes the plans too.
+  the backbone and costs nothing outside training. With it on, incremental decoding
+  (`Planner.decode`) keeps the planner layers' caches over blocks, the running sum of the
+  current block's states and the current plan: each token is conditioned on the plan of the
+  block before its own, and the block's last token runs the planner one block further.
 - The latent target is the mean-pooled block state, with SmoothL1 (Huber, delta 1) as NextLat
   uses; pairs whose block j+1 leaves a_j's document do not count.
 - Lookahead logits cost one more [B,T,V] unembedding (N blocks x P offsets = T rows).
@@ -79,19 +80,19 @@ The two MTP heads are plain LM heads at inference (decoding unaffected).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from .attention import AttentionConfig
 from .axes import Axis, declare
 from .config import ModelConfig, check_positive
 from .layers import Embed, Linear, dtype_of, linear, param, rms_norm
 from .lm_head import LMHead, LMHeadConfig
-from .parts import Aux, Ctx, HeadConfig
+from .parts import Aux, Ctx, HeadConfig, decode_pre_norm_block, init_block_cache
 from .swiglu import SwiGLUConfig
 
 declare(
@@ -183,6 +184,16 @@ class CausalBlock(nnx.Module):
         x_BSD = x_BSD + self.mixer(self.mixer_norm(x_BSD), ctx)[0]
         return x_BSD + self.ffn(self.ffn_norm(x_BSD), ctx)[0]
 
+    def init_cache(self, batch: int, max_len: int) -> tuple[Any, Any]:
+        return init_block_cache(self.mixer, self.ffn, batch, max_len)
+
+    def decode(self, x_BSD: jax.Array, cache: Any, start) -> tuple[jax.Array, Any]:
+        """The block for S positions start.. given its caches (`arch.parts`)."""
+        parts = dict(
+            mixer=self.mixer, mixer_norm=self.mixer_norm, ffn=self.ffn, ffn_norm=self.ffn_norm
+        )
+        return decode_pre_norm_block(x_BSD, cache, start, **parts)
+
 
 # ---- the planner ------------------------------------------------------------------------------
 
@@ -256,14 +267,23 @@ def in_blocks(x_BT: jax.Array, p: int, fill) -> jax.Array:
     return x_BT.reshape(b, n, p, *x_BT.shape[2:])
 
 
+@struct.dataclass
+class PlanState:
+    """A conditioning planner's decoding state: the planner layers' caches over blocks, the sum
+    of the current block's hidden states [B,D] float32, and W_c z_{j-1} [B,D] for the current
+    block j (zeros in block 0)."""
+
+    layers: Any
+    block_sum: jax.Array
+    condition: jax.Array
+
+
 class Planner(nnx.Module):
-    """The LM head with a block planner (see the module docstring). `decodes` is False when the
-    plan conditions the LM: the transformer then generates by recomputing windows."""
+    """The LM head with a block planner (see the module docstring)."""
 
     def __init__(self, cfg: PlannerConfig, model: ModelConfig, *, rngs: nnx.Rngs):
         d, f, dtype = model.d_model, cfg.hidden(model), dtype_of(model.param_dtype)
         self.cfg = cfg
-        self.decodes = not cfg.condition_lm
         self.lm = LMHead(model, rngs=rngs)
         self.layers = nnx.List(
             [CausalBlock(cfg, model, rngs=rngs) for _ in range(cfg.planner_layers)]
@@ -293,6 +313,48 @@ class Planner(nnx.Module):
             if ctx.targets is None:
                 return logits_BTV, {}
             return logits_BTV, self.losses(s_BND, z_BND, ctx, embed)
+
+    def init_state(self, batch: int, max_len: int) -> PlanState | None:
+        """The decoding state before the first token (None without `condition_lm`: the LM head
+        alone then decodes)."""
+        if self.condition is None:
+            return None
+        blocks = -(-max_len // self.cfg.block)
+        caches = [layer.init_cache(batch, blocks) for layer in self.layers]
+        zeros = jnp.zeros((batch, self.condition.kernel.shape[-1]), jnp.float32)
+        return PlanState(caches, zeros, zeros)
+
+    def decode(
+        self, h_BTD: jax.Array, state: PlanState | None, start, *, embed: Embed
+    ) -> tuple[jax.Array, PlanState | None]:
+        """Logits [B,T,V] of T tokens at positions start.. of one document and the state after
+        them: what `__call__` gives at those positions, token by token."""
+        if state is None:
+            return self.lm(h_BTD, None, embed=embed)[0], None
+
+        def token(state: PlanState, h_pos):
+            h_BD, pos = h_pos
+            out_BD = h_BD + state.condition.astype(h_BD.dtype)
+            total = state.block_sum + h_BD.astype(jnp.float32)
+            ends = (pos + 1) % self.cfg.block == 0
+            nxt = lambda: self.next_plan(state, total, pos // self.cfg.block, h_BD.dtype)  # noqa: E731
+            state = jax.lax.cond(ends, nxt, lambda: state.replace(block_sum=total))
+            return state, out_BD
+
+        positions = start + jnp.arange(h_BTD.shape[1], dtype=jnp.int32)
+        state, out_TBD = jax.lax.scan(token, state, (h_BTD.swapaxes(0, 1), positions))
+        return self.lm(out_TBD.swapaxes(0, 1), None, embed=embed)[0], state
+
+    def next_plan(self, state: PlanState, total_BD: jax.Array, j, dtype) -> PlanState:
+        """Block j is complete (its states sum to `total`): the planner one block further (in
+        the hidden states' `dtype`), its plan W_c z_j for block j+1, and an empty sum."""
+        x_B1D = (total_BD / self.cfg.block)[:, None].astype(dtype)
+        caches = []
+        for layer, cache in zip(self.layers, state.layers, strict=True):
+            x_B1D, cache = layer.decode(x_B1D, cache, j)
+            caches.append(cache)
+        condition = self.condition(self.plan_norm(x_B1D))[:, 0].astype(jnp.float32)
+        return PlanState(caches, jnp.zeros_like(total_BD), condition)
 
     def block_segments(self, ctx: Ctx) -> tuple[jax.Array, jax.Array]:
         """(segment ids [B,N,P] padded with the row's last, the document of each block's last

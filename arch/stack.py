@@ -105,7 +105,9 @@ def stacked(cache: Any, model: ModelConfig) -> Any:
 @struct.dataclass
 class DecodeState:
     """Incremental decoding state of a layer stack: each layer's cache stacked over layers
-    [n_layers, ...] and the number of tokens seen (int32 scalar)."""
+    [n_layers, ...], the number of tokens seen (int32 scalar) and the head's own state (None
+    for a head that reads only the current tokens)."""
 
     layers: Any
     position: jax.Array
+    head: Any = None

@@ -150,17 +150,17 @@ class Transformer(nnx.Module):
 
     @property
     def decodes(self) -> bool:
-        """Whether this model has incremental decoding: its mixer part has a cache, and its head
-        does not say otherwise (a planner whose plan conditions the LM needs whole windows)."""
+        """Whether this model has incremental decoding: its mixer part has a cache."""
         mixer = self.blocks.mixer if self.cfg.scan_layers else self.blocks[0].mixer
-        return hasattr(mixer, "decode") and getattr(self.head, "decodes", True)
+        return hasattr(mixer, "decode")
 
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """The decoding state before the first token of `batch` sequences of at most
         `max_len` tokens (the attention cache holds them all)."""
         block = self.blocks if self.cfg.scan_layers else self.blocks[0]
         caches = stacked(block.init_cache(batch, max_len), self.cfg)
-        return DecodeState(caches, jnp.zeros((), jnp.int32))
+        head = self.head.init_state(batch, max_len) if hasattr(self.head, "init_state") else None
+        return DecodeState(caches, jnp.zeros((), jnp.int32), head)
 
     def decode(self, tokens_BT: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Logits [B,T,V] float32 of T more tokens (a prompt piece, or one) and the state after
@@ -168,6 +168,9 @@ class Transformer(nnx.Module):
         start = state.position
         x_BTD = constrain(self.embed(tokens_BT), (BATCH, SEQ, ACT_EMBED))
         x_BTD, caches = decode_layers(self.blocks, x_BTD, state.layers, start, self.cfg)
-        ctx = decode_ctx(tokens_BT, start)
-        logits_BTV, _ = self.head(self.final_norm(x_BTD), ctx, embed=self.embed)
-        return logits_BTV, DecodeState(caches, start + tokens_BT.shape[1])
+        h_BTD, head = self.final_norm(x_BTD), state.head
+        if head is None:  # a head of the current tokens alone (the LM head, MTP heads)
+            logits_BTV, _ = self.head(h_BTD, decode_ctx(tokens_BT, start), embed=self.embed)
+        else:  # a head with its own state (a conditioning planner)
+            logits_BTV, head = self.head.decode(h_BTD, head, start, embed=self.embed)
+        return logits_BTV, DecodeState(caches, start + tokens_BT.shape[1], head)

@@ -17,6 +17,14 @@ CONFIGS = {
     "window-sinks": dict(scan_layers=True, tie_embeddings=True, n_kv_heads=2, window=6, sinks=2),
     # LTE over SwiGLU routing hard at inference (the gather path): position-wise, so decoding
     # must route each new token as the full forward routes it
+    # A planner whose plan conditions the LM (blocks of 4: the pieces below cross block ends
+    # inside a piece and at its edges); a head with its own decoding state
+    "planner": dict(
+        scan_layers=False,
+        tie_embeddings=False,
+        n_kv_heads=2,
+        head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, planner_layers=2),
+    ),
     "lte-hard": dict(
         scan_layers=True,
         tie_embeddings=True,
@@ -32,7 +40,7 @@ CONFIGS = {
 }
 
 
-def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, ffn=None, **window):
+def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, ffn=None, head=None, **window):
     """A 2-layer model with every parameter N(0, 0.5), so a misplaced cache entry shows."""
     cfg = TransformerConfig(
         d_model=16,
@@ -43,6 +51,7 @@ def _model(scan_layers: bool, tie_embeddings: bool, n_kv_heads, ffn=None, **wind
         tie_embeddings=tie_embeddings,
         mixer=dict(kind="attention", n_heads=4, n_kv_heads=n_kv_heads, **window),
         **({} if ffn is None else {"ffn": ffn}),
+        **({} if head is None else {"head": head}),
     )
     graphdef, shapes = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(1)
@@ -58,7 +67,9 @@ def test_decoding_with_the_kv_cache_gives_the_full_forward_logits(name):
     values written at the wrong cache slot, RoPE at the position in the piece instead of in
     the sequence, a query seeing empty slots ahead of it (or not seeing its own piece), a
     layer reading another layer's cache, the position not advanced between calls; with a
-    window of 6 and 2 sinks, a decode step that sees the whole cache (or drops the sinks)."""
+    window of 6 and 2 sinks, a decode step that sees the whole cache (or drops the sinks); with
+    a conditioning planner, a token given its own block's plan (or none), the block sum not
+    reset at a block's end, the planner's block caches written at the wrong block."""
     model = _model(**CONFIGS[name])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 50, (2, 20)), jnp.int32)
     full = np.asarray(quick_jit(lambda m, t: m(t).logits)(model, tokens))
