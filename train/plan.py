@@ -330,7 +330,11 @@ def human(n: float) -> str:
 def format_plan(plan: Plan, cfg: RunConfig, device_memory: float | None = None) -> str:
     """The plan as a table: totals per device, then which mesh axis shards each group."""
     m, t = cfg.model, cfg.train
-    mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    outer = cfg.mesh.outer()  # a hybrid mesh: dcn x inner per axis
+    mesh = " ".join(
+        f"{k}={v}" + (f" ({outer[k]} dcn x {v // outer[k]})" if outer[k] > 1 else "")
+        for k, v in plan.mesh.items()
+    )
     lines = [
         f"mesh {mesh} on {plan.devices} {plan.platform} device(s); {m.family} "
         f"{m.d_model}x{m.n_layers} ({plan.n_params / 1e6:,.2f}M params), remat {m.remat}, "

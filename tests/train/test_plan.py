@@ -138,3 +138,11 @@ def _main(overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def test_a_hybrid_mesh_shows_its_dcn_split():
+    """Catches: a plan that hides which part of an axis crosses the slower network (the
+    `mesh.dcn_*` factor), or that plans dcn x inner as the inner size alone."""
+    out = cli("plan", "-c", str(TINY), "--devices", "8", "mesh.dcn_data=2", "mesh.fsdp=2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("mesh data=4 (2 dcn x 2) fsdp=2 tensor=1 sequence=1 on 8 ")
