@@ -40,6 +40,42 @@ MEGALODON_TINY_MODEL = {
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
+def run_on_devices(module: str, *args: str, devices: int, timeout: float = 600) -> None:
+    """`python -m module args` with `devices` simulated CPU devices, compiled afresh (no
+    persistent compilation cache: XLA:CPU executables with collectives deadlock when loaded
+    from it, with jax 0.10.2) and with FAST_COMPILE_ENV; asserts it exits 0 (showing the end
+    of its stderr, without traceback decorations)."""
+    env = cli_env()
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env.update(FAST_COMPILE_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    frames = [x for x in proc.stderr.splitlines() if not x.startswith("    @")]
+    assert proc.returncode == 0, "\n".join(frames)[-4000:]
+
+
+def compiled_train_step(trainer, batch_size: int):
+    """The trainer's train step, lowered and compiled for its state and batch shardings."""
+    import jax
+
+    local = next(trainer.train_data.batches(batch_size, seed=0))
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+        for k, v in local.items()
+    }
+    with trainer.context():
+        return trainer.jit_train_step().lower(trainer.abstract_state(), batch).compile()
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli_testing import FAST_COMPILE_ENV, ROOT, cli_env
+from tests.cli_testing import run_on_devices
 
 B, T, H, K, D = 2, 32, 4, 2, 8  # P=4: chunks of C=4 tokens; P=2: of 8
 # Row 0: three documents whose boundaries cut chunks and devices; row 1: one document.
@@ -121,20 +120,8 @@ def test_ring_attention_equals_single_device_attention(tmp_path):
     the backward a dk/dv accumulator that misses its last hop home or a wrong delta (gradients
     differ); and ring attention silently not happening (the compiler gathers the sequence:
     an all-gather, and no collective-permutes)."""
-    env = cli_env()
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # see the module docstring
-    env.update(FAST_COMPILE_ENV)
     out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.arch.test_ring_attention", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_on_devices("tests.arch.test_ring_attention", str(out), devices=4)
     r = json.loads(out.read_text())
     for name, (mesh_shape, _) in CASES.items():
         assert max(r[name]["max_abs_diff"]) < ATOL, (name, r[name]["max_abs_diff"])

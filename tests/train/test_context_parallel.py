@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli_testing import FAST_COMPILE_ENV
-from .conftest import ROOT, TINY, assert_close_states, cli_env, saved_state
+from ..cli_testing import compiled_train_step, run_on_devices
+from .conftest import TINY, assert_close_states, saved_state
 
 BATCH, SEQ, STEPS = 4, 32, 4  # 8 tokens per device at sequence=4: zigzag chunks of 4
 MESHES = {"one": ["mesh.data=1"], "sequence4": ["mesh.data=1", "mesh.sequence=4"]}
@@ -78,19 +77,6 @@ def _on_one_device(make):
         mesh_lib.make_mesh = every_device
 
 
-def _compiled_train_step(trainer):
-    """The trainer's train step, lowered and compiled for its state and batch shardings."""
-    import jax
-
-    local = next(trainer.train_data.batches(BATCH, seed=0))
-    batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
-        for k, v in local.items()
-    }
-    with trainer.context():
-        return trainer.jit_train_step().lower(trainer.abstract_state(), batch).compile()
-
-
 def _collectives(text: str) -> dict[str, list[list[int]]]:
     """Result shapes of the all-gathers, all-to-alls and collective-permutes of a compiled step."""
     out = {}
@@ -109,7 +95,7 @@ def main(out: str, root: str) -> None:
             trainer = _on_one_device(lambda name=name, mesh=mesh: _trainer(root, name, mesh))
         else:
             trainer = _trainer(root, name, mesh)
-        step = _compiled_train_step(trainer)
+        step = compiled_train_step(trainer, BATCH)
         # The run trains with this very executable (a fresh jit would compile the step again).
         trainer.jit_train_step = lambda step=step: step
         trainer.run()
@@ -132,20 +118,8 @@ def test_sequence_sharded_training_equals_one_device(tmp_path):
     keys/values held elsewhere (gradient norms, parameters differ), and the sequence split only
     on paper (the compiler gathers whole-sequence keys/values: an all-gather of T positions,
     and no collective-permutes)."""
-    env = cli_env()
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # see the module docstring
-    env.update(FAST_COMPILE_ENV)
     out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train.test_context_parallel", str(out), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_on_devices("tests.train.test_context_parallel", str(out), str(tmp_path), devices=4)
     r = json.loads(out.read_text())
     one, split = r["one"], r["sequence4"]
     assert one["devices"] == 1 and split["devices"] == 4

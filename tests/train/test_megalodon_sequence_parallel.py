@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli_testing import FAST_COMPILE_ENV, MEGALODON_TINY_MODEL
-from .conftest import ROOT, assert_close_states, cli_env, saved_state
+from ..cli_testing import MEGALODON_TINY_MODEL, compiled_train_step, run_on_devices
+from .conftest import assert_close_states, saved_state
 
 MODEL = MEGALODON_TINY_MODEL | {"cema_segment": 8}  # two CEMA segments per chunk
 MESHES = {
@@ -67,19 +66,6 @@ def _trainer(run_dir: str, mesh: list[str]):
     return Trainer(build_config({"model": MODEL, "run_dir": run_dir}, overrides))
 
 
-def _compiled_train_step(trainer):
-    """The trainer's train step, lowered and compiled for its state and batch shardings."""
-    import jax
-
-    local = next(trainer.train_data.batches(BATCH, seed=0))
-    batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
-        for k, v in local.items()
-    }
-    with trainer.context():
-        return trainer.jit_train_step().lower(trainer.abstract_state(), batch).compile()
-
-
 def _all_gathers(compiled) -> list[list[int]]:
     """Result shapes of every all-gather in a compiled step."""
     shapes = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", compiled.as_text())
@@ -90,7 +76,7 @@ def main(out: str, root: str) -> None:
     results = {}
     for name, mesh in MESHES.items():
         trainer = _trainer(f"{root}/{name}", mesh)
-        step = _compiled_train_step(trainer)
+        step = compiled_train_step(trainer, BATCH)
         # The run trains with this very executable: `jit(...).lower().compile()` does not fill
         # the jitted function's own cache, so a fresh jit would compile the step again.
         trainer.jit_train_step = lambda step=step: step
@@ -112,22 +98,9 @@ def test_sequence_parallel_training_equals_the_whole_sequence(tmp_path):
     parallelism silently not happening (the compiler all-gathers whole-sequence activations:
     an all-gather of another shape), and FFTs left to XLA's partitioner (it all-gathers the
     batch)."""
-    env = cli_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # see the module docstring
-    env.update(FAST_COMPILE_ENV)  # likewise
     out = tmp_path / "results.json"
     module = "tests.train.test_megalodon_sequence_parallel"
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(out), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    frames = [x for x in proc.stderr.splitlines() if not x.startswith("    @")]
-    assert proc.returncode == 0, "\n".join(frames)[-4000:]
+    run_on_devices(module, str(out), str(tmp_path), devices=4, timeout=900)
     r = json.loads(out.read_text())
     assert len(r["whole"]["loss"]) == STEPS
     # Data parallelism moves no activations (XLA alone would all-gather the batch for the FFTs).
