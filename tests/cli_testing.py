@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,17 @@ def compiled_train_step(trainer, batch_size: int):
     }
     with trainer.context():
         return trainer.jit_train_step().lower(trainer.abstract_state(), batch).compile()
+
+
+def compiled_collectives(text: str) -> dict[str, list[list[int]]]:
+    """Result shapes of the all-gathers, all-to-alls and collective-permutes in a compiled
+    program's text (async ones counted once, at their start)."""
+    out = {}
+    for op in ("all-gather", "all-to-all", "collective-permute"):
+        found = re.findall(rf"= \w+\[([\d,]*)\]\{{[^}}]*\}} {op}(?:-start)?\(", text)
+        found += re.findall(rf"= \(\w+\[([\d,]*)\][^=]*\) {op}-start\(", text)
+        out[op] = [[int(d) for d in s.split(",") if d] for s in found]
+    return out
 
 
 def cli_env() -> dict[str, str]:

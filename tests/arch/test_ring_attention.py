@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
-from tests.cli_testing import run_on_devices
+from tests.cli_testing import compiled_collectives, run_on_devices
 
 B, T, H, K, D = 2, 32, 4, 2, 8  # P=4: chunks of C=4 tokens; P=2: of 8
 # Row 0: three documents whose boundaries cut chunks and devices; row 1: one document.
@@ -35,17 +34,6 @@ CASES = {  # name: (mesh sizes (data, fsdp, tensor, sequence), causal)
 # Measured (CPU, 2026-12-01, this code), largest |difference| over the cases: output 4.2e-7,
 # dq 8.9e-7, dk 9.5e-7, dv 2.1e-6; the tolerance is about 5x the worst.
 ATOL = 1e-5
-
-
-def _collectives(text: str) -> dict[str, list[list[int]]]:
-    """Result shapes of the all-gathers, all-to-alls and collective-permutes of a compiled
-    program (async permutes counted once, at their start)."""
-    out = {}
-    for op in ("all-gather", "all-to-all", "collective-permute"):
-        found = re.findall(rf"= \w+\[([\d,]*)\]\{{[^}}]*\}} {op}(?:-start)?\(", text)
-        found += re.findall(rf"= \(\w+\[([\d,]*)\][^=]*\) {op}-start\(", text)
-        out[op] = [[int(d) for d in s.split(",") if d] for s in found]
-    return out
 
 
 def _case(mesh_shape, causal, q, k, v, seg, ct) -> dict:
@@ -75,7 +63,7 @@ def _case(mesh_shape, causal, q, k, v, seg, ct) -> dict:
     got = compiled(*args)
     pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
     diffs = [float(np.max(np.abs(g - w))) for g, w in pairs]
-    return {"max_abs_diff": diffs, "collectives": _collectives(compiled.as_text())}
+    return {"max_abs_diff": diffs, "collectives": compiled_collectives(compiled.as_text())}
 
 
 def _traced_on_an_abstract_mesh(length: int) -> dict:

@@ -14,13 +14,12 @@ step is compiled once, ahead of time, its collectives read, and the run trains w
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli_testing import compiled_train_step, run_on_devices
+from ..cli_testing import compiled_collectives, compiled_train_step, run_on_devices
 from .conftest import TINY, assert_close_states, saved_state
 
 BATCH, SEQ, STEPS = 4, 32, 4  # 8 tokens per device at sequence=4: zigzag chunks of 4
@@ -77,16 +76,6 @@ def _on_one_device(make):
         mesh_lib.make_mesh = every_device
 
 
-def _collectives(text: str) -> dict[str, list[list[int]]]:
-    """Result shapes of the all-gathers, all-to-alls and collective-permutes of a compiled step."""
-    out = {}
-    for op in ("all-gather", "all-to-all", "collective-permute"):
-        found = re.findall(rf"= \w+\[([\d,]*)\]\{{[^}}]*\}} {op}(?:-start)?\(", text)
-        found += re.findall(rf"= \(\w+\[([\d,]*)\][^=]*\) {op}-start\(", text)
-        out[op] = [[int(d) for d in s.split(",") if d] for s in found]
-    return out
-
-
 def main(out: str, root: str) -> None:
     _write_documents(Path(root) / "documents.jsonl")
     results = {}
@@ -107,7 +96,7 @@ def main(out: str, root: str) -> None:
             "documents_per_row": [len(set(row)) for row in first["segment_ids"].tolist()],
             "loss": [r["loss"] for r in train],
             "grad_norm": [r["grad_norm"] for r in train],
-            "collectives": _collectives(step.as_text()),
+            "collectives": compiled_collectives(step.as_text()),
         }
     Path(out).write_text(json.dumps(results))
 
