@@ -41,6 +41,21 @@ MEGALODON_TINY_MODEL = {
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
+def bare_steps(batch: int, seq_len: int, steps: int) -> list[str]:
+    """Overrides for a run of `steps` train steps and nothing else (no eval, sample, checkpoint),
+    logging every step."""
+    return [
+        f"train.batch_size={batch}",
+        f"train.seq_len={seq_len}",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.eval_batches=0",
+        "train.sample_tokens=0",
+        "log.every=1",
+        "checkpoint.every=0",
+    ]
+
+
 def run_on_devices(module: str, *args: str, devices: int, timeout: float = 600) -> None:
     """`python -m module args` with `devices` simulated CPU devices, compiled afresh (no
     persistent compilation cache: XLA:CPU executables with collectives deadlock when loaded

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_testing import compiled_collectives, compiled_train_step, run_on_devices
+from ..cli_testing import (
+    bare_steps,
+    compiled_collectives,
+    compiled_train_step,
+    run_on_devices,
+)
 from .conftest import TINY, assert_close_states, saved_state
 
 BATCH, SEQ, STEPS = 4, 32, 4  # 8 tokens per device at sequence=4: zigzag chunks of 4
@@ -50,14 +55,7 @@ def _trainer(root: str, name: str, mesh: list[str]):
         f"run_dir={root}/{name}",
         f"data.source={root}/documents.jsonl",
         f"data.cache_dir={root}/cache",
-        f"train.batch_size={BATCH}",
-        f"train.seq_len={SEQ}",
-        f"train.steps={STEPS}",
-        "train.eval_every=0",
-        "train.eval_batches=0",
-        "train.sample_tokens=0",
-        "log.every=1",
-        "checkpoint.every=0",
+        *bare_steps(BATCH, SEQ, STEPS),
         *mesh,
     ]
     return Trainer(load_config(TINY, overrides))

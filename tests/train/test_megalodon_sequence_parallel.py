@@ -27,7 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_testing import MEGALODON_TINY_MODEL, compiled_train_step, run_on_devices
+from ..cli_testing import (
+    MEGALODON_TINY_MODEL,
+    bare_steps,
+    compiled_train_step,
+    run_on_devices,
+)
 from .conftest import assert_close_states, saved_state
 
 MODEL = MEGALODON_TINY_MODEL | {"cema_segment": 8}  # two CEMA segments per chunk
@@ -53,14 +58,7 @@ def _trainer(run_dir: str, mesh: list[str]):
     from menagerie.train.trainer import Trainer
 
     overrides = [
-        f"train.batch_size={BATCH}",
-        f"train.seq_len={SEQ}",
-        f"train.steps={STEPS}",
-        "train.eval_every=0",
-        "train.eval_batches=0",
-        "train.sample_tokens=0",
-        "log.every=1",
-        "checkpoint.every=0",
+        *bare_steps(BATCH, SEQ, STEPS),
         *mesh,
     ]
     return Trainer(build_config({"model": MODEL, "run_dir": run_dir}, overrides))
