@@ -11,7 +11,7 @@ of each document, because the kernels' masks are static; with one document per r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from .axes import Axis, declare
 from .config import ModelConfig, check_positive
 from .layers import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, SEQ, constrain, dtype_of, linear
 from .parts import Aux, Ctx, MixerConfig
+from .ring_attention import CHUNKS_PER_DEVICE
 
 declare(
     Axis("heads", "feature", "tensor", lowrank=True, doc="query heads"),
@@ -39,6 +40,7 @@ class AttentionConfig(MixerConfig):
 
     kind: Literal["attention"] = "attention"
     """Selects this mixer."""
+    sequence_chunks: ClassVar[int] = CHUNKS_PER_DEVICE  # ring attention's zigzag layout
     n_heads: int = 4
     """Number of query heads."""
     n_kv_heads: int | None = None

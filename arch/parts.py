@@ -126,6 +126,9 @@ class MixerConfig(PartConfig):
     """Slot of the sequence mixer (attention, MEGA, contextual memory, ...)."""
 
     choices: ClassVar[dict[str, type[Choice]]] = {}
+    sequence_chunks: ClassVar[int] = 1
+    """Equal chunks of every sequence that each device of the mesh axis `sequence` holds when
+    this mixer splits the sequence (train.seq_len must be a multiple of chunks x devices)."""
 
 
 class FFNConfig(PartConfig):

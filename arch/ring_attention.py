@@ -66,6 +66,7 @@ from jax.sharding import PartitionSpec
 from . import axes
 
 AXIS = "sequence"  # the mesh axis whose devices form the ring (train.mesh.MESH_AXES)
+CHUNKS_PER_DEVICE = 2  # the zigzag layout: device i holds chunks i and 2P-1-i
 _MASKED = float(np.finfo(np.float32).min)
 
 
@@ -79,7 +80,7 @@ def ring_devices(length: int) -> int:
     if mesh is None or mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes:
         return 1
     p = mesh.shape[AXIS]
-    if p > 1 and length % (2 * p):
+    if p > 1 and length % (CHUNKS_PER_DEVICE * p):
         if (length, p) not in _warned:
             _warned.add((length, p))
             warnings.warn(
@@ -116,7 +117,7 @@ def ring_attention(
     p = mesh.shape[AXIS]
     b, t, h, d = q_BTHD.shape
     kv = k_BTKD.shape[2]
-    if t % (2 * p):
+    if t % (CHUNKS_PER_DEVICE * p):
         raise ValueError(
             f"ring attention cuts the sequence into 2 x mesh.sequence = {2 * p} chunks, which "
             f"do not divide its {t} tokens; use a sequence length that is a multiple of {2 * p}"

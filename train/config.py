@@ -505,16 +505,17 @@ def check_mesh_fits(cfg: RunConfig, data_parallel: int, sequence: int | None = N
 
 def _check_sequence_fits(cfg: RunConfig, sequence: int) -> None:
     """ValueError unless the sequence mesh axis (`sequence` devices) divides train.seq_len:
-    each device holds an equal block of every sequence. The attention mixer's ring attention
-    (`arch/ring_attention.py`) needs 2 x `sequence` equal chunks (its zigzag load balancing)."""
+    each device holds an equal block of every sequence, cut into the mixer's `sequence_chunks`
+    (2 for the attention mixer's ring attention: its zigzag load balancing)."""
     seq_len = cfg.train.seq_len
-    ring = sequence > 1 and getattr(getattr(cfg.model, "mixer", None), "kind", "") == "attention"
-    chunks = 2 * sequence if ring else sequence
+    per_device = getattr(getattr(cfg.model, "mixer", None), "sequence_chunks", 1)
+    ring = sequence > 1 and per_device > 1
+    chunks = per_device * sequence if ring else sequence
     if seq_len % chunks:
         dcn = f" x mesh.dcn_sequence={cfg.mesh.dcn_sequence}" if cfg.mesh.dcn_sequence > 1 else ""
         up = -(-seq_len // chunks) * chunks
-        need = f"2 x {sequence} zigzag chunks of ring attention" if ring else "it"
-        fits = seq_len // 2 if ring else seq_len
+        need = f"{per_device} x {sequence} zigzag chunks of ring attention" if ring else "it"
+        fits = seq_len // per_device if ring else seq_len
         raise ValueError(
             f"the sequence mesh axis (mesh.sequence={cfg.mesh.sequence}{dcn}: {sequence} devices)"
             f" does not divide train.seq_len={seq_len} into {need}; use a multiple of {chunks} "
