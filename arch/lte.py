@@ -17,7 +17,8 @@ step on (`update_rules`), so Adam's momentum and weight decay cannot move them e
 
 Outside training (`ctx.step` None: generation, export) a model with `hard_from_step` routes hard,
 and then runs `kernels.sparse_ffn`, which computes only the active experts' blocks; with the step
-given (training, eval) the FFN is the masked dense computation, the same function.
+given (training, eval) the FFN is the masked dense computation, the same function. The kernel
+reads the input matrices neuron-major; generation stores that copy once (`prepare_inference`).
 
 Two baselines route over the same experts, so sparsity and quality compare on equal terms:
 - `routing: topk`, MoE: each token takes its `top_k` highest scores, weighted by G (sigmoid
@@ -188,6 +189,11 @@ class LTEConfig(FFNConfig):
         return {"lte_expert": rule, "lte_rank": rule}
 
 
+class InferenceCopy(nnx.Variable):
+    """Weights derived from parameters in the layout an inference kernel reads: not a
+    `nnx.Param`, so nothing trains or saves it; made by `LTE.prepare_inference`."""
+
+
 class LTE(nnx.Module):
     """The inner FFN with a router over its experts (see the module docstring)."""
 
@@ -209,6 +215,14 @@ class LTE(nnx.Module):
         self.router_bias = param(rngs, (e,), ("lte_expert",), std=None, dtype=dtype, init=bias_init)
         self.n_layers = model.n_layers
         self.inner_flops = cfg.inner.flops_per_token(model, 1)
+        self.inference_w_in = nnx.data(None)  # `prepare_inference` sets it
+
+    def prepare_inference(self) -> None:
+        """Stores the inner FFN's input matrices neuron-major (`InferenceCopy`), as
+        `kernels.sparse_ffn` reads them, so the sparse path does not transpose them on every
+        call (generation calls this once, on its own copy of the model). The copy goes stale
+        if the parameters change afterwards: call it again then."""
+        self.inference_w_in = InferenceCopy(self.inner.expert_weights()[0])
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """x W_g + b (dejavu: x W1 W2 + b): [B,T,E] float32."""
@@ -268,10 +282,12 @@ class LTE(nnx.Module):
         from menagerie.kernels.sparse_ffn import sparse_ffn
 
         b, t, d = x_BTD.shape
-        w_in_KDF, w_out_FD = self.inner.expert_weights()
+        w_in_KFD, w_out_FD = self.inner.expert_weights()
+        if self.inference_w_in is not None:  # the transposition above is then dead code
+            w_in_KFD = self.inference_w_in[...]
         y_ND = sparse_ffn(
             x_BTD.reshape(b * t, d),
-            w_in_KDF,
+            w_in_KFD,
             w_out_FD,
             active_BTE.reshape(b * t, -1) > 0,
             expert_size=self.cfg.expert_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .axes import Axis, declare
@@ -64,8 +65,10 @@ class MLP(nnx.Module):
         return constrain(self.down(h_BTF), (BATCH, SEQ, ACT_EMBED))
 
     def expert_weights(self) -> tuple[jax.Array, jax.Array]:
-        """(w_in [1,D,F] = up; w_out [F,D]) as `kernels.sparse_ffn` takes them."""
-        return self.up.kernel[...][None], self.down.kernel[...]
+        """(w_in [1,F,D] = up, neuron-major; w_out [F,D]) as `kernels.sparse_ffn` takes them
+        (a transposed copy of the kernel; a leading layer axis when stacked)."""
+        w_in_KFD = jnp.swapaxes(self.up.kernel[...], -1, -2)
+        return jnp.expand_dims(w_in_KFD, -3), self.down.kernel[...]
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         del ctx

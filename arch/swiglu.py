@@ -71,9 +71,10 @@ class SwiGLU(nnx.Module):
         return constrain(self.down(h_BTF), (BATCH, SEQ, ACT_EMBED))
 
     def expert_weights(self) -> tuple[jax.Array, jax.Array]:
-        """(w_in [2,D,F] = gate, up; w_out [F,D]) as `kernels.sparse_ffn` takes them."""
-        w_in_KDF = jnp.stack([self.gate.kernel[...], self.up.kernel[...]])
-        return w_in_KDF, self.down.kernel[...]
+        """(w_in [2,F,D] = gate, up, neuron-major; w_out [F,D]) as `kernels.sparse_ffn` takes
+        them (a transposed copy of the kernels; a leading layer axis when stacked)."""
+        w_in_KDF = jnp.stack([self.gate.kernel[...], self.up.kernel[...]], axis=-3)
+        return jnp.swapaxes(w_in_KDF, -1, -2), self.down.kernel[...]
 
     def __call__(self, x_BTD: jax.Array, ctx: Ctx) -> tuple[jax.Array, Aux]:
         del ctx

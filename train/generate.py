@@ -79,6 +79,7 @@ def stream(
         raise ValueError("the sample prompt encodes to no tokens: set train.sample_prompt")
     sampling, keys = Sampling(temperature, top_k, top_p), _keys(seed)
     model = nnx.merge(graphdef, params)
+    graphdef, params = prepared(model)
     if getattr(model, "decodes", False):
         window = window if model.state_grows else None
         tokens = _decoded(graphdef, params, prompt_ids, sampling, keys, max_new_tokens, window)
@@ -120,6 +121,16 @@ class Sampling:
         keep &= jnp.cumsum(probs) - probs < self.top_p  # the first token always stays
         pick = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf))
         return order[pick].astype(jnp.int32)
+
+
+def prepared(model: nnx.Module) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, state) of `model` after each of its modules' `prepare_inference()`: the
+    derived weight layouts its inference kernels read (LTE's neuron-major FFN matrices), made
+    once per generation instead of once per token. Changes `model` in place: pass a copy."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "prepare_inference"):
+            module.prepare_inference()
+    return nnx.split(model)
 
 
 def _keys(seed: int) -> Iterator[jax.Array]:

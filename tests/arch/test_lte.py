@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 from menagerie.arch import Ctx, TransformerConfig, build
+from menagerie.arch.lte import InferenceCopy
 from menagerie.arch.parts import UpdateRule, reduce_aux
 from menagerie.train.step import apply_update_rules
 
@@ -319,3 +320,33 @@ def test_counts_are_exact_for_every_routing(ffn):
     assert cfg.ffn.num_params(cfg) == sum(x.size for x in leaves)
     router = cfg.ffn.num_params(cfg) - cfg.ffn.inner.num_params(cfg) - F // S
     assert cfg.ffn.flops_per_token(cfg, 8) == cfg.ffn.inner.flops_per_token(cfg, 8) + 6 * router
+
+
+def test_generation_reads_the_prepared_neuron_major_copy_layer_by_layer():
+    """`train.generate.prepared` on a scanned 2-layer model: each LTE layer holds its own
+    neuron-major copy [L, K, F, D] of gate/up, and the sparse path through it gives the masked
+    path's logits. Catches the copy stacked with the layer axis second (with L = K = 2 the scan
+    silently hands layer 1 both layers' gate matrices), the copy made but never read (every
+    token transposing the matrices again), and a copy of the wrong orientation."""
+    from menagerie.train.generate import prepared
+
+    cfg = _model_cfg(hard_from_step=3, impl="gather").model_copy(update={"scan_layers": True})
+    model = build(cfg, rngs=nnx.Rngs(0))
+    for _, m in nnx.iter_modules(model):  # scores spread around tau
+        if hasattr(m, "router_bias"):
+            m.router_bias[...] = jax.random.normal(jax.random.key(5), m.router_bias.shape)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 7)), jnp.int32)
+    masked = model(tokens, Ctx.make(tokens, step=jnp.int32(3))).logits
+    graphdef, state = prepared(nnx.clone(model))
+    copies = nnx.state(nnx.merge(graphdef, state), InferenceCopy)
+    (copy,) = jax.tree.leaves(copies)
+    assert copy.shape == (2, 2, F, D)
+    logits = quick_jit(lambda s: nnx.merge(graphdef, s)(tokens).logits)
+    np.testing.assert_allclose(logits(state), masked, rtol=2e-5, atol=2e-5)
+    doubled = jax.tree.map(lambda a: a, state)
+    for path, value in nnx.to_flat_state(copies):
+        target = doubled
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = target[path[-1]].replace(value[...] * 2)
+    assert np.abs(np.asarray(logits(doubled)) - np.asarray(masked)).max() > 1e-3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kernel_testing import jit, normal
 from menagerie.kernels import KernelUnsupportedError, sparse_ffn, sparse_ffn_reference
-from menagerie.kernels.sparse_ffn import block_rows
+from menagerie.kernels.sparse_ffn import UNION_CHUNK, UNION_TOKENS, block_rows
 
 S, E, D = 8, 6, 32  # expert size, experts, width: F = 48
 K = {"swiglu": 2, "gelu": 1}
@@ -19,7 +19,7 @@ DENSITIES = [0.0, 0.3, 0.7, 1.0]
 
 def weights(seed, activation, d=D, f=S * E):
     rng = np.random.default_rng(seed)
-    w_in = normal(rng, (K[activation], d, f)) * d**-0.5
+    w_in = normal(rng, (K[activation], f, d)) * d**-0.5  # neuron-major, as the op takes it
     return w_in, normal(rng, (f, d)) * f**-0.5
 
 
@@ -50,7 +50,7 @@ def naive_ffn(x, w_in, w_out, active, activation):
     y = np.zeros_like(x)
     for n, e in zip(*np.nonzero(active), strict=True):
         cols = slice(e * S, (e + 1) * S)
-        pre = [x[n] @ w[:, cols] for w in w_in]
+        pre = [w[cols] @ x[n] for w in w_in]
         if activation == "swiglu":
             h = pre[0] / (1 + np.exp(-pre[0])) * pre[1]
         else:
@@ -73,11 +73,17 @@ def test_reference_matches_per_token_loop(activation):
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("density", DENSITIES)
-def test_gather_matches_reference_forward_and_gradients(activation, density):
-    """Forward and d/dx, d/dw_in, d/dw_out. Catches the padding rows of a block left unmasked
-    (experts whose token count is not a multiple of the block rows count some tokens twice),
-    and a backward that adds a block's weight gradient to the wrong expert's slice."""
-    n = 11  # 16 rows per block: every expert's block has padding rows
+@pytest.mark.parametrize("n", [5, 40])
+def test_gather_matches_reference_forward_and_gradients(activation, density, n):
+    """Forward and d/dx, d/dw_in, d/dw_out; 5 tokens run the decode path (the union of their
+    experts, UNION_CHUNK = 4 per iteration: with all 6 experts the second iteration's last two
+    slots are padding), 40 tokens the prefill path (64 rows per block: every expert's block has
+    padding rows). Catches the union's padding slots left unmasked (expert 0 counted twice), a
+    token run through an expert of the union it did not select, the padding rows of a block
+    left unmasked (experts whose token count is not a multiple of the block rows count some
+    tokens twice), and a backward that adds a block's weight gradient to the wrong expert's
+    slice."""
+    assert (n <= UNION_TOKENS) == (n == 5) and UNION_CHUNK == 4 and E % UNION_CHUNK
     x = normal(np.random.default_rng(4), (n, D))
     w_in, w_out = weights(5, activation)
     active = random_active(6, n, density)
@@ -157,7 +163,8 @@ def test_max_active_stays_exact(max_active, impl):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(w_in=(2, D, 50), w_out=(50, D)), "F=50 is not a multiple of expert_size=8"),
+        (dict(w_in=(2, 50, D), w_out=(50, D)), "F=50 is not a multiple of expert_size=8"),
+        (dict(w_in=(2, D, S * E)), r"w_in \(2, 32, 48\) \(neuron-major \[K, F, D\]\)"),
         (dict(activation="gelu"), "activation='gelu' takes K=1 input matrices; w_in has K=2"),
         (dict(activation="relu"), "activation='relu' is not one of"),
         (dict(impl="triton"), "impl='triton' is not one of"),
@@ -171,7 +178,7 @@ def test_bad_arguments_raise_one_clear_value_error(change, message):
     instead of one ValueError naming the argument."""
     if change.get("impl") == "pallas" and jax.default_backend() != "cpu":
         pytest.skip("impl='pallas' is valid on GPU / TPU")
-    shapes = dict(w_in=(2, D, S * E), w_out=(S * E, D), active=(4, E))
+    shapes = dict(w_in=(2, S * E, D), w_out=(S * E, D), active=(4, E))
     kw = dict(expert_size=S) | {k: v for k, v in change.items() if k not in shapes}
     shapes |= {k: v for k, v in change.items() if k in shapes}
     args = [jnp.zeros((4, D)), jnp.zeros(shapes["w_in"]), jnp.zeros(shapes["w_out"])]
