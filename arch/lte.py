@@ -34,7 +34,9 @@ Two baselines route over the same experts, so sparsity and quality compare on eq
   model; here the model keeps training, as LTE's does in its stage 2.
 
 Metrics per layer: `density` (fraction of experts active, i.e. G > tau, also during stage 1,
-logged per layer and averaged), `efficiency_loss`, `separability_loss`, and `flops_saved` (the
+logged per layer and averaged), `routing_spread` (`routing_spread`: 0 when the routing is a
+static pruning, each expert on for every token of the batch or for none; logged per layer and
+averaged), `efficiency_loss`, `separability_loss`, and `flops_saved` (the
 training FLOPs per token the dense count includes but the active experts do not need; the
 trainer logs the model's active FLOPs per token beside the dense `flops_per_token`).
 
@@ -301,6 +303,7 @@ class LTE(nnx.Module):
         cfg = self.cfg
         density = jnp.mean(active_BTE)
         aux = {"density": density, "flops_saved": (1.0 - density) * self.inner_flops}
+        aux["routing_spread"] = routing_spread(active_BTE)
         if cfg.routing != "threshold" or cfg.all_experts:
             return aux
         eff = jnp.mean(jnp.square(g_BTE))
@@ -332,6 +335,14 @@ class LTE(nnx.Module):
             "predictor_loss": bce,
             "predictor_recall": jnp.sum(active_BTE * labels_BTE) / jnp.sum(labels_BTE),
         }
+
+
+def routing_spread(active_BTE: jax.Array) -> jax.Array:
+    """mean over experts of 4 p (1 - p), p = the fraction of the batch's tokens that use the
+    expert: 0 when each expert is on for every token or for none (a static pruning, whatever
+    the density), 1 when each is on for half of them."""
+    p_E = jnp.mean(active_BTE.reshape(-1, active_BTE.shape[-1]), axis=0)
+    return jnp.mean(4.0 * p_E * (1.0 - p_E))
 
 
 def topk_mask(scores_BTE: jax.Array, k: int) -> jax.Array:

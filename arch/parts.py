@@ -144,7 +144,7 @@ class HeadConfig(PartConfig):
 
 
 SUMMED = ("aux_loss", "flops_saved")  # aux leaves summed over layers (others: averaged)
-PER_LAYER = ("density",)  # aux leaves also logged per layer, as "<name>/layer<i>"
+PER_LAYER = ("density", "routing_spread")  # aux leaves also logged per layer, as "<name>/layer<i>"
 
 
 def reduce_aux(aux: Aux, stacked: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:

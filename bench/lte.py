@@ -12,7 +12,8 @@ Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 3
 - dejavu-converted: the Deja Vu predictor (k = E/2) on the dense run at N/2, trained for N/4
   steps beside the model, then routing by it for N/4.
 Prints a table (final eval bits/byte, its difference from dense, the reached density overall
-and per layer) and writes bench/results/lte_quality.json. Target: stage-2 LTE at about 50% FFN
+and per layer, and the routing spread: 0 when each expert is on for every token or for none, a
+static pruning) and writes bench/results/lte_quality.json. Target: stage-2 LTE at about 50% FFN
 sparsity within +0.05 bits/byte of dense, from scratch and converted. LTE's sparsity is not
 set directly: `--eta` moves it (the table reports what each run reached).
 """
@@ -85,6 +86,7 @@ def _result(run_dir: Path) -> dict[str, Any]:
         "bits_per_byte": ev["bits_per_byte"],
         "density": train.get("model/ffn/density", 1.0),
         "density_per_layer": [round(train[k], 3) for k in layers],
+        "routing_spread": train.get("model/ffn/routing_spread"),
         "active_flops_per_token": train.get("active_flops_per_token"),
     }
 
@@ -108,11 +110,16 @@ def quality(args) -> dict[str, Any]:
     return {"bench": "lte_quality", "steps": n, "eta": args.eta, "lr": args.lr, "rows": rows}
 
 
+def _spread(row: dict[str, Any]) -> str:
+    spread = row.get("routing_spread")
+    return "" if spread is None else f"{spread:.3f}"
+
+
 def table(result: dict[str, Any]) -> str:
     rows, dense = result["rows"], result["rows"]["dense"]["bits_per_byte"]
     lines = [
-        "| run | eval bits/byte | vs dense | FFN density | per layer | target |",
-        "|---|---|---|---|---|---|",
+        "| run | eval bits/byte | vs dense | FFN density | per layer | spread | target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         delta = r["bits_per_byte"] - dense
@@ -122,7 +129,7 @@ def table(result: dict[str, Any]) -> str:
             target = "met" if met else "missed"
         lines.append(
             f"| {name} | {r['bits_per_byte']:.4f} | {delta:+.4f} | {r['density']:.3f} | "
-            f"{r['density_per_layer']} | {target} |"
+            f"{r['density_per_layer']} | {_spread(r)} | {target} |"
         )
     return "\n".join(lines)
 

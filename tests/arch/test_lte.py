@@ -350,3 +350,27 @@ def test_generation_reads_the_prepared_neuron_major_copy_layer_by_layer():
             target = target[key]
         target[path[-1]] = target[path[-1]].replace(value[...] * 2)
     assert np.abs(np.asarray(logits(doubled)) - np.asarray(masked)).max() > 1e-3
+
+
+def test_routing_spread_is_zero_for_a_static_pruning_and_per_expert_otherwise():
+    """Half the experts forced on and half off for every token (density 0.5) give spread 0;
+    random scores give the per-expert mean of 4 p (1 - p) computed here. Catches the spread
+    taken over all (token, expert) pairs (1.0 for that static pruning, the case the metric
+    exists to show) or over tokens per expert without the 4 p (1 - p) form."""
+    model = build(_model_cfg(hard_from_step=1), rngs=nnx.Rngs(0))
+    bias = model.blocks.ffn.router_bias
+    tok = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+    graphdef, _ = nnx.split(model)
+    run = quick_jit(lambda st: nnx.merge(graphdef, st)(tok, Ctx.make(tok, step=jnp.int32(0))))
+    bias[...] = jnp.tile(jnp.asarray([100.0, -100.0]), (2, F // S // 2))
+    m = run(nnx.state(model)).metrics
+    assert float(m["ffn/density"]) == 0.5
+    assert float(m["ffn/routing_spread"]) == 0.0
+    lte = _lte(seed=3)
+    x = _x(t=40)
+    active = np.asarray(lte.scores(x)) > 0.5
+    p = active.reshape(-1, active.shape[-1]).mean(0)
+    assert 0 < p.min() or p.max() < 1
+    _, aux = lte(x, _ctx(x, step=0))
+    np.testing.assert_allclose(float(aux["routing_spread"]), np.mean(4 * p * (1 - p)), rtol=1e-6)
+    assert 0.1 < float(aux["routing_spread"]) < 1.0
