@@ -34,9 +34,9 @@ Two baselines route over the same experts, so sparsity and quality compare on eq
   model; here the model keeps training, as LTE's does in its stage 2.
 
 Metrics per layer: `density` (fraction of experts active, i.e. G > tau, also during stage 1,
-logged per layer and averaged), `routing_spread` (`routing_spread`: 0 when the routing is a
-static pruning, each expert on for every token of the batch or for none; logged per layer and
-averaged), `efficiency_loss`, `separability_loss`, and `flops_saved` (the
+logged per layer and averaged), `routing_spread` (0 when the routing is a static pruning, each
+expert on for every token of the batch or for none; logged per layer and averaged),
+`efficiency_loss`, `separability_loss`, and `flops_saved` (the
 training FLOPs per token the dense count includes but the active experts do not need; the
 trainer logs the model's active FLOPs per token beside the dense `flops_per_token`).
 
