@@ -50,8 +50,11 @@ Choices the paper and its README leave open (the code is unreleased), said here:
 - From scratch, lambda ramps up over stage 1 (`separability_ramp`). L_sep is a barrier no
   score crosses once it is on: at full weight from step 0 it fixes each expert on or off by
   its initial score (measured: a static pruning of ~55% of the experts, and with global-norm
-  clipping its early gradients starved the task loss). The ramp lets the routers first learn
-  which experts each token needs, then pushes the scores away from tau before the threshold.
+  clipping its early gradients starved the task loss). The ramp stops the starving but not the
+  pruning: on the stdlib bench (README) every from-scratch run with L_sep ended with each
+  expert of layers 1-3 on for every token or for none (`routing_spread` 0), the same experts
+  whatever eta, the routers' learning rate or bias; without L_sep the routing stayed per
+  token. A converted dense run routes per token. Watch `routing_spread`.
 - All tokens count in the losses and metrics (padding too).
 """
 
