@@ -24,10 +24,10 @@ x's dtype:
   work of a token's own experts when N = 1; fewer, wider iterations than one per expert).
   With more tokens (prefill) the (token, expert) pairs are grouped by expert (LTE's
   per-token weight gather would read the weights once per token in prefill): each expert's
-  active tokens, in token order, are cut into blocks of R rows (R = `block_rows(N)`: 1 in
-  decode, 256 in prefill); a block's last rows are padding, masked. A `fori_loop` whose trip
-  count is the number of non-empty blocks (data dependent) gathers a block's x rows, slices the
-  expert's S columns of w_in and S rows of w_out, and scatter-adds the block's output. The
+  active tokens, in token order, are cut into blocks of R rows (R = `block_rows(N)`, 256 in
+  prefill); a block's last rows are padding, masked. A `fori_loop` whose trip count is the
+  number of non-empty blocks (data dependent) gathers a block's x rows, slices the expert's S
+  rows of every matrix, and scatter-adds the block's output. The
   index arrays are sized for the worst case (every expert active), so the path is exact for
   every mask and needs no bound on active experts: `max_active` does not apply to it.
   `jax.lax.ragged_dot` would be the natural grouped matmul, but on XLA:CPU it runs every group
@@ -35,8 +35,8 @@ x's dtype:
   forward): a loop over the expert-grouped blocks takes the VJP of one block's math and
   scatter-adds it.
 - "pallas" / "interpret": two Pallas kernels, the structure of Deja Vu's `gather_gemv` and
-  `gather_transposed_gemv` and of LTE's kernel (load only the selected columns of w_in and rows
-  of w_out). Tokens go in groups of G = 16 (the smallest Triton dot); a group shares the union
+  `gather_transposed_gemv` and of LTE's kernel (load only the selected experts' rows of every
+  matrix). Tokens go in groups of G = 16 (the smallest Triton dot); a group shares the union
   of its tokens' experts, listed in an index table that each program reads from memory (as
   `sparse_attention` reads its block tables). Kernel 1, grid (group, slot): h of the slot's
   expert for the group's tokens, zeroed for tokens that did not select it. Kernel 2, grid
