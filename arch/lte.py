@@ -226,8 +226,10 @@ class LTE(nnx.Module):
         """Stores the inner FFN's input matrices neuron-major (`InferenceCopy`), as
         `kernels.sparse_ffn` reads them, so the sparse path does not transpose them on every
         call (generation calls this once, on its own copy of the model). The copy goes stale
-        if the parameters change afterwards: call it again then."""
-        self.inference_w_in = InferenceCopy(self.inner.expert_weights()[0])
+        if the parameters change afterwards: call it again then. Nothing to do when generation
+        runs the masked path (no hard routing, or every expert on)."""
+        if self._hard(None) is True and not self.cfg.all_experts:
+            self.inference_w_in = InferenceCopy(self.inner.expert_weights()[0])
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """x W_g + b (dejavu: x W1 W2 + b): [B,T,E] float32."""
