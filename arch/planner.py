@@ -51,27 +51,6 @@ Choices and deviations, said here:
   uses; pairs whose block j+1 leaves a_j's document do not count.
 - Lookahead logits cost one more [B,T,V] unembedding (N blocks x P offsets = T rows).
 
-Refinement (`refine_steps` K > 0; our addition, in the spirit of looped transformers with deep
-supervision, TRM, and of MLM-U / diffusion decoding, which solve path-star where teacher forcing
-does not). The decoder's output y^0 [B,N,P,D] (above, before its final norm) is refined K times
-by one shared pre-norm block:
-
-    e^k_i = sg(softmax(logits^{k-1}_i)) E,   g^k_i = e^k_i + W_p e^k_{i-1} + W_n e^k_{i+1}
-    y^k = Refine(y^{k-1} + g^k),   logits^k = U RMSNorm(y^k)
-    Refine: slot (j,i) attends to the P slots of plan j and to RMSNorm(h_t) for t <= a_j in
-            a_j's document (what z_j reads), then a SwiGLU; E the embedding table
-
-(e_{-1} = e_P = 0), so each step reads its own and its neighbours' current guesses (no gradient
-through them) and can look the context up with them: a chain of lookups (each token a function
-of the one before or after it) takes one step per hop. Without the neighbours' maps a guess
-would need a step of slot attention to move before it could be looked up, and in a first try on
-path-star (4 steps) the refiner learned no lookup at all. lookahead_loss is the mean of the
-K + 1 steps' losses (deep supervision); `refined_loss` and the accuracies are the last step's.
-No token of block j+1 is an input of any step. With `condition_lm`, the LM at t also gets
-W_r y^K at the slot of its own target x_{t+1} (slot i of plan j with (j+1)P + i = t + 1: made
-from tokens <= t); W_r starts at zero. Decoding keeps the backbone states seen so far for the
-refiner and refines at each block's end.
-
 kind: mtp_parallel (Gloeckle et al. 2024, arXiv 2404.19737). n = `n_future` heads share the
 unembedding; head 1 is the LM head itself (its logits are the model's output), head k >= 2
 predicts x_{t+k} from h_t through its own causal transformer block and RMSNorm. aux_loss =
@@ -274,12 +253,11 @@ class PlannerConfig(HeadBlocksConfig):
         )
 
     def refiner_params(self, model: ModelConfig) -> int:
-        """The looped block (three norms 3 D, q/k/v/o 4 D D, SwiGLU, the neighbours' maps W_p and
-        W_n 2 D D) and W_r (condition_lm)."""
+        """The looped block (three norms 3 D, q/k/v/o 4 D D, SwiGLU) and W_r (condition_lm)."""
         if not self.refine_steps:
             return 0
         d = model.d_model
-        block = 3 * d + 6 * d * d + self.ffn().num_params(model)
+        block = 3 * d + 4 * d * d + self.ffn().num_params(model)
         return block + d * d * int(self.condition_lm)
 
     def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
@@ -295,13 +273,13 @@ class PlannerConfig(HeadBlocksConfig):
 
     def refiner_flops(self, model: ModelConfig, seq_len: int) -> float:
         """Per slot (one per token): the context's keys/values once, W_r, and per step q/k/v/o,
-        W_p and W_n, the SwiGLU, the scores over about T/2 context keys and P slots, the fed-back
-        embedding and one more unembedding (6 per multiply-add, as everywhere)."""
+        the SwiGLU, the scores over about T/2 context keys and P slots, the fed-back embedding
+        and one more unembedding (6 per multiply-add, as everywhere)."""
         if not self.refine_steps:
             return 0.0
         d, v = model.d_model, model.padded_vocab
         keys = seq_len / 2 + self.block
-        step = 6 * d * d + 2 * d * keys + 2 * d * v
+        step = 4 * d * d + 2 * d * keys + 2 * d * v
         once = 2 * d * d + d * d * int(self.condition_lm)
         ffn = self.ffn().flops_per_token(model, seq_len)
         return 6 * (once + self.refine_steps * step) + self.refine_steps * ffn
@@ -353,16 +331,6 @@ class Refiner(nnx.Module):
         self.o = linear(model, heads, d, names_out, rngs=rngs)
         self.ffn_norm = rms_norm(model, rngs=rngs)
         self.ffn = cfg.ffn().build(model, rngs=rngs)
-        self.previous = linear(model, d, d, ("head_in", "embed"), rngs=rngs)
-        self.next = linear(model, d, d, ("head_in", "embed"), rngs=rngs)
-
-    def guesses(self, e_BNPD: jax.Array) -> jax.Array:
-        """A step's input from the fed-back embeddings e [B,N,P,D] of the slots' guesses: each
-        slot's own, plus W_p and W_n of its neighbours' in the same plan (zero past its ends)."""
-        pad = lambda before, after: ((0, 0), (0, 0), (before, after), (0, 0))  # noqa: E731
-        prev_BNPD = jnp.pad(e_BNPD[:, :, :-1], pad(1, 0))
-        next_BNPD = jnp.pad(e_BNPD[:, :, 1:], pad(0, 1))
-        return e_BNPD + self.previous(prev_BNPD) + self.next(next_BNPD)
 
     def context(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B,T,H,Dh] of the backbone states (the same at every step)."""
@@ -562,7 +530,7 @@ class Planner(nnx.Module):
         if self.refiner is not None:
             kv = self.refiner.context(h_BTD)
             for _ in range(self.cfg.refine_steps):
-                y_BNPD = y_BNPD + self.refiner.guesses(fed_back(steps[-1], embed, y_BNPD.dtype))
+                y_BNPD = y_BNPD + fed_back(steps[-1], embed, y_BNPD.dtype)
                 y_BNPD = self.refiner(y_BNPD, kv, reads_BNT)
                 steps.append(self.slot_logits(y_BNPD, embed))
         return steps, y_BNPD
