@@ -217,19 +217,11 @@ class PlannerConfig(HeadBlocksConfig):
     """Weight of the latent lookahead loss (0: off, and no latent map is built)."""
     decoder_hidden: int | None = None
     """Hidden width of the lookahead decoder's MLP. None: 2 d_model."""
-    refine_steps: int = 0
-    """Looped refinement steps of the lookahead (0: off). Each step feeds the block's current
-    predictions back (their probabilities times the embedding, without gradient) into one
-    shared block whose slots attend to each other and to the backbone states their plan may
-    read; every step's predictions are trained (deep supervision). With `condition_lm`, the LM
-    at t also reads the refined slot of its own target x_{t+1}."""
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
         ints = ("block", "planner_layers", "decoder_hidden")
         check_positive(self, "model.head.", ints=ints)
-        if self.refine_steps < 0:
-            raise ValueError(f"model.head.refine_steps={self.refine_steps} must be >= 0")
         for name in ("lookahead_weight", "latent_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
@@ -248,17 +240,7 @@ class PlannerConfig(HeadBlocksConfig):
         planner = self.planner_layers * self.block_params(model) + d
         maps = d * d * (int(self.condition_lm) + int(self.latent_weight > 0))
         decoder = self.block * d + 2 * d + 2 * d * self.hidden(model)
-        return (
-            LMHeadConfig().num_params(model) + planner + maps + decoder + self.refiner_params(model)
-        )
-
-    def refiner_params(self, model: ModelConfig) -> int:
-        """The looped block (three norms 3 D, q/k/v/o 4 D D, SwiGLU) and W_r (condition_lm)."""
-        if not self.refine_steps:
-            return 0
-        d = model.d_model
-        block = 3 * d + 4 * d * d + self.ffn().num_params(model)
-        return block + d * d * int(self.condition_lm)
+        return LMHeadConfig().num_params(model) + planner + maps + decoder
 
     def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
         """LM head + lookahead (decoder MLP and one more unembedding per token) + per block
@@ -268,21 +250,7 @@ class PlannerConfig(HeadBlocksConfig):
         blocks = math.ceil(seq_len / self.block)
         maps = 6 * d * d * (int(self.condition_lm) + int(self.latent_weight > 0))
         per_block = self.planner_layers * self.block_flops(model, blocks) + maps
-        lm = LMHeadConfig().flops_per_token(model, seq_len)
-        return lm + lookahead + per_block / self.block + self.refiner_flops(model, seq_len)
-
-    def refiner_flops(self, model: ModelConfig, seq_len: int) -> float:
-        """Per slot (one per token): the context's keys/values once, W_r, and per step q/k/v/o,
-        the SwiGLU, the scores over about T/2 context keys and P slots, the fed-back embedding
-        and one more unembedding (6 per multiply-add, as everywhere)."""
-        if not self.refine_steps:
-            return 0.0
-        d, v = model.d_model, model.padded_vocab
-        keys = seq_len / 2 + self.block
-        step = 4 * d * d + 2 * d * keys + 2 * d * v
-        once = 2 * d * d + d * d * int(self.condition_lm)
-        ffn = self.ffn().flops_per_token(model, seq_len)
-        return 6 * (once + self.refine_steps * step) + self.refine_steps * ffn
+        return LMHeadConfig().flops_per_token(model, seq_len) + lookahead + per_block / self.block
 
 
 def in_blocks(x_BT: jax.Array, p: int, fill) -> jax.Array:
@@ -308,58 +276,6 @@ class PlanState:
     layers: Any
     block_sum: jax.Array
     condition: jax.Array
-    context: jax.Array | None = None
-    """With a refiner: the backbone states decoded so far [B,max_len,D] float32 (what the slots
-    read)."""
-    slots: jax.Array | None = None
-    """With a refiner: W_r of the current plan's refined slots [B,P,D] float32 (slot i holds
-    x_{(j+1)P+i} of the plan made at the end of block j)."""
-
-
-class Refiner(nnx.Module):
-    """The lookahead's looped block (`refine_steps`): the P slots of each planned block attend to
-    each other and to the backbone states their plan may read, then a SwiGLU; pre-norm, one set
-    of weights for every step."""
-
-    def __init__(self, cfg: PlannerConfig, model: ModelConfig, *, rngs: nnx.Rngs):
-        d, h = model.d_model, cfg.n_heads
-        heads = (h, d // h)
-        self.slot_norm = rms_norm(model, rngs=rngs)
-        self.context_norm = rms_norm(model, rngs=rngs)
-        names_in, names_out = ("embed", "heads", "head_dim"), ("heads", "head_dim", "embed")
-        self.q, self.k, self.v = (linear(model, d, heads, names_in, rngs=rngs) for _ in range(3))
-        self.o = linear(model, heads, d, names_out, rngs=rngs)
-        self.ffn_norm = rms_norm(model, rngs=rngs)
-        self.ffn = cfg.ffn().build(model, rngs=rngs)
-
-    def context(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B,T,H,Dh] of the backbone states (the same at every step)."""
-        c_BTD = self.context_norm(h_BTD)
-        return self.k(c_BTD), self.v(c_BTD)
-
-    def __call__(self, x_BNPD: jax.Array, kv, reads_BNT: jax.Array) -> jax.Array:
-        """One step: slots [B,N,P,D]; slot group n reads context position t iff reads[b,n,t]."""
-        y_BNPD = self.slot_norm(x_BNPD)
-        q, k, v = self.q(y_BNPD), self.k(y_BNPD), self.v(y_BNPD)
-        ck_BTHK, cv_BTHK = kv
-        scale, f32 = 1.0 / math.sqrt(q.shape[-1]), jnp.float32
-        s_ctx = jnp.einsum("bnphk,bthk->bnhpt", q, ck_BTHK, preferred_element_type=f32)
-        s_ctx = jnp.where(reads_BNT[:, :, None, None, :], s_ctx * scale, -1e30)
-        s_slot = jnp.einsum("bnphk,bnqhk->bnhpq", q, k, preferred_element_type=f32) * scale
-        w = jax.nn.softmax(jnp.concatenate([s_ctx, s_slot], -1), -1).astype(q.dtype)
-        t = ck_BTHK.shape[1]
-        out = jnp.einsum("bnhpt,bthk->bnphk", w[..., :t], cv_BTHK)
-        out = out + jnp.einsum("bnhpq,bnqhk->bnphk", w[..., t:], v)
-        x_BNPD = x_BNPD + self.o(out)
-        b, n, p, d = x_BNPD.shape
-        flat = x_BNPD.reshape(b, n * p, d)
-        return (flat + self.ffn(self.ffn_norm(flat), None)[0]).reshape(b, n, p, d)
-
-
-def fed_back(logits_BNPV: jax.Array, embed: Embed, dtype) -> jax.Array:
-    """sg(softmax(logits)) E [B,N,P,D]: the expected embedding of each slot's prediction."""
-    probs = jax.lax.stop_gradient(jax.nn.softmax(logits_BNPV, axis=-1)).astype(dtype)
-    return jnp.einsum("bnpv,vd->bnpd", probs, embed.table[...].astype(dtype))
 
 
 class Planner(nnx.Module):
@@ -385,44 +301,28 @@ class Planner(nnx.Module):
         self.out_norm = rms_norm(model, rngs=rngs)
         latent = cfg.latent_weight > 0
         self.latent = linear(model, d, d, ("head_in", "embed"), rngs=rngs) if latent else None
-        refine = cfg.refine_steps > 0
-        self.refiner = Refiner(cfg, model, rngs=rngs) if refine else None
-        # W_r starts at zero too: the refined slots steer the LM only once trained to.
-        conditioned = refine and cfg.condition_lm
-        self.refined = Linear(d, d, ("head_in", "embed"), **kw) if conditioned else None
 
     def __call__(self, h_BTD: jax.Array, ctx: Ctx, *, embed: Embed) -> tuple[jax.Array, Aux]:
         if self.condition is None and ctx.targets is None:
             return self.lm(h_BTD, ctx, embed=embed)  # nothing to condition, nothing to learn
         with jax.named_scope("planner"):
             s_BND, z_BND = self.plan(h_BTD, ctx)
-            steps, y_BNPD = [], None
-            if ctx.targets is not None or self.refined is not None:
-                reads_BNT = self.context_reads(ctx, z_BND.shape[1])
-                steps, y_BNPD = self.lookahead(z_BND, h_BTD, reads_BNT, embed)
-            out_BTD = h_BTD
             if self.condition is not None:
-                out_BTD = out_BTD + self.conditioning(z_BND, ctx).astype(h_BTD.dtype)
-            if self.refined is not None:
-                out_BTD = out_BTD + self.slot_conditioning(y_BNPD, ctx).astype(h_BTD.dtype)
-            logits_BTV, _ = self.lm(out_BTD, ctx, embed=embed)
+                h_BTD = h_BTD + self.conditioning(z_BND, ctx).astype(h_BTD.dtype)
+            logits_BTV, _ = self.lm(h_BTD, ctx, embed=embed)
             if ctx.targets is None:
                 return logits_BTV, {}
-            return logits_BTV, self.losses(s_BND, z_BND, steps, ctx)
+            return logits_BTV, self.losses(s_BND, z_BND, ctx, embed)
 
     def init_state(self, batch: int, max_len: int) -> PlanState | None:
         """The decoding state before the first token (None without `condition_lm`: the LM head
         alone then decodes)."""
         if self.condition is None:
             return None
-        blocks, d = -(-max_len // self.cfg.block), self.condition.kernel.shape[-1]
+        blocks = -(-max_len // self.cfg.block)
         caches = [layer.init_cache(batch, blocks) for layer in self.layers]
-        zeros = jnp.zeros((batch, d), jnp.float32)
-        if self.refined is None:
-            return PlanState(caches, zeros, zeros)
-        context = jnp.zeros((batch, max_len, d), jnp.float32)
-        slots = jnp.zeros((batch, self.cfg.block, d), jnp.float32)
-        return PlanState(caches, zeros, zeros, context, slots)
+        zeros = jnp.zeros((batch, self.condition.kernel.shape[-1]), jnp.float32)
+        return PlanState(caches, zeros, zeros)
 
     def decode(
         self, h_BTD: jax.Array, state: PlanState | None, start, *, embed: Embed
@@ -432,44 +332,29 @@ class Planner(nnx.Module):
         if state is None:
             return self.lm(h_BTD, None, embed=embed)[0], None
 
-        p = self.cfg.block
-
         def token(state: PlanState, h_pos):
             h_BD, pos = h_pos
             out_BD = h_BD + state.condition.astype(h_BD.dtype)
-            if state.context is not None:
-                state = state.replace(
-                    context=state.context.at[:, pos].set(h_BD.astype(jnp.float32))
-                )
             total = state.block_sum + h_BD.astype(jnp.float32)
-            nxt = lambda: self.next_plan(state, total, pos // p, h_BD.dtype, embed)  # noqa: E731
-            state = jax.lax.cond((pos + 1) % p == 0, nxt, lambda: state.replace(block_sum=total))
-            if state.slots is not None:  # the slot of this token's target x_{pos+1}
-                out_BD = out_BD + state.slots[:, (pos + 1) % p].astype(h_BD.dtype)
+            ends = (pos + 1) % self.cfg.block == 0
+            nxt = lambda: self.next_plan(state, total, pos // self.cfg.block, h_BD.dtype)  # noqa: E731
+            state = jax.lax.cond(ends, nxt, lambda: state.replace(block_sum=total))
             return state, out_BD
 
         positions = start + jnp.arange(h_BTD.shape[1], dtype=jnp.int32)
         state, out_TBD = jax.lax.scan(token, state, (h_BTD.swapaxes(0, 1), positions))
         return self.lm(out_TBD.swapaxes(0, 1), None, embed=embed)[0], state
 
-    def next_plan(self, state: PlanState, total_BD: jax.Array, j, dtype, embed) -> PlanState:
+    def next_plan(self, state: PlanState, total_BD: jax.Array, j, dtype) -> PlanState:
         """Block j is complete (its states sum to `total`): the planner one block further (in
-        the hidden states' `dtype`), its plan W_c z_j for block j+1 (and W_r of its refined
-        slots, which read the context up to block j's end), and an empty sum."""
+        the hidden states' `dtype`), its plan W_c z_j for block j+1, and an empty sum."""
         x_B1D = (total_BD / self.cfg.block)[:, None].astype(dtype)
         caches = []
         for layer, cache in zip(self.layers, state.layers, strict=True):
             x_B1D, cache = layer.decode(x_B1D, cache, j)
             caches.append(cache)
-        z_B1D = self.plan_norm(x_B1D)
-        condition = self.condition(z_B1D)[:, 0].astype(jnp.float32)
-        out = PlanState(caches, jnp.zeros_like(total_BD), condition, state.context, state.slots)
-        if self.refined is None:
-            return out
-        b, t = state.context.shape[:2]
-        reads_B1T = jnp.broadcast_to(jnp.arange(t) < (j + 1) * self.cfg.block, (b, 1, t))
-        _, y_B1PD = self.lookahead(z_B1D, state.context.astype(dtype), reads_B1T, embed)
-        return out.replace(slots=self.refined(y_B1PD)[:, 0].astype(jnp.float32))
+        condition = self.condition(self.plan_norm(x_B1D))[:, 0].astype(jnp.float32)
+        return PlanState(caches, jnp.zeros_like(total_BD), condition)
 
     def block_segments(self, ctx: Ctx) -> tuple[jax.Array, jax.Array]:
         """(segment ids [B,N,P] padded with the row's last, the document of each block's last
@@ -509,55 +394,13 @@ class Planner(nnx.Module):
         b, n, p, d = c_BNPD.shape
         return c_BNPD.reshape(b, n * p, d)[:, : ctx.segment_ids.shape[1]]
 
-    def context_reads(self, ctx: Ctx, n: int) -> jax.Array:
-        """[B,N,T] bool: the slots of plan j may read the backbone state at t iff t <= (j+1)P-1
-        and t is in the document of block j's last token (what z_j reads)."""
-        _, last_BN = self.block_segments(ctx)
-        t = ctx.segment_ids.shape[1]
-        before_NT = jnp.arange(t)[None, :] < (jnp.arange(n)[:, None] + 1) * self.cfg.block
-        return before_NT[None] & (ctx.segment_ids[:, None, :] == last_BN[..., None])
-
-    def lookahead(
-        self, z_BND: jax.Array, h_BTD: jax.Array, reads_BNT: jax.Array, embed: Embed
-    ) -> tuple[list[jax.Array], jax.Array]:
-        """([B,N,P,V] float32 logits of block j+1's P tokens made from z_j: the MLP decoder's,
-        then one per refinement step], the last step's slot states [B,N,P,D]). No token of
-        block j+1 is an input: a step reads only the backbone states `reads` allows and the
-        previous step's predictions."""
+    def lookahead_logits(self, z_BND: jax.Array, embed: Embed) -> jax.Array:
+        """[B,N,P,V] float32: from z_j alone, logits of the P tokens of block j+1."""
         r_BNPD = z_BND[:, :, None] + self.offsets[...].astype(z_BND.dtype)
         y_BNPD = r_BNPD + self.decoder_down(jax.nn.gelu(self.decoder_up(self.decoder_norm(r_BNPD))))
-        steps = [self.slot_logits(y_BNPD, embed)]
-        if self.refiner is not None:
-            kv = self.refiner.context(h_BTD)
-            for _ in range(self.cfg.refine_steps):
-                y_BNPD = y_BNPD + fed_back(steps[-1], embed, y_BNPD.dtype)
-                y_BNPD = self.refiner(y_BNPD, kv, reads_BNT)
-                steps.append(self.slot_logits(y_BNPD, embed))
-        return steps, y_BNPD
-
-    def lookahead_logits(self, z_BND: jax.Array, h_BTD: jax.Array, ctx: Ctx, embed: Embed):
-        """[B,N,P,V] float32: the last step's logits of the P tokens of block j+1."""
-        reads_BNT = self.context_reads(ctx, z_BND.shape[1])
-        return self.lookahead(z_BND, h_BTD, reads_BNT, embed)[0][-1]
-
-    def slot_logits(self, y_BNPD: jax.Array, embed: Embed) -> jax.Array:
         b, n, p, d = y_BNPD.shape
         logits, _ = self.lm(self.out_norm(y_BNPD).reshape(b, n * p, d), None, embed=embed)
         return logits.reshape(b, n, p, -1)
-
-    def slot_conditioning(self, y_BNPD: jax.Array, ctx: Ctx) -> jax.Array:
-        """[B,T,D]: W_r y at the slot of each token's target x_{t+1} (slot i of plan j holds
-        x_{(j+1)P+i}: t = (j+1)P+i-1, so t reads tokens <= t only), where t is in that plan's
-        document; zero for t < P-1 (no plan yet)."""
-        b, n, p, d = y_BNPD.shape
-        t = ctx.segment_ids.shape[1]
-        c_BSD = self.refined(y_BNPD).reshape(b, n * p, d)
-        c_BTD = jnp.pad(c_BSD, ((0, 0), (p - 1, 0), (0, 0)))[:, :t]
-        _, last_BN = self.block_segments(ctx)
-        plan_T = (jnp.arange(t) + 1) // p - 1
-        doc_BT = jnp.take(last_BN, jnp.maximum(plan_T, 0), axis=1)
-        keep_BT = (plan_T >= 0)[None] & (ctx.segment_ids == doc_BT)
-        return jnp.where(keep_BT[..., None], c_BTD, 0)
 
     def lookahead_targets(self, ctx: Ctx) -> tuple[jax.Array, jax.Array]:
         """(tokens, counted), [B,N,P] each: x_{(j+1)P+i}, i.e. `future_targets` with k = i+1 at
@@ -567,18 +410,15 @@ class Planner(nnx.Module):
         at_last = lambda x_BTP: in_blocks(jnp.stack(x_BTP, -1), p, 0)[:, :, -1]
         return at_last(tokens), at_last(counted)
 
-    def losses(self, s_BND: jax.Array, z_BND: jax.Array, steps: list, ctx: Ctx) -> Aux:
-        """Lookahead (the mean over its steps) and latent losses, their weighted sum as aux_loss,
-        and metrics (accuracies of the last step)."""
+    def losses(self, s_BND: jax.Array, z_BND: jax.Array, ctx: Ctx, embed: Embed) -> Aux:
+        """Lookahead (and latent) losses, their weighted sum as aux_loss, and metrics."""
         cfg = self.cfg
         tokens, counted = self.lookahead_targets(ctx)
-        per_step = [token_loss(logits_BNPV, tokens, counted) for logits_BNPV in steps]
-        loss, accuracy = sum(loss for loss, _ in per_step) / len(per_step), per_step[-1][1]
-        blocks = block_exact_match(steps[-1], tokens, counted)
+        logits_BNPV = self.lookahead_logits(z_BND, embed)
+        loss, accuracy = token_loss(logits_BNPV, tokens, counted)
+        blocks = block_exact_match(logits_BNPV, tokens, counted)
         aux = {"lookahead_loss": loss, "lookahead_accuracy": accuracy}
         aux["lookahead_block_accuracy"] = blocks
-        if len(steps) > 1:
-            aux["refined_loss"] = per_step[-1][0]
         total = cfg.lookahead_weight * loss
         if self.latent is not None:
             aux["latent_loss"] = self.latent_loss(s_BND, z_BND, ctx)

@@ -54,15 +54,7 @@ from menagerie.data.path_star import PathStarConfig
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAN = "model/head/lookahead_block_accuracy"
-ARMS = (
-    "next_token",
-    "mtp_parallel",
-    "mtp_sequential",
-    "teacherless",
-    "reverse",
-    "planner",
-    "planner_refine",
-)
+ARMS = ("next_token", "mtp_parallel", "mtp_sequential", "teacherless", "reverse", "planner")
 
 
 def answer_block(task: PathStarConfig) -> int:
@@ -81,10 +73,9 @@ def arm_config(arm: str, degree: int, args) -> dict[str, Any]:
         "mtp_sequential": {"kind": "mtp_sequential", "depth": 1},
         "planner": {"kind": "planner", "block": answer_block(task), "planner_layers": 1},
     }
-    heads["planner_refine"] = heads["planner"] | {"refine_steps": args.refine_steps}
     model = {"d_model": args.width, "n_layers": args.layers, "mixer": {"n_heads": 4}}
-    if arm in heads:  # the refiner is one more block of parameters: one trunk block fewer
-        model |= {"n_layers": args.layers - 1 - (arm == "planner_refine"), "head": heads[arm]}
+    if arm in heads:
+        model |= {"n_layers": args.layers - 1, "head": heads[arm]}
     return {
         "model": model,
         "data": {"source": "synthetic", "task": {"kind": "path_star", "degree": degree,
@@ -177,7 +168,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--refine-steps", type=int, default=4, help="planner_refine's steps")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None, help="run folders (default: a temp dir)")

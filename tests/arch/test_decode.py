@@ -25,14 +25,6 @@ CONFIGS = {
         n_kv_heads=2,
         head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, planner_layers=2),
     ),
-    # ... with refined slots: each token also reads the slot of its target, refined over the
-    # backbone states decoded before the block
-    "planner-refined": dict(
-        scan_layers=False,
-        tie_embeddings=True,
-        n_kv_heads=2,
-        head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, refine_steps=2),
-    ),
     # An MTP head: at inference the LM head alone (its extra modules read ctx.targets)
     "mtp-sequential": dict(
         scan_layers=True, tie_embeddings=True, n_kv_heads=2, head=dict(kind="mtp_sequential")

@@ -41,10 +41,9 @@ def _cfg(tie=True, **head):
 
 def _model(seed=0, **head):
     model = build(_cfg(**head), rngs=nnx.Rngs(seed))
-    for i, name in enumerate(("condition", "refined")):
-        w = getattr(model.head, name, None)
-        if w is not None:  # a trained, nonzero W_c / W_r: their initial zeros would hide a leak
-            w.kernel[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7 + i), w.kernel.shape)
+    cond = getattr(model.head, "condition", None)
+    if cond is not None:  # a trained, nonzero W_c: its initial zeros would hide any leak
+        cond.kernel[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7), cond.kernel.shape)
     return model
 
 
@@ -179,7 +178,7 @@ def test_planner_lookahead_and_latent_losses_are_the_direct_computation():
         _, z = m.head.plan(h, ctx)
         return (
             m.head(h, ctx, embed=m.embed)[1],
-            m.head.lookahead_logits(z, h, ctx, m.embed),
+            m.head.lookahead_logits(z, m.embed),
             m.head.latent(z),
         )
 
@@ -227,91 +226,25 @@ def test_block_exact_match_counts_blocks_whose_counted_tokens_are_all_right():
     np.testing.assert_allclose(got, 3 / 4)  # blocks 0, 1, 3 of the four with a counted target
 
 
-def _lookahead_pairs(n):
-    """(b, anchor, target index, (j, i)) of every slot: x_{(j+1)P+i} = targets[(j+1)P+i-1]."""
-    return [
-        (b, (j + 1) * P - 1, (j + 1) * P + i - 1, (j, i))
-        for b in range(2)
-        for j in range(n)
-        for i in range(P)
-    ]
-
-
-def _slot_of(look_BNPV):
-    return lambda b, where: look_BNPV[b, where[0], where[1]]
-
-
-def test_refined_lookahead_loss_is_the_mean_of_its_steps():
-    """Bug caught: deep supervision that trains only the last step (or only the first), a
-    refined step scored against the wrong targets, or metrics from the unrefined step."""
-    model, h = _model(kind="planner", block=P, refine_steps=2), _h()
-    graphdef, state = nnx.split(model)  # every parameter N(0, 0.5): steps that move the logits
-    rng = np.random.default_rng(3)
-    fill = lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype)  # noqa: E731
-    model = nnx.merge(graphdef, jax.tree.map(fill, state))
-    _, ctx = _ctx()
-
-    def run(m):
-        _, z = m.head.plan(h, ctx)
-        reads = m.head.context_reads(ctx, z.shape[1])
-        return m.head(h, ctx, embed=m.embed)[1], m.head.lookahead(z, h, reads, m.embed)[0]
-
-    aux, steps = _jitted(model, run)
-    assert len(steps) == 3
-    pairs = _lookahead_pairs(steps[0].shape[1])
-    direct = [_direct_loss(_slot_of(np.asarray(look)), ctx, pairs) for look in steps]
-    losses = [loss for loss, _ in direct]
-    assert min(abs(a - b) for a, b in zip(losses, losses[1:])) > 1e-2, losses  # steps differ
-    np.testing.assert_allclose(aux["lookahead_loss"], np.mean([x[0] for x in direct]), rtol=1e-5)
-    np.testing.assert_allclose(aux["refined_loss"], direct[-1][0], rtol=1e-5)
-    np.testing.assert_allclose(aux["lookahead_accuracy"], direct[-1][1], rtol=1e-6)
-
-
-def test_each_token_is_conditioned_on_the_refined_slot_of_its_target():
-    """Bug caught: the LM at t reading the slot of x_t (its own input) or of x_{t+2}, a slot
-    of a plan made in another document, or a slot before the first plan exists."""
-    model, h = _model(kind="planner", block=P, refine_steps=1), _h()
-    _, ctx = _ctx()
-
-    def run(m):
-        _, z = m.head.plan(h, ctx)
-        reads = m.head.context_reads(ctx, z.shape[1])
-        y = m.head.lookahead(z, h, reads, m.embed)[1]
-        return m.head.slot_conditioning(y, ctx), m.head.refined(y)
-
-    got, wy = (np.asarray(x) for x in _jitted(model, run))
-    expected = np.zeros_like(got)
-    for b in range(2):
-        for t in range(T):
-            j, i = (t + 1) // P - 1, (t + 1) % P  # slot i of plan j holds x_{(j+1)P+i} = x_{t+1}
-            if j >= 0 and SEGMENTS[b, t] == SEGMENTS[b, (j + 1) * P - 1]:
-                expected[b, t] = wy[b, j, i]
-    assert np.abs(expected).sum(-1).astype(bool).sum() > T  # most tokens get a slot
-    np.testing.assert_array_equal(got, expected)
-
-
 def _trunk(model, x_BTD, ctx):
     """The backbone from embedded inputs: final hidden states [B,T,D]."""
     x_BTD, _ = run_layers(model.blocks, x_BTD, ctx, model.cfg)
     return model.final_norm(x_BTD)
 
 
-@pytest.mark.parametrize("refine_steps", [0, 2])
-def test_no_token_of_a_block_reaches_its_plan_or_its_lookahead_predictions(refine_steps):
+def test_no_token_of_a_block_reaches_its_plan_or_its_lookahead_predictions():
     """Bug caught: a plan conditioning its own block (z_j for block j), pooling that reads the
-    next block, a planner attending ahead (non-causal over blocks), the lookahead decoder fed
-    teacher-forced tokens of the block it predicts, or refinement steps reading the backbone
-    states of that block. Checked by perturbing block j+1's tokens and by the Jacobian with
-    respect to its input embeddings (exactly zero; nonzero for block j)."""
-    model = _model(kind="planner", block=P, latent_weight=0.1, refine_steps=refine_steps)
+    next block, a planner attending ahead (non-causal over blocks), or the lookahead decoder fed
+    teacher-forced tokens of the block it predicts. Checked by perturbing block j+1's tokens and
+    by the Jacobian with respect to its input embeddings (exactly zero; nonzero for block j)."""
+    model = _model(kind="planner", block=P, latent_weight=0.1)
     tokens, ctx = _ctx()
     graphdef, state = nnx.split(model)
     j = 1  # z_1 plans block 2, positions 8..11
 
     def plan_and_predictions(m, x_BTD):
-        h = _trunk(m, x_BTD, ctx)
-        _, z = m.head.plan(h, ctx)
-        look = m.head.lookahead_logits(z, h, ctx, m.embed)
+        _, z = m.head.plan(_trunk(m, x_BTD, ctx), ctx)
+        look = m.head.lookahead_logits(z, m.embed)
         return z[:, j], look[:, j]
 
     run = quick_jit(lambda state, x_BTD: plan_and_predictions(nnx.merge(graphdef, state), x_BTD))
@@ -345,14 +278,12 @@ def test_no_token_of_a_block_reaches_its_plan_or_its_lookahead_predictions(refin
     assert float(jnp.abs(own).min(axis=-1).max()) > 0.0  # block j's inputs do reach them
 
 
-@pytest.mark.parametrize("refine_steps", [0, 2])
-def test_conditioned_logits_are_causal_and_stay_in_their_document(refine_steps):
+def test_conditioned_logits_are_causal_and_stay_in_their_document():
     """Bug caught: the plan added to its own block (position (j+1)P+i would read later tokens
-    of its block through z_{j+1}), pooling, planner or refiner attention that ignore documents
-    (a plan carrying the previous document into the next), a refined slot read one position
-    late: the logits at t read exactly the inputs at or before t in t's document (the
-    Jacobian's nonzeros, row 0 holding two documents)."""
-    model = _model(kind="planner", block=P, refine_steps=refine_steps)
+    of its block through z_{j+1}), pooling or planner attention that ignore documents (a plan
+    carrying the previous document into the next): the logits at t read exactly the inputs at
+    or before t in t's document (the Jacobian's nonzeros, row 0 holding two documents)."""
+    model = _model(kind="planner", block=P)
     tokens, ctx = _ctx(targets=False)
     graphdef, state = nnx.split(model)
 
@@ -408,12 +339,10 @@ def test_without_targets_the_head_is_the_lm_head(head):
     np.testing.assert_array_equal(trained, logits)
 
 
-@pytest.mark.parametrize("refine_steps", [0, 2])
-def test_a_conditioning_planner_ignores_targets(refine_steps):
-    """Bug caught: a conditioned planner whose LM logits read ctx.targets, or whose refined
-    slots are computed only when targets are given. (Its incremental decoding:
-    tests/arch/test_decode.py.)"""
-    model, h = _model(kind="planner", block=P, refine_steps=refine_steps), _h()
+def test_a_conditioning_planner_ignores_targets():
+    """Bug caught: a conditioned planner whose LM logits read ctx.targets. (Its incremental
+    decoding: tests/arch/test_decode.py.)"""
+    model, h = _model(kind="planner", block=P), _h()
     _, ctx = _ctx()
     no_targets = ctx.replace(targets=None, loss_mask=None)
     (logits, aux), generated, lm = _jitted(
@@ -468,17 +397,14 @@ def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
     [
         dict(kind="planner", block=3, planner_layers=1, decoder_hidden=24),
         dict(kind="planner", condition_lm=False, latent_weight=0.5),
-        dict(kind="planner", block=3, refine_steps=2),
-        dict(kind="planner", condition_lm=False, refine_steps=1),
         dict(kind="mtp_parallel", n_future=3),
         dict(kind="mtp_sequential", depth=2),
     ],
 )
 @pytest.mark.parametrize("tie", [True, False])
 def test_num_params_is_exact(head, tie):
-    """Bug caught: a count missing W_c, W_l or W_r (built only when asked), the offset table,
-    the refiner, a module's norms, or the untied LM matrix (and it left out of the embedding
-    count)."""
+    """Bug caught: a count missing W_c or W_l (built only when asked), the offset table, a
+    module's norms, or the untied LM matrix (and it left out of the embedding count)."""
     cfg = _cfg(tie=tie, **head)
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -494,7 +420,6 @@ def test_num_params_is_exact(head, tie):
         (dict(kind="planner", block=0), "model.head.block=0 must be a positive integer"),
         (dict(kind="planner", planner_layers=0), "planner_layers=0 must be a positive"),
         (dict(kind="planner", lookahead_weight=-1.0), "lookahead_weight=-1.0 must be >= 0"),
-        (dict(kind="planner", refine_steps=-1), "refine_steps=-1 must be >= 0"),
         (dict(kind="mtp_parallel", n_future=1), "n_future=1 must be at least 2"),
         (dict(kind="mtp_sequential", depth=0), "model.head.depth=0 must be a positive"),
         (dict(kind="mtp_sequential", n_heads=3), "n_heads=3 must divide model.d_model=32"),
