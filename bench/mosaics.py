@@ -3,7 +3,7 @@ attention, the leaky average's cost against T, and the research claim reproduced
 
     python bench/mosaics.py                        # mixer at 2K, leaky average at 1K/4K/16K
     python bench/mosaics.py --rounds 7 --width 256 --heads 4 --batch 4 --seq 2048
-    python bench/mosaics.py --claim [--steps 400] [--text-steps 300] [--out DIR]
+    python bench/mosaics.py --claim [--steps 600] [--text-steps 300] [--text-lrs 3e-3,1e-2]
 
 Speed (default). One process, CPU. Each row is a jitted forward + backward (the gradient of
 sum(y * ct) for every parameter and the input) of one part alone at the same width and heads:
@@ -18,14 +18,20 @@ The leaky average (`arch.mosaics.leaky_average`, forward + backward, B 1, H 4, h
 (linear: about 1; the official T x T matrix would grow 16x from 1K. At 1K the 1 MB arrays fit
 the CPU's cache, so 1K is cheaper per token than the memory-bound longer rows).
 
-Claim (`--claim`). At equal parameters (embeddings tied on both sides; the baseline's SwiGLU
-width set so its blocks have the 12 d^2 of a Memory Mosaics block; both at the same lr,
-schedule, batches and steps), trained by the real CLI one after the other:
-  (a) multi-query associative recall (`data.source: synthetic`, task mqar), depth 1 and 2:
-      answer accuracy and loss on the validation stream (claim: Memory Mosaics beat the
-      baseline Transformer at depth 1-2);
-  (b) the stdlib corpus (bytes), depth 4: validation bits/byte (claim: within 3%).
-Prints a table and one JSON line; writes bench/results/mosaics_*.json. Asserts nothing.
+Claim (`--claim`). Three models at equal parameters, 12 d^2 per block (embeddings tied on
+all sides; same schedule, batches and steps), trained by the real CLI one after the other:
+  mosaics     v1, the official StackAssoMem block: contextual memory (3 d^2) + persistent
+              memory (W_k, W_c and 3.5 d key/value pairs: 9 d^2);
+  mosaics_v2  the v2 block's persistent memory, a SwiGLU (arXiv 2507.03285), of width 3 d
+              (9 d^2) after the v1 contextual memory;
+  transformer attention (4 d^2) + SwiGLU of width 8 d / 3 (8 d^2).
+  (a) multi-query associative recall (`data.source: synthetic`, task mqar), depth 1 and 2, at
+      `--lr`: answer accuracy and loss on the validation stream (claim: Memory Mosaics beat
+      the baseline Transformer at depth 1-2);
+  (b) the stdlib corpus (bytes), depth 4, at every rate of `--text-lrs`: validation
+      bits/byte, each model at its better rate against the Transformer at its better rate
+      (claim: within 3%).
+Prints the tables and one JSON line; writes bench/results/mosaics_*.json. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -146,15 +152,24 @@ def speed(args) -> dict[str, Any]:
 
 
 def _models(width: int, layers: int) -> dict[str, dict]:
-    """Memory Mosaics and the baseline at equal parameters: 12 d^2 per block on both sides
-    (attention 4 d^2 + SwiGLU 3 d F with F = 8 d / 3), tied embeddings, 4 heads."""
+    """Memory Mosaics v1 and v2 and the baseline at equal parameters: 12 d^2 per block on every
+    side (contextual memory 3 d^2 + persistent memory or SwiGLU 3 d F with F = 3 d; attention
+    4 d^2 + SwiGLU with F = 8 d / 3), tied embeddings, 4 heads."""
+    memory = {"kind": "context_memory", "n_heads": 4}
     return {
         "mosaics": {
             "family": "mosaics",
             "d_model": width,
             "n_layers": layers,
-            "mixer": {"kind": "context_memory", "n_heads": 4},
+            "mixer": memory,
             "ffn": {"kind": "persistent_memory", "n_heads": 4},
+        },
+        "mosaics_v2": {
+            "family": "mosaics",
+            "d_model": width,
+            "n_layers": layers,
+            "mixer": memory,
+            "ffn": {"kind": "swiglu", "hidden_dim": 3 * width, "hidden_multiple": 1},
         },
         "transformer": {
             "family": "transformer",
@@ -207,12 +222,36 @@ def claim(args) -> dict[str, Any]:
             }
             rows.append(("mqar", layers, name, _train(out_dir / f"mqar_{name}_{layers}", cfg)))
             print(rows[-1], flush=True)
-    for name, model in _models(args.width, 4).items():
-        cfg = _common(args.text_steps, 256, 16, args.lr) | {"model": model}
-        rows.append(("stdlib", 4, name, _train(out_dir / f"text_{name}_4", cfg)))
-        print(rows[-1], flush=True)
+    for lr in args.text_lrs:
+        for name, model in _models(args.width, 4).items():
+            cfg = _common(args.text_steps, 256, 16, lr) | {"model": model}
+            out = _train(out_dir / f"text_{name}_4_lr{lr:g}", cfg)
+            rows.append(("stdlib", 4, name, out | {"lr": lr}))
+            print(rows[-1], flush=True)
+    print(text_table(rows))
     return {"bench": "mosaics_claim", "width": args.width, "steps": args.steps,
-            "text_steps": args.text_steps, "lr": args.lr, "rows": rows}  # fmt: skip
+            "text_steps": args.text_steps, "lr": args.lr, "text_lrs": args.text_lrs,
+            "rows": rows}  # fmt: skip
+
+
+def text_table(rows: list) -> str:
+    """Markdown: each model's stdlib bits/byte per rate, its best, and best / the
+    Transformer's best (the claim: <= 1.03)."""
+    text = [r[3] | {"model": r[2]} for r in rows if r[0] == "stdlib"]
+    lrs = sorted({r["lr"] for r in text})
+    best = {m: min(r["bits_per_byte"] for r in text if r["model"] == m) for m in _models(8, 1)}
+    head = " | ".join(f"lr {lr:g}" for lr in lrs)
+    lines = [f"| model | {head} | best | / Transformer's best |",
+             "|---|" + "---|" * (len(lrs) + 2)]  # fmt: skip
+    for model, value in best.items():
+        cells = [
+            next((f"{r['bits_per_byte']:.3f}" for r in text
+                  if r["model"] == model and r["lr"] == lr), "")
+            for lr in lrs
+        ]  # fmt: skip
+        ratio = value / best["transformer"]
+        lines.append(f"| {model} | {' | '.join(cells)} | {value:.3f} | {ratio:.3f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -223,11 +262,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--claim", action="store_true")
-    p.add_argument("--steps", type=int, default=400, help="MQAR steps per run (--claim)")
+    p.add_argument("--steps", type=int, default=600, help="MQAR steps per run (--claim)")
     p.add_argument("--text-steps", type=int, default=300, help="stdlib steps per run (--claim)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="MQAR's rate (--claim)")
+    p.add_argument("--text-lrs", default="3e-3,1e-2", help="stdlib rates, each model at each")
     p.add_argument("--out", default=None, help="run folders of --claim (default: a temp dir)")
     args = p.parse_args()
+    args.text_lrs = [float(x) for x in args.text_lrs.split(",")]
     if args.claim:
         args.width = 64 if args.width == 256 else args.width
     result = claim(args) if args.claim else speed(args)
