@@ -239,7 +239,8 @@ def text_table(rows: list) -> str:
     Transformer's best (the claim: <= 1.03)."""
     text = [r[3] | {"model": r[2]} for r in rows if r[0] == "stdlib"]
     lrs = sorted({r["lr"] for r in text})
-    best = {m: min(r["bits_per_byte"] for r in text if r["model"] == m) for m in _models(8, 1)}
+    models = dict.fromkeys(r["model"] for r in text)  # in the order they ran
+    best = {m: min(r["bits_per_byte"] for r in text if r["model"] == m) for m in models}
     head = " | ".join(f"lr {lr:g}" for lr in lrs)
     lines = [f"| model | {head} | best | / Transformer's best |",
              "|---|" + "---|" * (len(lrs) + 2)]  # fmt: skip
