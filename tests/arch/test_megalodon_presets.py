@@ -139,7 +139,7 @@ def test_preset_is_the_official_model_and_counts_its_parameters(name):
     for key in ("norm_num_groups", "swiglu", "scale_emb", "rescale_nffn"):
         assert getattr(model, key) == c[key], key
     assert model.rope_base == 10000.0 and model.norm_eps == 1e-5
-    assert model.segment == model.chunk_size == 2048
+    assert model.chunk_size == 2048 and model.segment == 256  # the default CEMA segment cap
     # Vocabulary 32000 stays 32000: given explicitly, and as a 32000-token tokenizer rounds it.
     assert model.vocab_size == VOCAB and VOCAB % model.vocab_multiple == 0
     assert model.with_vocab(VOCAB).padded_vocab == VOCAB
