@@ -71,16 +71,25 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     (`flax.core.spmd.set_logical_axis_rules` / `nnx.logical_axis_rules`). Names missing
     from the rules are left unconstrained (None).
     """
+    table = _active_rules()
+    if table is None:
+        return x
+    spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _active_rules() -> dict | None:
+    """Logical name -> mesh axes under the active mesh and logical-axis rules, without the
+    mesh axes a shard_map made manual; None when no mesh or no rules are active."""
     rules = core_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh is None or mesh.empty:
-        return x
+        return None
     table: dict = {}
     manual = set(mesh.manual_axes)  # inside shard_map: those axes are the code's, not XLA's
     for logical, mesh_axes in rules:  # first match wins, as in flax's rule lookup
         table.setdefault(logical, _without(mesh_axes, manual))
-    spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return table
 
 
 def _without(mesh_axes, manual: set):
@@ -231,11 +240,8 @@ def rms_norm(model: ModelConfig, dim: int | None = None, *, rngs: nnx.Rngs) -> R
 def _sequence_sharded() -> bool:
     """Whether the active mesh shards activations' "seq" axis (outside a shard_map that
     already made those mesh axes manual)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = core_spmd.get_logical_axis_rules()
-    if mesh is None or mesh.empty or not rules:
-        return False
-    rule = next((m for logical, m in rules if logical == "seq"), None)
-    rule = _without(rule, set(mesh.manual_axes))
+    table = _active_rules()
+    rule = None if table is None else table.get("seq")
     names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    mesh = jax.sharding.get_abstract_mesh()
     return math.prod(mesh.shape[a] for a in names if a in mesh.axis_names) > 1
