@@ -188,7 +188,7 @@ def _models(width: int, layers: int) -> dict[str, dict]:
 
 def _train(run_dir: Path, cfg: dict) -> dict[str, float]:
     """One run through the real CLI; its final eval metrics (from metrics.jsonl)."""
-    path = run_dir.with_suffix(".yaml")
+    path = run_dir.parent / f"{run_dir.name}.yaml"  # not with_suffix: "lr0.005" has a dot
     path.write_text(yaml.safe_dump(cfg | {"run_dir": str(run_dir)}))
     cmd = [sys.executable, "-m", "menagerie.train.cli", "train", "-c", str(path)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
