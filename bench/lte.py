@@ -5,7 +5,9 @@
 Five runs of one model (d 128, 4 layers, SwiGLU of 384 neurons = 12 experts of 32; batches of
 16 x 128 bytes, lr 3e-3), at equal total steps N:
 - dense: the baseline, N steps (its checkpoint at N/2 seeds the converted runs);
-- lte: LTE from step 0, stage 2 (hard routing, frozen routers) from 2N/3;
+- lte: LTE from step 0, stage 2 (hard routing, frozen routers) from 2N/3; without L_sep
+  (lambda 0), eta 0.001, router bias 1 (`--scratch-*`): with L_sep every from-scratch run
+  here was a static pruning (README);
 - lte-converted: `menagerie convert-lte` of the dense run at N/2, then N/2 steps, stage 2
   from the middle of them;
 - topk: top-k MoE routing over the same experts (k = E/2) from step 0;
@@ -96,8 +98,10 @@ def quality(args) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     n, half, k = args.steps, args.steps // 2, EXPERTS // 2
     lte = {"eta": args.eta, "router_lr_scale": args.router_lr_scale}
+    scratch = lte | {"eta": args.scratch_eta, "separability": args.scratch_separability}
+    scratch["router_bias_init"] = args.scratch_router_bias
     _train(out / "dense", _config(n, {"kind": "swiglu", "hidden_dim": 32 * EXPERTS}, args.lr))
-    _train(out / "lte", _config(n, _lte(hard_from_step=2 * n // 3, **lte), args.lr))
+    _train(out / "lte", _config(n, _lte(hard_from_step=2 * n // 3, **scratch), args.lr))
     conv = [f"model.ffn.{key}={v}" for key, v in lte.items()]
     conv += [f"model.ffn.hard_from_step={half // 2}", f"train.steps={half}"]
     _converted(out / "dense", out / "lte-converted", half, conv)
@@ -107,7 +111,14 @@ def quality(args) -> dict[str, Any]:
     _converted(out / "dense", out / "dejavu-converted", half, dejavu)
     names = ("dense", "lte", "lte-converted", "topk", "dejavu-converted")
     rows = {name: _result(out / name) for name in names}
-    return {"bench": "lte_quality", "steps": n, "eta": args.eta, "lr": args.lr, "rows": rows}
+    return {
+        "bench": "lte_quality",
+        "steps": n,
+        "converted": lte,
+        "scratch": scratch,
+        "lr": args.lr,
+        "rows": rows,
+    }
 
 
 def _spread(row: dict[str, Any]) -> str:
@@ -141,7 +152,21 @@ def main() -> None:
         help="total steps of every run (at 400 the dense model is too early in training to "
         "gain from its FFN: gated models with a fraction of it beat it)",
     )  # fmt: skip
-    p.add_argument("--eta", type=float, default=0.1, help="LTE's efficiency-loss weight")
+    p.add_argument("--eta", type=float, default=0.1, help="converted LTE's efficiency weight")
+    p.add_argument(
+        "--scratch-eta", type=float, default=0.001,
+        help="LTE from scratch: the efficiency weight (sets the density it reaches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scratch-separability", type=float, default=0.0,
+        help="LTE from scratch: lambda of L_sep (any lambda > 0 made the routing a static "
+        "pruning here, see the README)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scratch-router-bias", type=float, default=1.0,
+        help="LTE from scratch: the routers' initial bias (without L_sep the middle layers "
+        "close most experts from a bias of 0; a higher bias keeps more of them: the density)",
+    )  # fmt: skip
     p.add_argument("--router-lr-scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default=None, help="run folders (default: a temp dir)")
