@@ -53,8 +53,14 @@ Choices the paper and its README leave open (the code is unreleased), said here:
   clipping its early gradients starved the task loss). The ramp stops the starving but not the
   pruning: on the stdlib bench (README) every from-scratch run with L_sep ended with each
   expert of layers 1-3 on for every token or for none (`routing_spread` 0), the same experts
-  whatever eta, the routers' learning rate or bias; without L_sep the routing stayed per
-  token. A converted dense run routes per token. Watch `routing_spread`.
+  whatever eta, the routers' learning rate or bias, and even at lambda 0.05. Per unit weight,
+  the barrier's gradient in G reaches 650 (at |G - tau| = sqrt(sep_eps / 3)); L_eff's is at
+  most 2. Without L_sep (`separability: 0`) the routing stays per token. The bench's
+  from-scratch recipe is lambda 0, eta 0.001 and `router_bias_init` 1 (from a bias of 0 the
+  middle layers closed most of their experts: density 0.3). This departs from the paper, whose
+  stage 1 always has L_sep: scores are not pushed apart before the switch to hard routing, and
+  stage 2 trains the model through the change. A converted dense run routes per token with
+  L_sep. Watch `routing_spread`.
 - All tokens count in the losses and metrics (padding too).
 """
 
