@@ -60,7 +60,8 @@ Choices the paper and its README leave open (the code is unreleased), said here:
   middle layers closed most of their experts: density 0.3). This departs from the paper, whose
   stage 1 always has L_sep: scores are not pushed apart before the switch to hard routing, and
   stage 2 trains the model through the change. A converted dense run keeps some per-token
-  routing with L_sep (spread 0.11-0.21 on the bench). Watch `routing_spread`.
+  routing with L_sep (spread 0.11-0.21 on the bench), but converted without it (eta 0.02) it
+  came closer to the dense model at a lower density (README). Watch `routing_spread`.
 - All tokens count in the losses and metrics (padding too).
 """
 
