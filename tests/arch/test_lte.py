@@ -372,3 +372,16 @@ def test_routing_spread_is_zero_for_a_static_pruning_and_per_expert_otherwise():
     _, aux = lte(x, _ctx(x, step=0))
     np.testing.assert_allclose(float(aux["routing_spread"]), np.mean(4 * p * (1 - p)), rtol=1e-6)
     assert 0.1 < float(aux["routing_spread"]) < 1.0
+
+
+def test_the_from_scratch_recipe_sets_the_bias_and_drops_the_barrier():
+    """The README's from-scratch recipe (`separability: 0`, `router_bias_init: 1`) rests on two
+    keys. Catches the bias init ignored (scores at x = 0 would be sigmoid(0) = 0.5, not
+    sigmoid(1)) and L_sep still counted at lambda 0 (aux_loss above eta L_eff / layers)."""
+    model = _model_cfg(router_bias_init=1.0, separability=0.0, eta=0.3)
+    lte = model.ffn.build(model, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(lte.scores(jnp.zeros((1, 3, D))), jax.nn.sigmoid(1.0), rtol=1e-6)
+    x = _x()
+    _, aux = lte(x, _ctx(x, step=0))
+    assert float(aux["separability_loss"]) > 0
+    np.testing.assert_allclose(aux["aux_loss"], 0.3 * aux["efficiency_loss"] / 2, rtol=1e-6)
