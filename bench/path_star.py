@@ -3,11 +3,14 @@ real CLI at about equal parameters, 3 seeds per arm, on G(2, 5) and G(5, 5).
 
     python bench/path_star.py                          # the full table (about an hour, 2 cores)
     python bench/path_star.py --graphs 2 --seeds 1 --arms next_token,planner --steps 1500
+    python bench/path_star.py --graphs 2 --path-len 3 --seeds 1 --arms planner --planner block=2
 
 Task: `data.path_star` (Bachmann & Nagarajan 2024; labels 0..49, the published token format),
-its default train/validation streams. The metric is exact match of the whole path under greedy
-decoding on the validation stream (`greedy_sequence_accuracy` of `menagerie eval`; the model
-reads its own earlier answers); chance on the decision (the source's next node) is 1/d.
+its default train/validation streams; `--path-len l` runs G(d, l) instead of G(d, 5) (l = 3:
+the node between source and goal is one edge lookup back from the goal). The metric is exact
+match of the whole path under greedy decoding on the validation stream
+(`greedy_sequence_accuracy` of `menagerie eval`; the model reads its own earlier answers);
+chance on the decision (the source's next node) is 1/d.
 
 Arms, all with the same trunk width, lr, schedule, batches and steps; `--layers` L blocks of
 parameters beyond the embedding in every arm (L - 1 trunk blocks plus one head block, or L trunk
@@ -22,7 +25,8 @@ blocks), so the arms' parameters are about equal (the table gives each one's cou
                 weight. Its blocks end where the answer starts: P is the smallest divisor of the
                 answer's first position that is >= the path length (7 on G(2, 5): 28 = 4 x 7;
                 8 on G(5, 5): 64 = 8 x 8), so the plan of the block that ends with `=` is
-                trained to predict the whole path from the prefix alone.
+                trained to predict the whole path from the prefix alone. `--planner KEY=VALUE`
+                sets any other `model.head` key of this arm (`--planner block=2`).
 
 Every run is one `menagerie train` process; `--jobs` run at once, each pinned to its own CPU
 (one XLA thread pool per core is faster on 2 cores than two processes sharing both). Prints one
@@ -64,14 +68,26 @@ def answer_block(task: PathStarConfig) -> int:
     return next(p for p in range(task.path_len, start + 1) if start % p == 0)
 
 
+def planner_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--planner KEY=VALUE` pairs as `model.head` keys of the planner arm (values as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--planner {pair!r}: want KEY=VALUE, e.g. --planner block=2")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def arm_config(arm: str, degree: int, args) -> dict[str, Any]:
-    """The CLI config of one arm on G(degree, 5) (without seed and run_dir)."""
-    task = PathStarConfig(degree=degree)
+    """The CLI config of one arm on G(degree, args.path_len) (without seed and run_dir)."""
+    task = PathStarConfig(degree=degree, path_len=args.path_len)
     mode = {"teacherless": "teacherless", "reverse": "reverse"}.get(arm, "forward")
     heads = {
         "mtp_parallel": {"kind": "mtp_parallel", "n_future": 2},
         "mtp_sequential": {"kind": "mtp_sequential", "depth": 1},
-        "planner": {"kind": "planner", "block": answer_block(task), "planner_layers": 1},
+        "planner": {"kind": "planner", "block": answer_block(task), "planner_layers": 1}
+        | planner_overrides(args.planner),
     }
     model = {"d_model": args.width, "n_layers": args.layers, "mixer": {"n_heads": 4}}
     if arm in heads:
@@ -79,6 +95,7 @@ def arm_config(arm: str, degree: int, args) -> dict[str, Any]:
     return {
         "model": model,
         "data": {"source": "synthetic", "task": {"kind": "path_star", "degree": degree,
+                                                  "path_len": args.path_len,
                                                   "mode": mode}},
         "train": {"steps": args.steps, "batch_size": args.batch, "seq_len": task.length - 1,
                   "eval_every": args.steps, "eval_batches": args.eval_batches,
@@ -131,8 +148,8 @@ def run_all(args) -> list[dict[str, Any]]:
         degree, seed, arm = key
         cfg = arm_config(arm, degree, args)
         cfg["train"]["seed"] = seed
-        row = {"graph": f"G({degree},5)", "arm": arm, "seed": seed}
-        row |= train(out_dir / f"g{degree}_{arm}_s{seed}", cfg, cpus)
+        row = {"graph": f"G({degree},{args.path_len})", "arm": arm, "seed": seed}
+        row |= train(out_dir / f"g{degree}_{args.path_len}_{arm}_s{seed}", cfg, cpus)
         print(json.dumps(row), flush=True)
         return row
 
@@ -160,7 +177,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--graphs", default="2,5", help="degrees d of G(d, 5)")
+    p.add_argument("--graphs", default="2,5", help="degrees d of G(d, l)")
+    p.add_argument("--path-len", type=int, default=5, help="l of G(d, l): nodes per arm")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3000)
@@ -170,6 +188,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument(
+        "--planner",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model.head key of the planner arm, e.g. block=2 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run folders (default: a temp dir)")
     args = p.parse_args()
     args.graphs = [int(d) for d in args.graphs.split(",")]
