@@ -98,8 +98,10 @@ def quality(args) -> dict[str, Any]:
     out = Path(args.out or tempfile.mkdtemp(prefix="lte_quality_"))
     out.mkdir(parents=True, exist_ok=True)
     n, half, k = args.steps, args.steps // 2, EXPERTS // 2
-    lte = {"eta": args.eta, "separability": args.separability}
-    lte["router_lr_scale"] = args.router_lr_scale
+    lte = {
+        "eta": args.eta, "separability": args.separability,
+        "router_lr_scale": args.router_lr_scale,
+    }  # fmt: skip
     scratch = lte | {"eta": args.scratch_eta, "separability": args.scratch_separability}
     scratch["router_bias_init"] = args.scratch_router_bias
     _train(out / "dense", _config(n, {"kind": "swiglu", "hidden_dim": 32 * EXPERTS}, args.lr))
