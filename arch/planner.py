@@ -50,6 +50,15 @@ Choices and deviations, said here:
 - The latent target is the mean-pooled block state, with SmoothL1 (Huber, delta 1) as NextLat
   uses; pairs whose block j+1 leaves a_j's document do not count.
 - Lookahead logits cost one more [B,T,V] unembedding (N blocks x P offsets = T rows).
+- `writer_layers` > 0 adds the plan writer (`arch.plan_writer`, not in planners.md): from z_j
+  and the states h_{<=a_j} it writes block j+1 last token first, and its greedy tokens steer the
+  LM: at t = a_j .. a_j+P-1 (in a_j's document) the LM input gains W_p Emb(the written token for
+  x_{t+1}), W_p zero at init. The tokens read nothing of block j+1, so the LM stays causal; the
+  writer's own loss (`writer_weight`, in aux_loss; metrics writer_loss, writer_accuracy and
+  writer_block_accuracy, the greedy blocks' exact match) is teacher-forced on block j+1's
+  tokens, written last first: unlike the lookahead loss it is not teacherless. It costs a greedy
+  write per block in training and at inference (`Planner.decode` keeps the hidden states as
+  the writer's memory).
 
 kind: mtp_parallel (Gloeckle et al. 2024, arXiv 2404.19737). n = `n_future` heads share the
 unembedding; head 1 is the LM head itself (its logits are the model's output), head k >= 2
@@ -93,6 +102,7 @@ from .config import ModelConfig, check_positive
 from .layers import Embed, Linear, dtype_of, linear, param, rms_norm
 from .lm_head import LMHead, LMHeadConfig
 from .parts import Aux, Ctx, HeadConfig, decode_pre_norm_block, init_block_cache
+from .plan_writer import PlanWriter
 from .swiglu import SwiGLUConfig
 
 declare(
@@ -125,8 +135,13 @@ def block_exact_match(logits_BNPV: jax.Array, tokens_BNP: jax.Array, counted_BNP
     """The fraction of blocks with a counted target whose counted targets are all the argmax:
     decoding each block in parallel from its plan, exactly right (on path-star, with a block
     ending where the answer starts, the exact match of the whole answer planned at once)."""
+    return tokens_exact_match(jnp.argmax(logits_BNPV, axis=-1), tokens_BNP, counted_BNP)
+
+
+def tokens_exact_match(guess_BNP: jax.Array, tokens_BNP: jax.Array, counted_BNP: jax.Array):
+    """The fraction of blocks with a counted target whose counted targets `guess` has right."""
     counted = counted_BNP > 0
-    wrong_BN = jnp.any((jnp.argmax(logits_BNPV, axis=-1) != tokens_BNP) & counted, axis=-1)
+    wrong_BN = jnp.any((guess_BNP != tokens_BNP) & counted, axis=-1)
     has_BN = jnp.any(counted, axis=-1)
     right = jnp.sum(has_BN & ~wrong_BN, dtype=jnp.float32)
     return right / jnp.maximum(jnp.sum(has_BN, dtype=jnp.float32), 1.0)
@@ -217,12 +232,19 @@ class PlannerConfig(HeadBlocksConfig):
     """Weight of the latent lookahead loss (0: off, and no latent map is built)."""
     decoder_hidden: int | None = None
     """Hidden width of the lookahead decoder's MLP. None: 2 d_model."""
+    writer_layers: int = 0
+    """Layers of the plan writer (`arch.plan_writer`): it writes block j+1 last token first from
+    the plan and the prefix, and its greedy tokens condition the LM. 0: no writer."""
+    writer_weight: float = 1.0
+    """Weight of the writer's teacher-forced (reverse) loss."""
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
         ints = ("block", "planner_layers", "decoder_hidden")
         check_positive(self, "model.head.", ints=ints)
-        for name in ("lookahead_weight", "latent_weight"):
+        if self.writer_layers < 0:
+            raise ValueError(f"model.head.writer_layers={self.writer_layers} must be >= 0")
+        for name in ("lookahead_weight", "latent_weight", "writer_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
 
@@ -235,22 +257,46 @@ class PlannerConfig(HeadBlocksConfig):
 
     def num_params(self, model: ModelConfig) -> int:
         """LM head + planner layers and final norm + W_c (condition_lm) + decoder (offsets P D,
-        two norms 2 D, MLP 2 D F) + W_l (latent_weight > 0)."""
+        two norms 2 D, MLP 2 D F) + W_l (latent_weight > 0) + the writer."""
         d = model.d_model
         planner = self.planner_layers * self.block_params(model) + d
         maps = d * d * (int(self.condition_lm) + int(self.latent_weight > 0))
         decoder = self.block * d + 2 * d + 2 * d * self.hidden(model)
-        return LMHeadConfig().num_params(model) + planner + maps + decoder
+        return (
+            LMHeadConfig().num_params(model) + planner + maps + decoder + self.writer_params(model)
+        )
+
+    def writer_params(self, model: ModelConfig) -> int:
+        """Writer layers (three norms 3 D, q k v o 4 D H Dh, SwiGLU) + steps P D + final norm D
+        + W_p D^2; 0 without a writer."""
+        if not self.writer_layers:
+            return 0
+        d, attention = model.d_model, self.attention()
+        qkvo = 4 * d * attention.n_heads * attention.dim_head(model)
+        layer = 3 * d + qkvo + self.ffn().num_params(model)
+        return self.writer_layers * layer + self.block * d + d + d * d
+
+    def writer_flops(self, model: ModelConfig, seq_len: int) -> float:
+        """Training FLOPs per token of the writer: each token is one step of one block, written
+        teacher-forced (forward and backward) and greedily (forward only), each step a writer
+        layer per layer (about a causal block over `seq_len`: its queries read a prefix) and an
+        unembedding; W_p trained at every token."""
+        if not self.writer_layers:
+            return 0.0
+        d, v = model.d_model, model.padded_vocab
+        layers = self.writer_layers * self.block_flops(model, seq_len)
+        return layers * 4 / 3 + 8 * d * v + 6 * d * d
 
     def flops_per_token(self, model: ModelConfig, seq_len: int) -> float:
         """LM head + lookahead (decoder MLP and one more unembedding per token) + per block
-        (planner layers, W_c, W_l) / P."""
+        (planner layers, W_c, W_l) / P + the writer."""
         d, v = model.d_model, model.padded_vocab
         lookahead = 6 * 2 * d * self.hidden(model) + 6 * d * v
         blocks = math.ceil(seq_len / self.block)
         maps = 6 * d * d * (int(self.condition_lm) + int(self.latent_weight > 0))
         per_block = self.planner_layers * self.block_flops(model, blocks) + maps
-        return LMHeadConfig().flops_per_token(model, seq_len) + lookahead + per_block / self.block
+        head = LMHeadConfig().flops_per_token(model, seq_len) + lookahead + per_block / self.block
+        return head + self.writer_flops(model, seq_len)
 
 
 def in_blocks(x_BT: jax.Array, p: int, fill) -> jax.Array:
@@ -269,13 +315,17 @@ def in_blocks(x_BT: jax.Array, p: int, fill) -> jax.Array:
 
 @struct.dataclass
 class PlanState:
-    """A conditioning planner's decoding state: the planner layers' caches over blocks, the sum
-    of the current block's hidden states [B,D] float32, and W_c z_{j-1} [B,D] for the current
-    block j (zeros in block 0)."""
+    """A steering planner's decoding state: the planner layers' caches over blocks, the sum of
+    the current block's hidden states [B,D] float32, W_c z_{j-1} [B,D] for the current block j
+    (zeros in block 0 and without `condition_lm`); with a writer, the hidden states so far
+    [B,L,D] float32 (its memory) and the tokens it wrote at the last block's end [B,P] int32,
+    in order."""
 
     layers: Any
     block_sum: jax.Array
     condition: jax.Array
+    memory: jax.Array | None = None
+    plan: jax.Array | None = None
 
 
 class Planner(nnx.Module):
@@ -301,28 +351,77 @@ class Planner(nnx.Module):
         self.out_norm = rms_norm(model, rngs=rngs)
         latent = cfg.latent_weight > 0
         self.latent = linear(model, d, d, ("head_in", "embed"), rngs=rngs) if latent else None
+        writes = cfg.writer_layers > 0
+        args = (cfg.writer_layers, cfg.block, cfg.attention(), cfg.ffn(), model)
+        self.writer = PlanWriter(*args, rngs=rngs) if writes else None
+        self.read_plan = Linear(d, d, ("head_in", "embed"), **kw) if writes else None
 
     def __call__(self, h_BTD: jax.Array, ctx: Ctx, *, embed: Embed) -> tuple[jax.Array, Aux]:
-        if self.condition is None and ctx.targets is None:
+        steers = self.condition is not None or self.writer is not None
+        if not steers and ctx.targets is None:
             return self.lm(h_BTD, ctx, embed=embed)  # nothing to condition, nothing to learn
         with jax.named_scope("planner"):
             s_BND, z_BND = self.plan(h_BTD, ctx)
+            cond_BTD = jnp.zeros_like(h_BTD)
             if self.condition is not None:
-                h_BTD = h_BTD + self.conditioning(z_BND, ctx).astype(h_BTD.dtype)
-            logits_BTV, _ = self.lm(h_BTD, ctx, embed=embed)
+                cond_BTD = cond_BTD + self.conditioning(z_BND, ctx).astype(h_BTD.dtype)
+            if self.writer is not None:
+                _, plan_BNP = self.write(z_BND, h_BTD, ctx, embed)
+                cond_BTD = cond_BTD + self.reading(plan_BNP, ctx, embed).astype(h_BTD.dtype)
+            logits_BTV, _ = self.lm(h_BTD + cond_BTD, ctx, embed=embed)
             if ctx.targets is None:
                 return logits_BTV, {}
-            return logits_BTV, self.losses(s_BND, z_BND, ctx, embed)
+            aux = self.losses(s_BND, z_BND, ctx, embed)
+            if self.writer is not None:
+                aux = self.writer_losses(aux, z_BND, h_BTD, plan_BNP, ctx, embed)
+            return logits_BTV, aux
+
+    def write(self, z_BND, h_BTD, ctx: Ctx, embed: Embed, teacher=None):
+        """The writer's (logits [B,N,P,V], tokens [B,N,P]) for every block, step i the token
+        P - 1 - i of the next block; block j reads the states h_t, t <= a_j, of a_j's document."""
+        _, last_BN = self.block_segments(ctx)
+        t = h_BTD.shape[1]
+        ends_N = (jnp.arange(last_BN.shape[1]) + 1) * self.cfg.block - 1
+        before_NT = jnp.arange(t)[None, :] <= ends_N[:, None]
+        allowed_BNT = before_NT[None] & (ctx.segment_ids[:, None, :] == last_BN[..., None])
+        head = lambda x: self.lm(x, None, embed=embed)[0]  # noqa: E731
+        return self.writer.write(z_BND, h_BTD, allowed_BNT, embed, head, teacher)
+
+    def reading(self, plan_BNP: jax.Array, ctx: Ctx, embed: Embed) -> jax.Array:
+        """[B,T,D]: W_p Emb(the plan's token for x_{t+1}) at every position t from a_j to
+        a_j + P - 1 in a_j's document (the plan written at a_j); zero before block 0 ends."""
+        p, (b, n, _), t = self.cfg.block, plan_BNP.shape, ctx.segment_ids.shape[1]
+        in_order = plan_BNP[..., ::-1].reshape(b, n * p)  # x_{(j+1)P+o}
+        next_BT = jnp.pad(in_order, ((0, 0), (p, 0)))[:, 1 : t + 1]  # x_{t+1} at t
+        j_T = (jnp.arange(t) + 1) // p - 1
+        _, last_BN = self.block_segments(ctx)
+        doc_BT = jnp.take(last_BN, jnp.maximum(j_T, 0), axis=1)
+        keep_BT = (j_T >= 0) & (ctx.segment_ids == doc_BT)
+        return jnp.where(keep_BT[..., None], self.read_plan(embed(next_BT)), 0)
+
+    def writer_losses(self, aux: Aux, z_BND, h_BTD, plan_BNP, ctx: Ctx, embed: Embed) -> Aux:
+        """The writer's teacher-forced loss (weighted into aux_loss), its accuracy, and the
+        exact match of its greedy blocks (`writer_block_accuracy`)."""
+        tokens, counted = (x[..., ::-1] for x in self.lookahead_targets(ctx))
+        logits_BNPV, _ = self.write(z_BND, h_BTD, ctx, embed, teacher=(tokens, counted))
+        loss, accuracy = token_loss(logits_BNPV, tokens, counted)
+        blocks = tokens_exact_match(plan_BNP, tokens, counted)
+        total = aux["aux_loss"] + self.cfg.writer_weight * loss
+        metrics = {"writer_loss": loss, "writer_accuracy": accuracy}
+        return aux | metrics | {"writer_block_accuracy": blocks, "aux_loss": total}
 
     def init_state(self, batch: int, max_len: int) -> PlanState | None:
-        """The decoding state before the first token (None without `condition_lm`: the LM head
-        alone then decodes)."""
-        if self.condition is None:
+        """The decoding state before the first token (None when the planner steers nothing:
+        the LM head alone then decodes)."""
+        if self.condition is None and self.writer is None:
             return None
-        blocks = -(-max_len // self.cfg.block)
+        blocks, (p, d) = -(-max_len // self.cfg.block), self.offsets.shape
         caches = [layer.init_cache(batch, blocks) for layer in self.layers]
-        zeros = jnp.zeros((batch, self.condition.kernel.shape[-1]), jnp.float32)
-        return PlanState(caches, zeros, zeros)
+        zeros = jnp.zeros((batch, d), jnp.float32)
+        if self.writer is None:
+            return PlanState(caches, zeros, zeros)
+        memory = jnp.zeros((batch, max_len, d), jnp.float32)
+        return PlanState(caches, zeros, zeros, memory, jnp.zeros((batch, p), jnp.int32))
 
     def decode(
         self, h_BTD: jax.Array, state: PlanState | None, start, *, embed: Embed
@@ -334,27 +433,45 @@ class Planner(nnx.Module):
 
         def token(state: PlanState, h_pos):
             h_BD, pos = h_pos
-            out_BD = h_BD + state.condition.astype(h_BD.dtype)
+            condition_BD = state.condition  # z_{j-1}'s, before block j's end updates it
+            if state.memory is not None:
+                memory = jax.lax.dynamic_update_index_in_dim(state.memory, h_BD, pos, 1)
+                state = state.replace(memory=memory.astype(jnp.float32))
             total = state.block_sum + h_BD.astype(jnp.float32)
             ends = (pos + 1) % self.cfg.block == 0
-            nxt = lambda: self.next_plan(state, total, pos // self.cfg.block, h_BD.dtype)  # noqa: E731
+            nxt = lambda: self.next_plan(state, total, pos, h_BD.dtype, embed)  # noqa: E731
             state = jax.lax.cond(ends, nxt, lambda: state.replace(block_sum=total))
+            out_BD = h_BD + condition_BD.astype(h_BD.dtype)
+            if state.plan is not None:  # the block written at a_j <= pos, read from a_j on
+                read_BD = self.read_plan(embed(state.plan[:, (pos + 1) % self.cfg.block]))
+                out_BD = out_BD + jnp.where(pos + 1 >= self.cfg.block, read_BD, 0).astype(
+                    h_BD.dtype
+                )
             return state, out_BD
 
         positions = start + jnp.arange(h_BTD.shape[1], dtype=jnp.int32)
         state, out_TBD = jax.lax.scan(token, state, (h_BTD.swapaxes(0, 1), positions))
         return self.lm(out_TBD.swapaxes(0, 1), None, embed=embed)[0], state
 
-    def next_plan(self, state: PlanState, total_BD: jax.Array, j, dtype) -> PlanState:
-        """Block j is complete (its states sum to `total`): the planner one block further (in
-        the hidden states' `dtype`), its plan W_c z_j for block j+1, and an empty sum."""
+    def next_plan(self, state: PlanState, total_BD: jax.Array, pos, dtype, embed) -> PlanState:
+        """Block j = pos // P is complete at `pos` (its states sum to `total`): the planner one
+        block further (in the hidden states' `dtype`), its plan W_c z_j for block j+1, the
+        writer's tokens of block j+1 (from the memory up to `pos`), and an empty sum."""
         x_B1D = (total_BD / self.cfg.block)[:, None].astype(dtype)
         caches = []
         for layer, cache in zip(self.layers, state.layers, strict=True):
-            x_B1D, cache = layer.decode(x_B1D, cache, j)
+            x_B1D, cache = layer.decode(x_B1D, cache, pos // self.cfg.block)
             caches.append(cache)
-        condition = self.condition(self.plan_norm(x_B1D))[:, 0].astype(jnp.float32)
-        return PlanState(caches, jnp.zeros_like(total_BD), condition)
+        z_B1D, condition, plan = self.plan_norm(x_B1D), state.condition, state.plan
+        if self.condition is not None:
+            condition = self.condition(z_B1D)[:, 0].astype(jnp.float32)
+        if self.writer is not None:
+            memory = state.memory.astype(dtype)
+            allowed_B1L = jnp.broadcast_to(jnp.arange(memory.shape[1]) <= pos, memory.shape[:2])
+            head = lambda x: self.lm(x, None, embed=embed)[0]  # noqa: E731
+            _, written = self.writer.write(z_B1D, memory, allowed_B1L[:, None], embed, head)
+            plan = written[:, 0, ::-1]
+        return PlanState(caches, jnp.zeros_like(total_BD), condition, state.memory, plan)
 
     def block_segments(self, ctx: Ctx) -> tuple[jax.Array, jax.Array]:
         """(segment ids [B,N,P] padded with the row's last, the document of each block's last

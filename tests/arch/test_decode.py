@@ -25,6 +25,22 @@ CONFIGS = {
         n_kv_heads=2,
         head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, planner_layers=2),
     ),
+    # A planner with a writer (arch.plan_writer): the block it writes at a block's end steers
+    # the LM from that token on; with and without the plan's own conditioning
+    "planner-writer": dict(
+        scan_layers=False,
+        tie_embeddings=True,
+        n_kv_heads=2,
+        head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, writer_layers=2),
+    ),
+    "planner-writer-only": dict(
+        scan_layers=True,
+        tie_embeddings=False,
+        n_kv_heads=2,
+        head=dict(
+            kind="planner", block=3, n_heads=2, hidden_dim=24, condition_lm=False, writer_layers=1
+        ),
+    ),
     # An MTP head: at inference the LM head alone (its extra modules read ctx.targets)
     "mtp-sequential": dict(
         scan_layers=True, tie_embeddings=True, n_kv_heads=2, head=dict(kind="mtp_sequential")

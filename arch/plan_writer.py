@@ -1,0 +1,131 @@
+"""The planner's writer: it writes the planned block last token first, reading the prefix.
+
+A part of the `planner` head (`arch.planner`, `model.head.writer_layers` > 0). For block j (last
+position a_j = (j+1)P - 1) it writes the P tokens x_{a_j+1..a_j+P} of block j+1 in reverse,
+step i = 0..P-1 giving y_i = x_{a_j+P-i}:
+
+    u_0 = z_j + e_0,   u_i = Emb(y_{i-1}) + e_i   (i > 0; the plan then through step 0)
+    u <- u + Attn(RMSNorm u  ->  [RMSNorm_m h_t, t <= a_j in a_j's document ; RMSNorm u_{<=i}])
+    u <- u + SwiGLU(RMSNorm u)                                   (per writer layer)
+    p(y_i | z_j, h_{<=a_j}, y_{<i}) = softmax(U RMSNorm(u_i))
+
+z_j is the block's plan, e_i a learned step embedding, h the backbone's final hidden states, U
+and Emb the model's (un)embedding. Each layer's attention reads the prefix's states (memory)
+and the block's earlier steps with the same projections; there are no positions in it (h
+carries the backbone's). Training scores the steps teacher-forced (y_{<i} the true tokens of
+block j+1, written last first: the reverse loss) and, separately, writes every block greedily
+with its own tokens (stop-gradient): those plan tokens condition the LM (`Planner`), so what
+the LM reads at training is what it reads when generating, and nothing of block j+1 reaches it.
+
+Why last first: on path-star the block after `=` is the path, whose last node is the goal, in
+the prompt; written goal first, every step is one edge lookup whose query is the token just
+written (the reversed-target control's structure), where written first to last the first
+choice needs the whole path found at once. The design is this repo's (planners.md's proposal
+has no writer); a backward factorisation of the next block is close in spirit to the Belief
+State Transformer's backward encoder (Hu et al. 2024), not taken from it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import AttentionConfig
+from .config import ModelConfig
+from .layers import Embed, dtype_of, linear, param, rms_norm
+from .swiglu import SwiGLUConfig
+
+
+class WriterLayer(nnx.Module):
+    """One writer layer: attention over the memory and the block's earlier steps, then SwiGLU."""
+
+    def __init__(self, attention: AttentionConfig, ffn: SwiGLUConfig, model: ModelConfig, *, rngs):
+        d, h = model.d_model, attention.n_heads
+        hd = attention.dim_head(model)
+        self.norm = rms_norm(model, rngs=rngs)
+        self.memory_norm = rms_norm(model, rngs=rngs)
+        self.q = linear(model, d, (h, hd), ("embed", "heads", "head_dim"), rngs=rngs)
+        self.k = linear(model, d, (h, hd), ("embed", "heads", "head_dim"), rngs=rngs)
+        self.v = linear(model, d, (h, hd), ("embed", "heads", "head_dim"), rngs=rngs)
+        self.o = linear(model, (h, hd), d, ("heads", "head_dim", "embed"), rngs=rngs)
+        self.ffn_norm = rms_norm(model, rngs=rngs)
+        self.ffn = ffn.build(model, rngs=rngs)
+
+    def memory(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B,T,H,Dh] of the prefix's states."""
+        m_BTD = self.memory_norm(h_BTD)
+        return self.k(m_BTD), self.v(m_BTD)
+
+    def step(self, u_BND, i, cache, memory, allowed_BNT) -> tuple[jax.Array, Any]:
+        """Step i of every block: u [B,N,D] -> u; `cache` the block's earlier steps' keys and
+        values [B,N,P,H,Dh] (step i's written in)."""
+        x_BND = self.norm(u_BND)
+        q_BNHK = self.q(x_BND)
+        k_BNPHK = jax.lax.dynamic_update_index_in_dim(cache[0], self.k(x_BND), i, 2)
+        v_BNPHK = jax.lax.dynamic_update_index_in_dim(cache[1], self.v(x_BND), i, 2)
+        k_BTHK, v_BTHK = memory
+        scale = 1.0 / math.sqrt(q_BNHK.shape[-1])
+        s_mem = jnp.einsum("bnhk,bthk->bnht", q_BNHK, k_BTHK, preferred_element_type=jnp.float32)
+        s_own = jnp.einsum("bnhk,bnphk->bnhp", q_BNHK, k_BNPHK, preferred_element_type=jnp.float32)
+        s_mem = jnp.where(allowed_BNT[:, :, None], s_mem * scale, -jnp.inf)
+        earlier = jnp.arange(k_BNPHK.shape[2]) <= i
+        s_own = jnp.where(earlier, s_own * scale, -jnp.inf)
+        w = jax.nn.softmax(jnp.concatenate([s_mem, s_own], -1), axis=-1).astype(v_BTHK.dtype)
+        t = s_mem.shape[-1]
+        out_BNHK = jnp.einsum("bnht,bthk->bnhk", w[..., :t], v_BTHK) + jnp.einsum(
+            "bnhp,bnphk->bnhk", w[..., t:], v_BNPHK
+        )
+        u_BND = u_BND + self.o(out_BNHK).astype(u_BND.dtype)
+        u_BND = u_BND + self.ffn(self.ffn_norm(u_BND), None)[0].astype(u_BND.dtype)
+        return u_BND, (k_BNPHK, v_BNPHK)
+
+
+class PlanWriter(nnx.Module):
+    """Writes each planned block last token first (module docstring)."""
+
+    def __init__(
+        self, layers: int, block: int, attention, ffn, model: ModelConfig, *, rngs: nnx.Rngs
+    ):
+        self.block = block
+        self.layers = nnx.List(
+            [WriterLayer(attention, ffn, model, rngs=rngs) for _ in range(layers)]
+        )
+        shape, names = (block, model.d_model), ("plan_offset", "embed")
+        dtype = dtype_of(model.param_dtype)
+        self.steps = param(rngs, shape, names, std=model.init_std, dtype=dtype)
+        self.out_norm = rms_norm(model, rngs=rngs)
+
+    def write(self, z_BND, h_BTD, allowed_BNT, embed: Embed, head, teacher=None):
+        """(logits [B,N,P,V] float32, tokens [B,N,P] int32) of the P steps of every block, step
+        i the block's token P - 1 - i. Each step reads the tokens of the steps before it: its
+        own argmax tokens (greedy); with `teacher` = (tokens, known) [B,N,P] in step order, the
+        true token where it counts (teacher forcing) and its own where not (past the row or the
+        document, or masked out: what greedy writing reads there too)."""
+        memory = [layer.memory(h_BTD) for layer in self.layers]
+        b, n, d = z_BND.shape
+        kv_shape = (b, n, self.block, *memory[0][0].shape[2:])
+        caches = [(jnp.zeros(kv_shape, m[0].dtype),) * 2 for m in memory]
+        zero = jnp.zeros((b, n), jnp.int32)
+        if teacher is not None:
+            inputs_PBN, known_PBN = (jnp.moveaxis(x, -1, 0) for x in teacher)
+
+        def step(carry, i):
+            caches, prev_BN = carry
+            first = jnp.where(i == 0, z_BND, embed(prev_BN).astype(z_BND.dtype))
+            u_BND = first + self.steps[i].astype(z_BND.dtype)
+            new = []
+            for layer, cache, mem in zip(self.layers, caches, memory, strict=True):
+                u_BND, cache = layer.step(u_BND, i, cache, mem, allowed_BNT)
+                new.append(cache)
+            logits_BNV = head(self.out_norm(u_BND))
+            token_BN = jnp.argmax(logits_BNV, axis=-1).astype(jnp.int32)
+            if teacher is not None:
+                token_BN = jnp.where(known_PBN[i] > 0, inputs_PBN[i], token_BN)
+            return (new, token_BN), (logits_BNV, token_BN)
+
+        _, (logits_PBNV, tokens_PBN) = jax.lax.scan(step, (caches, zero), jnp.arange(self.block))
+        return jnp.moveaxis(logits_PBNV, 0, 2), jnp.moveaxis(tokens_PBN, 0, -1)
