@@ -88,23 +88,49 @@ class PlanWriter(nnx.Module):
     """Writes each planned block last token first (module docstring)."""
 
     def __init__(
-        self, layers: int, block: int, attention, ffn, model: ModelConfig, *, rngs: nnx.Rngs
+        self,
+        layers: int,
+        block: int,
+        taps: int,
+        attention,
+        ffn,
+        model: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
     ):
         self.block = block
+        dtype = dtype_of(model.param_dtype)
+        shape, names = (taps, model.d_model), ("memory_tap", "embed")
+        zeros = jax.nn.initializers.zeros
+        self.taps = param(rngs, shape, names, std=None, dtype=dtype, init=zeros) if taps else None
         self.layers = nnx.List(
             [WriterLayer(attention, ffn, model, rngs=rngs) for _ in range(layers)]
         )
         shape, names = (block, model.d_model), ("plan_offset", "embed")
-        dtype = dtype_of(model.param_dtype)
         self.steps = param(rngs, shape, names, std=model.init_std, dtype=dtype)
         self.out_norm = rms_norm(model, rngs=rngs)
 
-    def write(self, z_BND, h_BTD, allowed_BNT, embed: Embed, head, teacher=None):
+    def mix(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> jax.Array:
+        """m_t = h_t + sum_k c_k * h_{t-k}, k = 1..K (K `taps`, c_k [D] from zero), the earlier
+        states taken in t's document only (`segments`; None: one document)."""
+        if self.taps is None:
+            return h_BTD
+        out_BTD, t = h_BTD, h_BTD.shape[1]
+        for k in range(1, min(self.taps.shape[0], t - 1) + 1):
+            earlier_BTD = jnp.pad(h_BTD[:, : t - k], ((0, 0), (k, 0), (0, 0)))
+            if segments_BT is not None:
+                same_BT = jnp.pad(segments_BT[:, k:] == segments_BT[:, : t - k], ((0, 0), (k, 0)))
+                earlier_BTD = jnp.where(same_BT[..., None], earlier_BTD, 0)
+            out_BTD = out_BTD + self.taps[k - 1].astype(h_BTD.dtype) * earlier_BTD
+        return out_BTD
+
+    def write(self, z_BND, h_BTD, allowed_BNT, embed: Embed, head, teacher=None, segments_BT=None):
         """(logits [B,N,P,V] float32, tokens [B,N,P] int32) of the P steps of every block, step
         i the block's token P - 1 - i. Each step reads the tokens of the steps before it: its
         own argmax tokens (greedy); with `teacher` = (tokens, known) [B,N,P] in step order, the
         true token where it counts (teacher forcing) and its own where not (past the row or the
         document, or masked out: what greedy writing reads there too)."""
+        h_BTD = self.mix(h_BTD, segments_BT)
         memory = [layer.memory(h_BTD) for layer in self.layers]
         b, n, d = z_BND.shape
         kv_shape = (b, n, self.block, *memory[0][0].shape[2:])

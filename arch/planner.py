@@ -108,6 +108,7 @@ from .swiglu import SwiGLUConfig
 declare(
     Axis("head_in", "feature", None, doc="input width of a head's projection into the stream"),
     Axis("plan_offset", "feature", None, doc="token offsets within a planned block"),
+    Axis("memory_tap", "feature", None, doc="earlier states mixed into a writer's memory state"),
 )
 
 
@@ -237,13 +238,17 @@ class PlannerConfig(HeadBlocksConfig):
     the plan and the prefix, and its greedy tokens condition the LM. 0: no writer."""
     writer_weight: float = 1.0
     """Weight of the writer's teacher-forced (reverse) loss."""
+    writer_taps: int = 0
+    """Earlier states mixed into each of the writer's memory states (a short causal depthwise
+    convolution, as Canon layers: m_t = h_t + sum_k c_k h_{t-k}); 0: the states as they are."""
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
         ints = ("block", "planner_layers", "decoder_hidden")
         check_positive(self, "model.head.", ints=ints)
-        if self.writer_layers < 0:
-            raise ValueError(f"model.head.writer_layers={self.writer_layers} must be >= 0")
+        for name in ("writer_layers", "writer_taps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
         for name in ("lookahead_weight", "latent_weight", "writer_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
@@ -274,7 +279,7 @@ class PlannerConfig(HeadBlocksConfig):
         d, attention = model.d_model, self.attention()
         qkvo = 4 * d * attention.n_heads * attention.dim_head(model)
         layer = 3 * d + qkvo + self.ffn().num_params(model)
-        return self.writer_layers * layer + self.block * d + d + d * d
+        return self.writer_layers * layer + (self.block + self.writer_taps) * d + d + d * d
 
     def writer_flops(self, model: ModelConfig, seq_len: int) -> float:
         """Training FLOPs per token of the writer: each token is one step of one block, written
@@ -352,7 +357,7 @@ class Planner(nnx.Module):
         latent = cfg.latent_weight > 0
         self.latent = linear(model, d, d, ("head_in", "embed"), rngs=rngs) if latent else None
         writes = cfg.writer_layers > 0
-        args = (cfg.writer_layers, cfg.block, cfg.attention(), cfg.ffn(), model)
+        args = (cfg.writer_layers, cfg.block, cfg.writer_taps, cfg.attention(), cfg.ffn(), model)
         self.writer = PlanWriter(*args, rngs=rngs) if writes else None
         self.read_plan = Linear(d, d, ("head_in", "embed"), **kw) if writes else None
 
@@ -385,7 +390,8 @@ class Planner(nnx.Module):
         before_NT = jnp.arange(t)[None, :] <= ends_N[:, None]
         allowed_BNT = before_NT[None] & (ctx.segment_ids[:, None, :] == last_BN[..., None])
         head = lambda x: self.lm(x, None, embed=embed)[0]  # noqa: E731
-        return self.writer.write(z_BND, h_BTD, allowed_BNT, embed, head, teacher)
+        segments = ctx.segment_ids
+        return self.writer.write(z_BND, h_BTD, allowed_BNT, embed, head, teacher, segments)
 
     def reading(self, plan_BNP: jax.Array, ctx: Ctx, embed: Embed) -> jax.Array:
         """[B,T,D]: W_p Emb(the plan's token for x_{t+1}) at every position t from a_j to

@@ -31,7 +31,9 @@ CONFIGS = {
         scan_layers=False,
         tie_embeddings=True,
         n_kv_heads=2,
-        head=dict(kind="planner", block=4, n_heads=2, hidden_dim=24, writer_layers=2),
+        head=dict(
+            kind="planner", block=4, n_heads=2, hidden_dim=24, writer_layers=2, writer_taps=2
+        ),
     ),
     "planner-writer-only": dict(
         scan_layers=True,

@@ -19,9 +19,11 @@ P = 4  # blocks 0..3 of T = 13 tokens, the last one partial
 
 
 def _model(seed=0, **head):
-    """A planner with a 2-layer writer whose parameters are all N(0, 0.5) (W_p and W_c
-    included: at their zero init no leak through them could show)."""
+    """A planner with a 2-layer writer mixing 2 earlier states into its memory, all parameters
+    N(0, 0.5) (W_p, W_c and the taps included: at their zero init no leak through them could
+    show)."""
     head = dict(kind="planner", block=P, n_heads=4, hidden_dim=64, writer_layers=2) | head
+    head = dict(writer_taps=2) | head
     cfg = TransformerConfig(
         vocab_size=V, d_model=32, n_layers=1, scan_layers=False, ffn={"hidden_dim": 64}, head=head
     )
@@ -120,7 +122,8 @@ def _logits_and_plan(model, tokens_BT, ctx):
 def test_the_lm_steered_by_the_writer_stays_causal_and_in_its_document():
     """Bug caught: the block written at a_j read from a_j - 1 on (a token steered by a plan that
     read it), the writer's memory reaching past a_j, a plan read past its block or into the next
-    document, or a memory that ignores documents. Each input token in turn is changed: no logit
+    document, a memory that ignores documents, or taps that mix in a later state or one of
+    the previous document. Each input token in turn is changed: no logit
     before it, nor in another document, may move; the written tokens must move somewhere (the
     check is not vacuous)."""
     model, seg = _model(), SEGMENTS
@@ -136,3 +139,18 @@ def test_the_lm_steered_by_the_writer_stays_causal_and_in_its_document():
             np.testing.assert_array_equal(logits[b, fixed], base[b, fixed], err_msg=f"{b} {s}")
         plans_moved += int(not np.array_equal(moved, plan))
     assert plans_moved >= T // 2, plans_moved
+
+
+def test_the_memory_taps_are_the_direct_causal_sum_in_the_document():
+    """Bug caught: a tap dropped (the loop one short), tap k applied at distance k + 1, or a
+    state of the previous document mixed in."""
+    model, h = _model(writer_taps=3), np.asarray(_h(), np.float64)
+    taps = np.asarray(model.head.writer.taps[...], np.float64)
+    got = np.asarray(_jitted(model, lambda m: m.head.writer.mix(_h(), jnp.asarray(SEGMENTS))))
+    want = h.copy()
+    for b in range(2):
+        for t in range(T):
+            for k in range(1, 4):
+                if t - k >= 0 and SEGMENTS[b, t - k] == SEGMENTS[b, t]:
+                    want[b, t] += taps[k - 1] * h[b, t - k]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

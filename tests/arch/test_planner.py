@@ -397,7 +397,7 @@ def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
     [
         dict(kind="planner", block=3, planner_layers=1, decoder_hidden=24),
         dict(kind="planner", condition_lm=False, latent_weight=0.5),
-        dict(kind="planner", block=3, writer_layers=2),
+        dict(kind="planner", block=3, writer_layers=2, writer_taps=3),
         dict(kind="mtp_parallel", n_future=3),
         dict(kind="mtp_sequential", depth=2),
     ],
@@ -424,6 +424,7 @@ def test_num_params_is_exact(head, tie):
         (dict(kind="planner", lookahead_weight=-1.0), "lookahead_weight=-1.0 must be >= 0"),
         (dict(kind="planner", writer_layers=-1), "writer_layers=-1 must be >= 0"),
         (dict(kind="planner", writer_weight=-2.0), "writer_weight=-2.0 must be >= 0"),
+        (dict(kind="planner", writer_taps=-1), "writer_taps=-1 must be >= 0"),
         (dict(kind="mtp_parallel", n_future=1), "n_future=1 must be at least 2"),
         (dict(kind="mtp_sequential", depth=0), "model.head.depth=0 must be a positive"),
         (dict(kind="mtp_sequential", n_heads=3), "n_heads=3 must divide model.d_model=32"),
