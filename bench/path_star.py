@@ -27,12 +27,16 @@ blocks), so the arms' parameters are about equal (the table gives each one's cou
                 8 on G(5, 5): 64 = 8 x 8), so the plan of the block that ends with `=` is
                 trained to predict the whole path from the prefix alone. `--planner KEY=VALUE`
                 sets any other `model.head` key of this arm (`--planner block=2`).
+  writer        the planner arm plus its plan writer (`arch.plan_writer`: one layer, memory
+                taps 3): it writes the block after `=`, the path, goal first from the prefix,
+                and the LM reads the written path; `--planner` keys apply to it too.
 
 Every run is one `menagerie train` process; `--jobs` run at once, each pinned to its own CPU
 (one XLA thread pool per core is faster on 2 cores than two processes sharing both). Prints one
 line per run, then a table (mean and the seeds' values; for the planner also `plan`, the mean
 exact match of the path written at once from its plan, the eval's plan block accuracy); writes
-bench/results/path_star.json.
+bench/results/path_star.json. For the writer arm also `written`: the exact match of the path
+as the writer writes it greedily (the eval's writer block accuracy).
 Asserts nothing.
 """
 
@@ -58,7 +62,12 @@ from menagerie.data.path_star import PathStarConfig
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAN = "model/head/lookahead_block_accuracy"
-ARMS = ("next_token", "mtp_parallel", "mtp_sequential", "teacherless", "reverse", "planner")
+WRITTEN = "model/head/writer_block_accuracy"
+ARMS = (
+    "next_token", "mtp_parallel", "mtp_sequential", "teacherless", "reverse", "planner", "writer"
+)  # fmt: skip
+WRITER = {"writer_layers": 1, "writer_taps": 3}
+"""The writer arm's model.head keys beyond the planner arm's."""
 
 
 def answer_block(task: PathStarConfig) -> int:
@@ -89,6 +98,7 @@ def arm_config(arm: str, degree: int, args) -> dict[str, Any]:
         "planner": {"kind": "planner", "block": answer_block(task), "planner_layers": 1}
         | planner_overrides(args.planner),
     }
+    heads["writer"] = heads["planner"] | WRITER | planner_overrides(args.planner)
     model = {"d_model": args.width, "n_layers": args.layers, "mixer": {"n_heads": 4}}
     if arm in heads:
         model |= {"n_layers": args.layers - 1, "head": heads[arm]}
@@ -132,6 +142,8 @@ def train(run_dir: Path, cfg: dict, cpus: Queue) -> dict[str, Any]:
     out = {k: last[k] for k in keep}
     if PLAN in last:  # the planner's path written at once from its plan (block-parallel)
         out["plan_sequence_accuracy"] = last[PLAN]
+    if WRITTEN in last:  # the path as the writer writes it greedily, from the prefix alone
+        out["written_sequence_accuracy"] = last[WRITTEN]
     return out | {"params_M": _params(done.stdout), "seconds": time.perf_counter() - t0}
 
 
@@ -157,20 +169,25 @@ def run_all(args) -> list[dict[str, Any]]:
         return list(pool.map(one, grid))
 
 
+def _mean_of(group: list[dict[str, Any]], name: str) -> str:
+    """The mean of the runs' `<name>_sequence_accuracy` ("" where no run has it)."""
+    values = [r[f"{name}_sequence_accuracy"] for r in group if f"{name}_sequence_accuracy" in r]
+    return f"{statistics.mean(values):.3f}" if values else ""
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per graph and arm, the mean exact-match accuracy and each seed's."""
-    lines = ["| graph | arm | params | greedy exact match (mean) | per seed | token acc | plan |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| graph | arm | params | greedy exact match (mean) | per seed | token acc | plan "
+             "| written |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (graph, arm), group in itertools.groupby(rows, key=lambda r: (r["graph"], r["arm"])):
         group = list(group)
         acc = [r["greedy_sequence_accuracy"] for r in group]
         tok = statistics.mean(r["greedy_accuracy"] for r in group)
         seeds = ", ".join(f"{a:.3f}" for a in acc)
-        plan = [r["plan_sequence_accuracy"] for r in group if "plan_sequence_accuracy" in r]
-        plan = f"{statistics.mean(plan):.3f}" if plan else ""
+        plan, written = (_mean_of(group, key) for key in ("plan", "written"))
         lines.append(
             f"| {graph} | {arm} | {group[0]['params_M']:.3f}M | {statistics.mean(acc):.3f} | "
-            f"{seeds} | {tok:.3f} | {plan} |"
+            f"{seeds} | {tok:.3f} | {plan} | {written} |"
         )
     return "\n".join(lines)
 

@@ -563,7 +563,8 @@ def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:
     """An `eval_report` as text: "loss 2.1000, bits/byte 3.0000", or for a synthetic task "loss
     0.2000, accuracy 0.9500, sequence accuracy 0.7500, greedy accuracy 0.9000, greedy sequence
     accuracy 0.6000" (teacher-forced, then decoded greedily); with a planner head, its plan's
-    accuracy and block accuracy (each block decoded in parallel from its plan)."""
+    accuracy and block accuracy (each block decoded in parallel from its plan), and with its
+    writer the block accuracy of what it writes greedily."""
     parts = [f"loss {ev['loss']:.4f}"]
     if "bits_per_byte" in ev:
         parts.append(f"bits/byte {ev['bits_per_byte']:.4f}")
@@ -576,6 +577,8 @@ def describe_eval(ev: dict[str, float], sep: str = ", ") -> str:
     if "model/head/lookahead_block_accuracy" in ev:
         parts.append(f"plan accuracy {ev['model/head/lookahead_accuracy']:.4f}")
         parts.append(f"plan block accuracy {ev['model/head/lookahead_block_accuracy']:.4f}")
+    if "model/head/writer_block_accuracy" in ev:
+        parts.append(f"written block accuracy {ev['model/head/writer_block_accuracy']:.4f}")
     return sep.join(parts)
 
 

@@ -130,6 +130,8 @@ def test_model_metrics_are_averaged_over_eval_batches() -> None:
     report = eval_report(sums | plan, exact_match=True)
     assert (report["model/head/x"], report["model/head/lookahead_block_accuracy"]) == (0.5, 0.25)
     assert describe_eval(report).endswith("plan accuracy 0.7500, plan block accuracy 0.2500")
+    written = eval_report(sums | {"model/head/writer_block_accuracy": 3.0}, exact_match=True)
+    assert describe_eval(written).endswith("written block accuracy 0.7500")
 
 
 @pytest.mark.parametrize("preset", [MQAR_TINY, LINREG_TINY], ids=lambda p: p.name)
