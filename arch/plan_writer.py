@@ -4,18 +4,26 @@ A part of the `planner` head (`arch.planner`, `model.head.writer_layers` > 0). F
 position a_j = (j+1)P - 1) it writes the P tokens x_{a_j+1..a_j+P} of block j+1 in reverse,
 step i = 0..P-1 giving y_i = x_{a_j+P-i}:
 
+    m_t = h_t + sum_{k=1..K} c_k * h_{t-k}          (memory taps; earlier states of t's document)
     u_0 = z_j + e_0,   u_i = Emb(y_{i-1}) + e_i   (i > 0; the plan then through step 0)
-    u <- u + Attn(RMSNorm u  ->  [RMSNorm_m h_t, t <= a_j in a_j's document ; RMSNorm u_{<=i}])
+    u <- u + Attn(RMSNorm u  ->  [RMSNorm_m m_t, t <= a_j in a_j's document ; RMSNorm u_{<=i}])
     u <- u + SwiGLU(RMSNorm u)                                   (per writer layer)
     p(y_i | z_j, h_{<=a_j}, y_{<i}) = softmax(U RMSNorm(u_i))
 
 z_j is the block's plan, e_i a learned step embedding, h the backbone's final hidden states, U
-and Emb the model's (un)embedding. Each layer's attention reads the prefix's states (memory)
-and the block's earlier steps with the same projections; there are no positions in it (h
-carries the backbone's). Training scores the steps teacher-forced (y_{<i} the true tokens of
-block j+1, written last first: the reverse loss) and, separately, writes every block greedily
-with its own tokens (stop-gradient): those plan tokens condition the LM (`Planner`), so what
-the LM reads at training is what it reads when generating, and nothing of block j+1 reaches it.
+and Emb the model's (un)embedding, c_k [D] per-channel taps (K = `writer_taps`, zero at init: a
+short causal depthwise convolution, as the Canon layers of Allen-Zhu's "Physics of Language
+Models" 4.1; K = 0: m = h). Each layer's attention reads the memory and the block's earlier
+steps with the same projections; there are no positions in it (h carries the backbone's, the
+taps the order of neighbours). Every step's query reads the whole masked row, so a writer layer
+costs about one causal attention layer over the row per pass.
+
+Training scores the steps teacher-forced (y_{<i} the true tokens of block j+1, written last
+first: the reverse loss; where a token does not count, past the row or the document or under a
+loss-mask zero, the step reads the writer's own token there, as greedy writing does) and,
+separately, writes every block greedily with its own tokens (stop-gradient): those tokens steer
+the LM (`Planner.reading`), so what the LM reads at training is what it reads when generating,
+and nothing of block j+1 reaches it.
 
 Why last first: on path-star the block after `=` is the path, whose last node is the goal, in
 the prompt; written goal first, every step is one edge lookup whose query is the token just

@@ -56,9 +56,9 @@ Choices and deviations, said here:
   x_{t+1}), W_p zero at init. The tokens read nothing of block j+1, so the LM stays causal; the
   writer's own loss (`writer_weight`, in aux_loss; metrics writer_loss, writer_accuracy and
   writer_block_accuracy, the greedy blocks' exact match) is teacher-forced on block j+1's
-  tokens, written last first: unlike the lookahead loss it is not teacherless. It costs a greedy
-  write per block in training and at inference (`Planner.decode` keeps the hidden states as
-  the writer's memory).
+  tokens, written last first: unlike the lookahead loss it is not teacherless. `writer_taps`
+  mixes the states just before each memory state into it. It costs a greedy write per block in
+  training and at inference (`Planner.decode` keeps the hidden states as the writer's memory).
 
 kind: mtp_parallel (Gloeckle et al. 2024, arXiv 2404.19737). n = `n_future` heads share the
 unembedding; head 1 is the LM head itself (its logits are the model's output), head k >= 2
@@ -246,10 +246,8 @@ class PlannerConfig(HeadBlocksConfig):
         super().check(model)
         ints = ("block", "planner_layers", "decoder_hidden")
         check_positive(self, "model.head.", ints=ints)
-        for name in ("writer_layers", "writer_taps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
-        for name in ("lookahead_weight", "latent_weight", "writer_weight"):
+        at_least_0 = ("lookahead_weight", "latent_weight", "writer_weight", "writer_layers")
+        for name in (*at_least_0, "writer_taps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.head.{name}={getattr(self, name)} must be >= 0")
 
