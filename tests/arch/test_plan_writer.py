@@ -12,7 +12,16 @@ import numpy as np
 from flax import nnx
 from menagerie.arch import Ctx, TransformerConfig, build
 
-from tests.arch.test_planner import MASK, SEGMENTS, T, V, _ctx, _direct_loss, _h, _trunk
+from tests.arch.test_planner import (
+    MASK,
+    SEGMENTS,
+    T,
+    V,
+    _ctx,
+    _h,
+    _trunk,
+    assert_block_loss,
+)
 from tests.jit_testing import quick_jit
 
 P = 4  # blocks 0..3 of T = 13 tokens, the last one partial
@@ -64,16 +73,8 @@ def test_the_writer_loss_is_the_direct_reverse_computation():
         return m.head(h, ctx, embed=m.embed)[1], m.head.write(z, h, ctx, m.embed, teacher)[0]
 
     aux, logits = _jitted(model, run)
-    logits = np.asarray(logits)  # [B,N,P,V]
-    pairs = [
-        (b, (j + 1) * P - 1, (j + 2) * P - 2 - i, (j, i))
-        for b in range(2)
-        for j in range(n)
-        for i in range(P)
-    ]
-    loss, acc = _direct_loss(lambda b, w: logits[b, w[0], w[1]], ctx, pairs)
-    np.testing.assert_allclose(aux["writer_loss"], loss, rtol=1e-5)
-    np.testing.assert_allclose(aux["writer_accuracy"], acc, rtol=1e-6)
+    # step i of block j: x_{a_j+P-i} = targets[(j+2)P - 2 - i]
+    assert_block_loss(aux, "writer", logits, ctx, lambda j, i: (j + 2) * P - 2 - i)
     expected = 0.7 * aux["lookahead_loss"] + 0.4 * aux["writer_loss"]
     np.testing.assert_allclose(aux["aux_loss"], expected, rtol=1e-6)
 

@@ -98,6 +98,22 @@ def _direct_loss(logits_fn, ctx, pairs):
     return np.mean(ces), np.mean(hits)
 
 
+def assert_block_loss(aux, name, logits_BNPV, ctx, target_of):
+    """aux's `name`_loss and `name`_accuracy equal `_direct_loss` over every row b, block j and
+    slot i: anchored at block j's last position, targets[b, target_of(j, i)]."""
+    logits = np.asarray(logits_BNPV)
+    _, n, p, _ = logits.shape
+    pairs = [
+        (b, (j + 1) * p - 1, target_of(j, i), (j, i))
+        for b in range(2)
+        for j in range(n)
+        for i in range(p)
+    ]
+    loss, acc = _direct_loss(lambda b, w: logits[b, w[0], w[1]], ctx, pairs)
+    np.testing.assert_allclose(aux[f"{name}_loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(aux[f"{name}_accuracy"], acc, rtol=1e-6)
+
+
 # ---- the baselines' losses ----------------------------------------------------------------------
 
 
@@ -183,17 +199,9 @@ def test_planner_lookahead_and_latent_losses_are_the_direct_computation():
         )
 
     aux, look, latent = _jitted(model, run)
-    look = np.asarray(look)  # [B,N,P,V]
     n = look.shape[1]
-    pairs = [
-        (b, (j + 1) * P - 1, (j + 1) * P + i - 1, (j, i))  # x_{(j+1)P+i} = targets[(j+1)P+i-1]
-        for b in range(2)
-        for j in range(n)
-        for i in range(P)
-    ]
-    loss, acc = _direct_loss(lambda b, w: look[b, w[0], w[1]], ctx, pairs)
-    np.testing.assert_allclose(aux["lookahead_loss"], loss, rtol=1e-5)
-    np.testing.assert_allclose(aux["lookahead_accuracy"], acc, rtol=1e-6)
+    # x_{(j+1)P+i} = targets[(j+1)P+i-1]
+    assert_block_loss(aux, "lookahead", look, ctx, lambda j, i: (j + 1) * P + i - 1)
 
     hn, zn = np.asarray(h, np.float64), np.asarray(latent, np.float64)
     errs = []
