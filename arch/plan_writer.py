@@ -132,14 +132,18 @@ class PlanWriter(nnx.Module):
             out_BTD = out_BTD + self.taps[k - 1].astype(h_BTD.dtype) * earlier_BTD
         return out_BTD
 
-    def write(self, z_BND, h_BTD, allowed_BNT, embed: Embed, head, teacher=None, segments_BT=None):
+    def memory(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> list:
+        """Every layer's keys and values [B,T,H,Dh] of the mixed states (`mix`)."""
+        m_BTD = self.mix(h_BTD, segments_BT)
+        return [layer.memory(m_BTD) for layer in self.layers]
+
+    def write(self, z_BND, memory, allowed_BNT, embed: Embed, head, teacher=None):
         """(logits [B,N,P,V] float32, tokens [B,N,P] int32) of the P steps of every block, step
-        i the block's token P - 1 - i. Each step reads the tokens of the steps before it: its
-        own argmax tokens (greedy); with `teacher` = (tokens, known) [B,N,P] in step order, the
-        true token where it counts (teacher forcing) and its own where not (past the row or the
-        document, or masked out: what greedy writing reads there too)."""
-        h_BTD = self.mix(h_BTD, segments_BT)
-        memory = [layer.memory(h_BTD) for layer in self.layers]
+        i the block's token P - 1 - i, reading `memory` (from `memory`) where `allowed`. Each
+        step reads the tokens of the steps before it: its own argmax tokens (greedy); with
+        `teacher` = (tokens, known) [B,N,P] in step order, the true token where it counts
+        (teacher forcing) and its own where not (past the row or the document, or masked out:
+        what greedy writing reads there too)."""
         b, n, d = z_BND.shape
         kv_shape = (b, n, self.block, *memory[0][0].shape[2:])
         caches = [(jnp.zeros(kv_shape, m[0].dtype),) * 2 for m in memory]

@@ -369,27 +369,30 @@ class Planner(nnx.Module):
             if self.condition is not None:
                 cond_BTD = cond_BTD + self.conditioning(z_BND, ctx).astype(h_BTD.dtype)
             if self.writer is not None:
-                _, plan_BNP = self.write(z_BND, h_BTD, ctx, embed)
+                write = self.writing(z_BND, h_BTD, ctx, embed)
+                _, plan_BNP = write()
                 cond_BTD = cond_BTD + self.reading(plan_BNP, ctx, embed).astype(h_BTD.dtype)
             logits_BTV, _ = self.lm(h_BTD + cond_BTD, ctx, embed=embed)
             if ctx.targets is None:
                 return logits_BTV, {}
             aux = self.losses(s_BND, z_BND, ctx, embed)
             if self.writer is not None:
-                aux = self.writer_losses(aux, z_BND, h_BTD, plan_BNP, ctx, embed)
+                aux = self.writer_losses(aux, write, plan_BNP, ctx)
             return logits_BTV, aux
 
-    def write(self, z_BND, h_BTD, ctx: Ctx, embed: Embed, teacher=None):
-        """The writer's (logits [B,N,P,V], tokens [B,N,P]) for every block, step i the token
-        P - 1 - i of the next block; block j reads the states h_t, t <= a_j, of a_j's document."""
+    def writing(self, z_BND, h_BTD, ctx: Ctx, embed: Embed):
+        """write(teacher=None) -> the writer's (logits [B,N,P,V], tokens [B,N,P]) for every
+        block, step i the token P - 1 - i of the next block; block j reads the states h_t,
+        t <= a_j, of a_j's document (the memory computed once for both passes)."""
         _, last_BN = self.block_segments(ctx)
-        t = h_BTD.shape[1]
         ends_N = (jnp.arange(last_BN.shape[1]) + 1) * self.cfg.block - 1
-        before_NT = jnp.arange(t)[None, :] <= ends_N[:, None]
+        before_NT = jnp.arange(h_BTD.shape[1])[None, :] <= ends_N[:, None]
         allowed_BNT = before_NT[None] & (ctx.segment_ids[:, None, :] == last_BN[..., None])
+        memory = self.writer.memory(h_BTD, ctx.segment_ids)
         head = lambda x: self.lm(x, None, embed=embed)[0]  # noqa: E731
-        segments = ctx.segment_ids
-        return self.writer.write(z_BND, h_BTD, allowed_BNT, embed, head, teacher, segments)
+        return lambda teacher=None: self.writer.write(  # noqa: E731
+            z_BND, memory, allowed_BNT, embed, head, teacher
+        )
 
     def reading(self, plan_BNP: jax.Array, ctx: Ctx, embed: Embed) -> jax.Array:
         """[B,T,D]: W_p Emb(the plan's token for x_{t+1}) at every position t from a_j to
@@ -403,11 +406,11 @@ class Planner(nnx.Module):
         keep_BT = (j_T >= 0) & (ctx.segment_ids == doc_BT)
         return jnp.where(keep_BT[..., None], self.read_plan(embed(next_BT)), 0)
 
-    def writer_losses(self, aux: Aux, z_BND, h_BTD, plan_BNP, ctx: Ctx, embed: Embed) -> Aux:
+    def writer_losses(self, aux: Aux, write, plan_BNP, ctx: Ctx) -> Aux:
         """The writer's teacher-forced loss (weighted into aux_loss), its accuracy, and the
-        exact match of its greedy blocks (`writer_block_accuracy`)."""
+        exact match of its greedy blocks `plan` (`writer_block_accuracy`)."""
         tokens, counted = (x[..., ::-1] for x in self.lookahead_targets(ctx))
-        logits_BNPV, _ = self.write(z_BND, h_BTD, ctx, embed, teacher=(tokens, counted))
+        logits_BNPV, _ = write((tokens, counted))
         loss, accuracy = token_loss(logits_BNPV, tokens, counted)
         blocks = tokens_exact_match(plan_BNP, tokens, counted)
         total = aux["aux_loss"] + self.cfg.writer_weight * loss
@@ -439,8 +442,9 @@ class Planner(nnx.Module):
             h_BD, pos = h_pos
             condition_BD = state.condition  # z_{j-1}'s, before block j's end updates it
             if state.memory is not None:
-                memory = jax.lax.dynamic_update_index_in_dim(state.memory, h_BD, pos, 1)
-                state = state.replace(memory=memory.astype(jnp.float32))
+                h32_BD = h_BD.astype(jnp.float32)
+                memory = jax.lax.dynamic_update_index_in_dim(state.memory, h32_BD, pos, 1)
+                state = state.replace(memory=memory)
             total = state.block_sum + h_BD.astype(jnp.float32)
             ends = (pos + 1) % self.cfg.block == 0
             nxt = lambda: self.next_plan(state, total, pos, h_BD.dtype, embed)  # noqa: E731
@@ -470,8 +474,9 @@ class Planner(nnx.Module):
         if self.condition is not None:
             condition = self.condition(z_B1D)[:, 0].astype(jnp.float32)
         if self.writer is not None:
-            memory = state.memory.astype(dtype)
-            allowed_B1L = jnp.broadcast_to(jnp.arange(memory.shape[1]) <= pos, memory.shape[:2])
+            h_BLD = state.memory.astype(dtype)
+            allowed_B1L = jnp.broadcast_to(jnp.arange(h_BLD.shape[1]) <= pos, h_BLD.shape[:2])
+            memory = self.writer.memory(h_BLD, None)
             head = lambda x: self.lm(x, None, embed=embed)[0]  # noqa: E731
             _, written = self.writer.write(z_B1D, memory, allowed_B1L[:, None], embed, head)
             plan = written[:, 0, ::-1]

@@ -70,7 +70,7 @@ def test_the_writer_loss_is_the_direct_reverse_computation():
 
     def run(m):
         _, z = m.head.plan(h, ctx)
-        return m.head(h, ctx, embed=m.embed)[1], m.head.write(z, h, ctx, m.embed, teacher)[0]
+        return m.head(h, ctx, embed=m.embed)[1], m.head.writing(z, h, ctx, m.embed)(teacher)[0]
 
     aux, logits = _jitted(model, run)
     # step i of block j: x_{a_j+P-i} = targets[(j+2)P - 2 - i]
@@ -96,7 +96,7 @@ def test_each_step_reads_exactly_the_tokens_before_it():
 
     def run(m):
         _, z = m.head.plan(h, ctx)
-        write = lambda teacher=None: m.head.write(z, h, ctx, m.embed, teacher)  # noqa: E731
+        write = m.head.writing(z, h, ctx, m.embed)
         greedy, tokens = write()
         return greedy, write((tokens, ones))[0], write((other, zeros))[0], write((other, ones))[0]
 
@@ -115,7 +115,7 @@ def _logits_and_plan(model, tokens_BT, ctx):
         m = nnx.merge(graphdef, state)
         h = _trunk(m, m.embed(tokens_BT), ctx)
         _, z = m.head.plan(h, ctx)
-        return m.head(h, ctx, embed=m.embed)[0], m.head.write(z, h, ctx, m.embed)[1]
+        return m.head(h, ctx, embed=m.embed)[0], m.head.writing(z, h, ctx, m.embed)()[1]
 
     return quick_jit(run)(state, tokens_BT)
 
