@@ -166,7 +166,7 @@ def part_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
 
 def head_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
     """mirror name -> (our path, kernel input axes) of the head: the LM head's matrix when
-    untied, and a conditioning planner's layers, plan norm and W_c."""
+    untied, and a conditioning planner's layers, plan norm, W_c and gate."""
     lm = ("head",) if model.head.kind == "lm" else ("head", "lm")
     out = {} if model.tie_embeddings else {"head.weight": ((*lm, "out", "kernel"), 1)}
     if conditions(model):
@@ -175,6 +175,7 @@ def head_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
                 out[f"planner.layers.{i}.{name}"] = (("head", "layers", i, *path), n)
         out["planner.plan_norm.weight"] = (("head", "plan_norm", "scale"), None)
         out["planner.condition.weight"] = (("head", "condition", "kernel"), 1)
+        out["planner.condition_gate"] = (("head", "condition_gate"), None)
     return out
 
 

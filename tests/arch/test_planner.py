@@ -42,8 +42,9 @@ def _cfg(tie=True, **head):
 def _model(seed=0, **head):
     model = build(_cfg(**head), rngs=nnx.Rngs(seed))
     cond = getattr(model.head, "condition", None)
-    if cond is not None:  # a trained, nonzero W_c: its initial zeros would hide any leak
+    if cond is not None:  # a trained, open gate: its initial zero would hide any leak
         cond.kernel[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7), cond.kernel.shape)
+        model.head.condition_gate[...] = jnp.asarray(0.7, model.head.condition_gate.dtype)
     return model
 
 
@@ -372,11 +373,13 @@ def test_a_conditioning_planner_ignores_targets():
         dict(kind="mtp_parallel", mtp_weight=0.0),
         dict(kind="mtp_sequential", mtp_weight=0.0),
         dict(kind="planner", block=P, condition_lm=False, lookahead_weight=0.0),
+        dict(kind="planner", block=P, lookahead_weight=0.0),  # its plan's gate starts shut
     ],
 )
 def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
     """Bug caught: an extra head that changes the LM output or the backbone's gradients when
-    its loss weight is 0 (e.g. a head computed on a modified h that feeds the logits)."""
+    its loss weight is 0 (e.g. a head computed on a modified h that feeds the logits); a
+    conditioning planner whose plan reaches the LM at initialisation (its gate not at zero)."""
     tokens, ctx = _ctx()
     lm, model = build(_cfg(), rngs=nnx.Rngs(0)), build(_cfg(**head), rngs=nnx.Rngs(0))
 
