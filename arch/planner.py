@@ -263,8 +263,8 @@ class PlannerConfig(HeadBlocksConfig):
         return Planner(self, model, rngs=rngs)
 
     def num_params(self, model: ModelConfig) -> int:
-        """LM head + planner layers and final norm + W_c and g (condition_lm) + decoder (offsets P D,
-        two norms 2 D, MLP 2 D F) + W_l (latent_weight > 0) + the writer."""
+        """LM head + planner layers and final norm + W_c and g (condition_lm) + decoder
+        (offsets P D, two norms 2 D, MLP 2 D F) + W_l (latent_weight > 0) + the writer."""
         d = model.d_model
         planner = self.planner_layers * self.block_params(model) + d
         maps = d * d * (int(self.condition_lm) + int(self.latent_weight > 0)) + self.condition_lm
