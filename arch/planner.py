@@ -231,6 +231,11 @@ class PlannerConfig(HeadBlocksConfig):
     condition_lm: bool = True
     """Add the plan of block j to the LM's input at every token of block j+1 (off: the planner
     is only an auxiliary loss, and costs nothing outside training)."""
+    condition_gate: bool = True
+    """The plan enters the LM as g W_c z_j with a scalar gate g from zero and W_c initialised as
+    the other matrices; false: W_c z_j with W_c from zero, no gate (the path-star bench's
+    setting: there the gate cost 0.08 in exact match; on text the ungated plan costs 2.9%
+    bits/byte; README)."""
     lookahead_weight: float = 0.1
     """Weight of the teacherless lookahead loss. DeepSeek-V3's lambda is 0.3, then 0.1 (planners.md
     suggests 0.3); 0.1 kept the default text job's bits/byte within 1% of the LM head's at 240
@@ -269,7 +274,8 @@ class PlannerConfig(HeadBlocksConfig):
         (offsets P D, two norms 2 D, MLP 2 D F) + W_l (latent_weight > 0) + the writer."""
         d = model.d_model
         planner = self.planner_layers * self.block_params(model) + d
-        maps = d * d * (int(self.condition_lm) + int(self.latent_weight > 0)) + self.condition_lm
+        maps = d * d * (int(self.condition_lm) + int(self.latent_weight > 0))
+        maps += int(self.condition_lm and self.condition_gate)
         decoder = self.block * d + 2 * d + 2 * d * self.hidden(model)
         return (
             LMHeadConfig().num_params(model) + planner + maps + decoder + self.writer_params(model)
@@ -350,12 +356,7 @@ class Planner(nnx.Module):
         self.plan_norm = rms_norm(model, rngs=rngs)
         zeros, compute = jax.nn.initializers.zeros, dtype_of(model.compute_dtype)
         kw = dict(std=None, init=zeros, param_dtype=dtype, compute_dtype=compute, rngs=rngs)
-        # g W_c z_j with the gate g at zero: W_c learns from the start, the LM starts unchanged.
-        conditions = cfg.condition_lm
-        c_names = ("head_in", "embed")
-        self.condition = linear(model, d, d, c_names, rngs=rngs) if conditions else None
-        gate = param(rngs, (), (), std=None, dtype=dtype, init=zeros) if conditions else None
-        self.condition_gate = gate
+        self.condition, self.condition_gate = self.conditioner(cfg, model, rngs, kw)
         shape, names = (cfg.block, d), ("plan_offset", "embed")
         self.offsets = param(rngs, shape, names, std=model.init_std, dtype=dtype)
         self.decoder_norm = rms_norm(model, rngs=rngs)
@@ -517,9 +518,25 @@ class Planner(nnx.Module):
             x_BND = layer(x_BND, blocks)
         return s_BND, self.plan_norm(x_BND)
 
+    @staticmethod
+    def conditioner(cfg: PlannerConfig, model: ModelConfig, rngs: nnx.Rngs, zero: dict):
+        """(W_c, g): W_c as the other matrices and g a scalar at zero (`condition_gate`), or
+        W_c at zero and no g; (None, None) without `condition_lm`. The LM starts unchanged."""
+        if not cfg.condition_lm:
+            return None, None
+        d, names = model.d_model, ("head_in", "embed")
+        if not cfg.condition_gate:
+            return Linear(d, d, names, **zero), None
+        dtype = dtype_of(model.param_dtype)
+        gate = param(rngs, (), (), std=None, dtype=dtype, init=jax.nn.initializers.zeros)
+        return linear(model, d, d, names, rngs=rngs), gate
+
     def planned(self, z_BND: jax.Array) -> jax.Array:
-        """g W_c z: what a plan adds to the LM's input."""
-        return self.condition(z_BND) * self.condition_gate[...].astype(z_BND.dtype)
+        """g W_c z (or W_c z ungated): what a plan adds to the LM's input."""
+        c_BND = self.condition(z_BND)
+        if self.condition_gate is None:
+            return c_BND
+        return c_BND * self.condition_gate[...].astype(c_BND.dtype)
 
     def conditioning(self, z_BND: jax.Array, ctx: Ctx) -> jax.Array:
         """[B,T,D]: g W_c z_j at the tokens of block j+1 in the document of block j's last token;

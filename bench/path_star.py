@@ -96,7 +96,7 @@ def arm_config(arm: str, degree: int, args) -> dict[str, Any]:
         "mtp_parallel": {"kind": "mtp_parallel", "n_future": 2},
         "mtp_sequential": {"kind": "mtp_sequential", "depth": 1},
         "planner": {"kind": "planner", "block": answer_block(task), "planner_layers": 1}
-        | {"lookahead_weight": 0.3}
+        | {"lookahead_weight": 0.3, "condition_gate": False}
         | planner_overrides(args.planner),
     }
     heads["writer"] = heads["planner"] | WRITER | planner_overrides(args.planner)

@@ -305,7 +305,6 @@ class Planner(nn.Module):
         self.layers = nn.ModuleList(Block(inner) for _ in range(p.layers))
         self.plan_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.condition = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.condition_gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
         b, t, d = h_BTD.shape
@@ -317,7 +316,6 @@ class Planner(nn.Module):
         for layer in self.layers:
             x_BND = layer(x_BND)
         c_BND = self.condition(self.plan_norm(x_BND))
-        c_BND = c_BND * self.condition_gate
         c_BND = F.pad(c_BND[:, :-1], (0, 0, 1, 0))  # block j+1 gets the plan of block j
         return h_BTD + c_BND.repeat_interleave(p, dim=1)[:, :t]
 

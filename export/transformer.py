@@ -9,7 +9,8 @@ kernels are [in..., out...]; torch `Linear` weights are [out, in] with the heads
 
 Parts the mirror has: mixer attention; ffn swiglu, mlp, or lte over swiglu or mlp (any
 routing); head lm, or a lookahead head (`arch/planner.py`) computed as at inference: the LM
-head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c). The
+head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c, a gate
+folded in). The
 parameters only a head's training losses read are not written (`TRAINING_ONLY`). `check`
 refuses other parts in one line. The attention's `impl` (xla, cudnn or the Pallas kernel) and
 LTE's `impl` (the sparse kernel) choose how the same function is computed, so they are not
@@ -166,7 +167,8 @@ def part_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
 
 def head_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
     """mirror name -> (our path, kernel input axes) of the head: the LM head's matrix when
-    untied, and a conditioning planner's layers, plan norm, W_c and gate."""
+    untied, and a conditioning planner's layers, plan norm and W_c (`mirror_state_dict` folds a
+    gate g into it: the mirror's W_c is our g W_c)."""
     lm = ("head",) if model.head.kind == "lm" else ("head", "lm")
     out = {} if model.tie_embeddings else {"head.weight": ((*lm, "out", "kernel"), 1)}
     if conditions(model):
@@ -175,7 +177,6 @@ def head_weights(model: Any) -> dict[str, tuple[tuple[str, ...], int | None]]:
                 out[f"planner.layers.{i}.{name}"] = (("head", "layers", i, *path), n)
         out["planner.plan_norm.weight"] = (("head", "plan_norm", "scale"), None)
         out["planner.condition.weight"] = (("head", "condition", "kernel"), 1)
-        out["planner.condition_gate"] = (("head", "condition_gate"), None)
     return out
 
 
@@ -199,6 +200,9 @@ def mirror_state_dict(model: Any, params: dict) -> dict[str, np.ndarray]:
             used.add(("blocks", *path))
     out["final_norm.weight"] = take(("final_norm", "scale"), None)
     out |= {name: take(path, n_in) for name, (path, n_in) in head_weights(model).items()}
+    if conditions(model) and model.head.condition_gate:  # the mirror's W_c is our g W_c
+        gate = take(("head", "condition_gate"), None)
+        out["planner.condition.weight"] = out["planner.condition.weight"] * gate
     dropped = {("head", group) for group in training_only(model)}
     paths = (p for p in _paths(params, model) if p not in used and p[:2] not in dropped)
     left = sorted(".".join(map(str, p)) for p in paths)

@@ -32,7 +32,13 @@ CONFIGS = {
         tie_embeddings=True,
         n_kv_heads=2,
         head=dict(
-            kind="planner", block=4, n_heads=2, hidden_dim=24, writer_layers=2, writer_taps=2
+            kind="planner",
+            block=4,
+            n_heads=2,
+            hidden_dim=24,
+            writer_layers=2,
+            writer_taps=2,
+            condition_gate=False,  # the ungated plan (W_c alone)
         ),
     ),
     "planner-writer-only": dict(

@@ -374,6 +374,7 @@ def test_a_conditioning_planner_ignores_targets():
         dict(kind="mtp_sequential", mtp_weight=0.0),
         dict(kind="planner", block=P, condition_lm=False, lookahead_weight=0.0),
         dict(kind="planner", block=P, lookahead_weight=0.0),  # its plan's gate starts shut
+        dict(kind="planner", block=P, lookahead_weight=0.0, condition_gate=False),  # W_c at 0
     ],
 )
 def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
@@ -407,6 +408,7 @@ def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
     "head",
     [
         dict(kind="planner", block=3, planner_layers=1, decoder_hidden=24),
+        dict(kind="planner", block=3, condition_gate=False),
         dict(kind="planner", condition_lm=False, latent_weight=0.5),
         dict(kind="planner", block=3, writer_layers=2, writer_taps=3),
         dict(kind="mtp_parallel", n_future=3),

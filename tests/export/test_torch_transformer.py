@@ -82,13 +82,26 @@ CONFIGS = {
     "window-sinks-swiglu-tied-loop": dict(
         mixer=GQA | {"window": 5, "sinks": 2}, ffn=SWIGLU, scan_layers=False
     ),
-    # Lookahead heads (arch/planner.py): a planner whose plan conditions the LM (blocks of 5 over
-    # 24 tokens: the last block partial), and two whose inference is the LM head alone.
+    # Lookahead heads (arch/planner.py): planners whose plan conditions the LM (blocks of 5 over
+    # 24 tokens: the last block partial; gated, and ungated), and two whose inference is the LM
+    # head alone.
     "planner-swiglu-untied-scan": dict(
         mixer=GQA,
         ffn=SWIGLU,
         head={"kind": "planner", "block": 5, "n_heads": 2, "hidden_dim": 20, "latent_weight": 0.1},
         tie_embeddings=False,
+    ),
+    "planner-ungated-swiglu-tied-loop": dict(
+        mixer=GQA,
+        ffn=SWIGLU,
+        head={
+            "kind": "planner",
+            "condition_gate": False,
+            "block": 4,
+            "n_heads": 2,
+            "hidden_dim": 20,
+        },
+        scan_layers=False,
     ),
     "planner-aux-only-swiglu-tied-loop": dict(
         mixer=GQA,
