@@ -44,7 +44,8 @@ Choices and deviations, said here:
   a gate (`condition_gate: false`, the first design) grows under Adam by about lr per entry per
   step whatever its gradient, and its plan swamped the LM's input early on text: bits/byte
   x1.054 of the plain LM head's at 240 steps against x1.025 gated (lookahead 0.3), x1.017
-  against x0.992 (0.1). On path-star the two gave the same (README). The plan is added after the backbone's final norm, just before the unembedding.
+  against x0.992 (0.1). On path-star the two gave the same (README). The plan is added after
+  the backbone's final norm, just before the unembedding.
 - `condition_lm` defaults to true: a plan that steers the next block is the point of the design
   (and of generation that uses the plan); with it off the planner is only an auxiliary loss on
   the backbone and costs nothing outside training. With it on, incremental decoding
