@@ -9,13 +9,12 @@ kernels are [in..., out...]; torch `Linear` weights are [out, in] with the heads
 
 Parts the mirror has: mixer attention; ffn swiglu, mlp, or lte over swiglu or mlp (any
 routing); head lm, or a lookahead head (`arch/planner.py`) computed as at inference: the LM
-head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c, a gate
-folded in). The
-parameters only a head's training losses read are not written (`TRAINING_ONLY`). `check`
-refuses other parts in one line. The attention's `impl` (xla, cudnn or the Pallas kernel) and
-LTE's `impl` (the sparse kernel) choose how the same function is computed, so they are not
-written (its `window` and `sinks` are: they change the function); nor are the training-only
-fields (LTE's losses, router learning rate).
+head, after a conditioning planner's plan (`planner.*`: its layers, plan norm and W_c, its
+gate folded in). The parameters only a head's training losses read are not written
+(`TRAINING_ONLY`). `check` refuses other parts in one line. The attention's `impl` (xla, cudnn
+or the Pallas kernel) and LTE's `impl` (the sparse kernel) choose how the same function is
+computed, so they are not written (its `window` and `sinks` are: they change the function);
+nor are the training-only fields (LTE's losses, router learning rate).
 """
 
 from __future__ import annotations

@@ -42,9 +42,11 @@ def _cfg(tie=True, **head):
 def _model(seed=0, **head):
     model = build(_cfg(**head), rngs=nnx.Rngs(seed))
     cond = getattr(model.head, "condition", None)
-    if cond is not None:  # a trained, open gate: its initial zero would hide any leak
+    if cond is not None:  # a trained W_c and open gate: their initial zeros would hide any leak
         cond.kernel[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7), cond.kernel.shape)
-        model.head.condition_gate[...] = jnp.asarray(0.7, model.head.condition_gate.dtype)
+    gate = getattr(model.head, "condition_gate", None)
+    if gate is not None:
+        gate[...] = jnp.asarray(0.7, gate.dtype)
     return model
 
 

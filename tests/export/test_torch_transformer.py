@@ -82,9 +82,9 @@ CONFIGS = {
     "window-sinks-swiglu-tied-loop": dict(
         mixer=GQA | {"window": 5, "sinks": 2}, ffn=SWIGLU, scan_layers=False
     ),
-    # Lookahead heads (arch/planner.py): planners whose plan conditions the LM (blocks of 5 over
-    # 24 tokens: the last block partial; gated, and ungated), and two whose inference is the LM
-    # head alone.
+    # Lookahead heads (arch/planner.py): planners whose plan conditions the LM (gated, blocks of
+    # 5 over 24 tokens: the last block partial; ungated, blocks of 4), and two whose inference
+    # is the LM head alone.
     "planner-swiglu-untied-scan": dict(
         mixer=GQA,
         ffn=SWIGLU,
