@@ -529,9 +529,10 @@ class Planner(nnx.Module):
         d, names = model.d_model, ("head_in", "embed")
         if not cfg.condition_gate:
             return Linear(d, d, names, **zero), None
+        w_c = linear(model, d, d, names, rngs=rngs)  # before g: the key order of a36b329's runs
         dtype = dtype_of(model.param_dtype)
         gate = param(rngs, (), (), std=None, dtype=dtype, init=jax.nn.initializers.zeros)
-        return linear(model, d, d, names, rngs=rngs), gate
+        return w_c, gate
 
     def planned(self, z_BND: jax.Array) -> jax.Array:
         """g W_c z (or W_c z ungated): what a plan adds to the LM's input."""
