@@ -8,9 +8,12 @@ measured once at start-up, the fastest of a few sizes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -54,15 +57,59 @@ def measure_matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), repeats: int = 5)
 
 
 @functools.cache
-def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number came from)."""
+def device_peak_flops(
+    device: jax.Device | None = None, cache_dir: Path | None = None
+) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from). A device the table lacks gets
+    `measure_matmul_peak`, kept in `cache_dir` when given (`cached_matmul_peak`)."""
     device = device or jax.devices()[0]
     kind = device.device_kind.lower()
     if device.platform != "cpu":
         for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
             if name in kind:
                 return peak, f"table ({device.device_kind}, bf16 dense)"
-    return measure_matmul_peak(), "measured float32 matmul"
+    if cache_dir is None:
+        return measure_matmul_peak(), "measured float32 matmul"
+    return cached_matmul_peak(Path(cache_dir) / PEAK_CACHE, device)
+
+
+# Measured peaks by machine, in the cache folder of prepared data: a CPU run's banner measured
+# it at every start (1.5 s of CPU). Delete the file to measure again.
+PEAK_CACHE = "matmul_peak.json"
+
+
+def _machine_key(device: jax.Device) -> str:
+    """What the measured peak depends on: host, device kind, usable cores, device count, JAX
+    version and XLA flags."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count()
+    parts = [socket.gethostname(), device.device_kind, f"{cores} cores"]
+    parts += [f"{jax.local_device_count()} devices", f"jax {jax.__version__}"]
+    return " | ".join([*parts, os.environ.get("XLA_FLAGS", "").strip()])
+
+
+def cached_matmul_peak(path: Path, device: jax.Device) -> tuple[float, str]:
+    """The peak recorded in `path` for this machine, else measured now and recorded there. The
+    file only saves time: an unreadable one is measured over, an unwritable one is left be."""
+    key = _machine_key(device)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    peak = known.get(key)
+    if isinstance(peak, float) and math.isfinite(peak) and peak > 0:
+        return peak, f"measured float32 matmul, recorded in {path}"
+    peak = measure_matmul_peak()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**known, key: peak}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return peak, "measured float32 matmul"
 
 
 class MetricsWriter(ClosedOnExit):

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from menagerie import arch
 from menagerie.data import open_datasets
+from menagerie.data.prepare import cache_root
 from rich.console import Console
 from rich.markup import escape
 
@@ -436,7 +437,7 @@ class Trainer:
         """Prints the model, devices and peak FLOP/s; returns (FLOPs per token, the peak FLOP/s
         that MFU divides by)."""
         cfg = self.cfg
-        peak, peak_src = device_peak_flops()
+        peak, peak_src = device_peak_flops(cache_dir=cache_root(cfg.data))
         n_dev = jax.device_count()
         # On CPU the measured peak is the whole host's (simulated devices share its cores).
         peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else n_dev
