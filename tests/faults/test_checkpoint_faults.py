@@ -21,6 +21,7 @@ from menagerie.train.checkpoint import Checkpointer
 from menagerie.train.errors import TrainingError
 from menagerie.train.metrics import read_metrics
 
+from ..cli_testing import assert_close_states, saved_state
 from .faults_testing import (
     Workspace,
     assert_one_error_line,
@@ -61,6 +62,10 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_its_step_saved_again(
     notes = [line for line in again.stdout.splitlines() if moved[0].name in line]
     assert len(notes) == 1 and "moved" in notes[0], again.stdout[-3000:]
     assert _steps(run) == [2, 3]
+    # Step 3 trained again from step 2's checkpoint ends where the first run did, bit for bit.
+    assert_close_states(
+        saved_state(run / "checkpoints" / "3"), saved_state(trained_run / "checkpoints" / "3"), 0
+    )
 
     rerun = run_cli(train_args(run))  # nothing left to train: resumes from the new 3, stops
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -21,7 +21,6 @@ from menagerie.train.trainer import Trainer
 from .conftest import (
     TINY,
     assert_close_states,
-    cli,
     cli_popen,
     saved_state,
     train_losses,
@@ -107,10 +106,10 @@ def _reached(run_dir: Path, step: int) -> bool:
     return any(s >= step for s in _train_steps_logged(run_dir))
 
 
-def test_sigterm_saves_the_state_of_its_step_and_a_truncated_checkpoint_falls_back(tmp_path):
+def test_sigterm_saves_the_state_of_its_step(tmp_path):
     """SIGTERM between two periodic checkpoints: the run saves the state of the step it reached,
-    prints that step, and exits 0. A rerun whose newest checkpoint was truncated reports it,
-    resumes from the one before, and recomputes the SIGTERM checkpoint's state bit for bit."""
+    prints that step, and exits 0. (A truncated newest checkpoint, resumed from the one before
+    and saved again bit for bit: tests/faults/test_checkpoint_faults.py.)"""
     run = tmp_path / "run"
     proc = cli_popen(*_args(run, "train.steps=400", "checkpoint.every=20"))
     _wait_until(proc, lambda: _reached(run, 21))
@@ -123,21 +122,6 @@ def test_sigterm_saves_the_state_of_its_step_and_a_truncated_checkpoint_falls_ba
     assert _checkpoint_steps(run) == [20, stopped]
     saved = saved_state(run / "checkpoints" / str(stopped))
     assert int(saved["step"]) == stopped
-
-    # Truncate the biggest file of that checkpoint's state: it becomes unreadable.
-    files = sorted(
-        (run / "checkpoints" / str(stopped) / "state").rglob("*"),
-        key=lambda p: p.stat().st_size if p.is_file() else -1,
-    )
-    victim = files[-1]
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-
-    rerun = cli(*_args(run, f"train.steps={stopped}", "checkpoint.every=20"))
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    text = rerun.stdout + rerun.stderr
-    assert f"checkpoint at step {stopped} is unreadable" in text
-    assert f"resumed from {run / 'checkpoints' / '20'} (step 20)" in text.replace("\n", "")
-    assert_close_states(saved, saved_state(run / "checkpoints" / str(stopped)), rtol=0.0)
 
 
 def _trainer(run_dir: Path, *overrides: str) -> tuple[Trainer, list[dict]]:
