@@ -2,8 +2,9 @@
 
 MFU = model FLOPs per second / peak FLOP/s of the devices in use, with model FLOPs from the
 config's analytic `flops_per_token` (training: forward + backward, causal attention halved).
-On GPU/TPU the peak comes from a table of dense bf16 peaks; on CPU it is a float32 matmul
-measured once at start-up, the fastest of a few sizes.
+On GPU/TPU the peak comes from a table of dense bf16 peaks; on CPU it is a float32 matmul, the
+fastest of a few sizes, measured by the first run on the machine and recorded in the cache folder
+(`cached_matmul_peak`; the benches measure it in their own process).
 """
 
 from __future__ import annotations
