@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--path-len", type=int, default=5, help="l of G(d, l): nodes per arm")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: first .. first+seeds-1")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
@@ -220,7 +221,7 @@ def main() -> None:
     unknown = set(args.arms) - set(ARMS)
     if unknown:
         p.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
-    args.seeds = list(range(args.seeds))
+    args.seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     t0 = time.perf_counter()
     rows = sorted(run_all(args), key=lambda r: (r["graph"], ARMS.index(r["arm"]), r["seed"]))
     result = {"bench": "path_star", "args": {k: v for k, v in vars(args).items() if k != "out"},
