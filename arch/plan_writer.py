@@ -11,12 +11,13 @@ step i = 0..P-1 giving y_i = x_{a_j+P-i}:
     p(y_i | z_j, h_{<=a_j}, y_{<i}) = softmax(U RMSNorm(u_i))
 
 z_j is the block's plan, e_i a learned step embedding, h the backbone's final hidden states, U
-and Emb the model's (un)embedding, c_k [D] per-channel taps (K = `writer_taps`, zero at init: a
-short causal depthwise convolution, as the Canon layers of Allen-Zhu's "Physics of Language
-Models" 4.1; K = 0: m = h). Each layer's attention reads the memory and the block's earlier
-steps with the same projections; there are no positions in it (h carries the backbone's, the
-taps the order of neighbours). Every step's query reads the whole masked row, so a writer layer
-costs about one causal attention layer over the row per pass.
+and Emb the model's (un)embedding, c_k [D] per-channel taps (K = `writer_taps`, all
+`writer_tap_init` at init, zero by default: a short causal depthwise convolution, as the
+Canon layers of Allen-Zhu's "Physics of Language Models" 4.1; K = 0: m = h). Each layer's
+attention reads the memory and the block's earlier steps with the same projections; there are
+no positions in it (h carries the backbone's, the taps the order of neighbours). Every step's
+query reads the whole masked row, so a writer layer costs about one causal attention layer over
+the row per pass.
 
 Training scores the steps teacher-forced (y_{<i} the true tokens of block j+1, written last
 first: the reverse loss; where a token does not count, past the row or the document or under a
@@ -104,13 +105,14 @@ class PlanWriter(nnx.Module):
         ffn,
         model: ModelConfig,
         *,
+        tap_init: float = 0.0,
         rngs: nnx.Rngs,
     ):
         self.block = block
         dtype = dtype_of(model.param_dtype)
         shape, names = (taps, model.d_model), ("memory_tap", "embed")
-        zeros = jax.nn.initializers.zeros
-        self.taps = param(rngs, shape, names, std=None, dtype=dtype, init=zeros) if taps else None
+        init = jax.nn.initializers.constant(tap_init)
+        self.taps = param(rngs, shape, names, std=None, dtype=dtype, init=init) if taps else None
         self.layers = nnx.List(
             [WriterLayer(attention, ffn, model, rngs=rngs) for _ in range(layers)]
         )

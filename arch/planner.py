@@ -254,6 +254,10 @@ class PlannerConfig(HeadBlocksConfig):
     writer_taps: int = 0
     """Earlier states mixed into each of the writer's memory states (a short causal depthwise
     convolution, as Canon layers: m_t = h_t + sum_k c_k h_{t-k}); 0: the states as they are."""
+    writer_tap_init: float = 0.0
+    """Every tap c_k's initial value (0: the memory starts as the states alone). On path-star
+    G(5, 5) 1.0 took the runs stuck at copying (0.000, seeds 0 at width 64 and 1 at width 128)
+    to 0.885 and 0.734, but G(2, 5) seed 0 from 0.916 to 0.559 (README): not the default."""
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
@@ -369,7 +373,8 @@ class Planner(nnx.Module):
         self.latent = linear(model, d, d, ("head_in", "embed"), rngs=rngs) if latent else None
         writes = cfg.writer_layers > 0
         args = (cfg.writer_layers, cfg.block, cfg.writer_taps, cfg.attention(), cfg.ffn(), model)
-        self.writer = PlanWriter(*args, rngs=rngs) if writes else None
+        tap_init = cfg.writer_tap_init
+        self.writer = PlanWriter(*args, tap_init=tap_init, rngs=rngs) if writes else None
         self.read_plan = Linear(d, d, ("head_in", "embed"), **kw) if writes else None
 
     def __call__(self, h_BTD: jax.Array, ctx: Ctx, *, embed: Embed) -> tuple[jax.Array, Aux]:

@@ -155,3 +155,15 @@ def test_the_memory_taps_are_the_direct_causal_sum_in_the_document():
                 if t - k >= 0 and SEGMENTS[b, t - k] == SEGMENTS[b, t]:
                     want[b, t] += taps[k - 1] * h[b, t - k]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_taps_start_at_writer_tap_init():
+    """Bug caught: `writer_tap_init` not reaching the writer (its taps then start at zero, the
+    saddle the option is there to leave), or the default no longer zero."""
+    for extra, want in (({}, 0.0), ({"writer_tap_init": 0.75}, 0.75)):
+        head = dict(kind="planner", block=P, n_heads=4, hidden_dim=64, writer_layers=1)
+        head |= dict(writer_taps=2) | extra
+        cfg = TransformerConfig(vocab_size=V, d_model=32, n_layers=1, head=head)
+        taps = np.asarray(build(cfg, rngs=nnx.Rngs(0)).head.writer.taps[...])
+        assert taps.shape == (2, 32)
+        np.testing.assert_array_equal(taps, np.full((2, 32), want, np.float32))
