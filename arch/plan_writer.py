@@ -13,7 +13,15 @@ step i = 0..P-1 giving y_i = x_{a_j+P-i}:
 z_j is the block's plan, e_i a learned step embedding, h the backbone's final hidden states, U
 and Emb the model's (un)embedding, c_k [D] per-channel taps (K = `writer_taps`, all
 `writer_tap_init` at init, zero by default: a short causal depthwise convolution, as the
-Canon layers of Allen-Zhu's "Physics of Language Models" 4.1; K = 0: m = h). Each layer's
+Canon layers of Allen-Zhu's "Physics of Language Models" 4.1; K = 0: m = h). With
+`writer_taps_on: keys_values` the states are not mixed (m = h); instead each layer mixes its
+memory keys and values after their projections, each with taps of its own, as Canon-B does:
+
+    k_t <- k_t + sum_k c^K_k * k_{t-k},   v_t <- v_t + sum_k c^V_k * v_{t-k}   (c [H, Dh])
+
+so a key can stay its own position's (the node looked up) while its value carries the
+position before (the node's parent on path-star); with taps on the states both come from one
+mixed state. Each layer's
 attention reads the memory and the block's earlier steps with the same projections; there are
 no positions in it (h carries the backbone's, the taps the order of neighbours). Every step's
 query reads the whole masked row, so a writer layer costs about one causal attention layer over
@@ -49,12 +57,39 @@ from .layers import Embed, dtype_of, linear, param, rms_norm
 from .swiglu import SwiGLUConfig
 
 
+def causal_taps(x_BT_, taps_K_, segments_BT: jax.Array | None) -> jax.Array:
+    """x_t + sum_{k=1..K} c_k * x_{t-k} (c_k = taps[k - 1], shaped as x's trailing axes), the
+    earlier entries taken in t's document only (`segments`; None: one document)."""
+    out, t = x_BT_, x_BT_.shape[1]
+    trailing = [(0, 0)] * (x_BT_.ndim - 2)
+    for k in range(1, min(taps_K_.shape[0], t - 1) + 1):
+        earlier = jnp.pad(x_BT_[:, : t - k], ((0, 0), (k, 0), *trailing))
+        if segments_BT is not None:
+            same_BT = jnp.pad(segments_BT[:, k:] == segments_BT[:, : t - k], ((0, 0), (k, 0)))
+            earlier = jnp.where(same_BT.reshape(same_BT.shape + (1,) * len(trailing)), earlier, 0)
+        out = out + taps_K_[k - 1].astype(x_BT_.dtype) * earlier
+    return out
+
+
 class WriterLayer(nnx.Module):
     """One writer layer: attention over the memory and the block's earlier steps, then SwiGLU."""
 
-    def __init__(self, attention: AttentionConfig, ffn: SwiGLUConfig, model: ModelConfig, *, rngs):
+    def __init__(
+        self,
+        attention: AttentionConfig,
+        ffn: SwiGLUConfig,
+        model: ModelConfig,
+        *,
+        kv_taps: int = 0,
+        tap_init: float = 0.0,
+        rngs,
+    ):
         d, h = model.d_model, attention.n_heads
         hd = attention.dim_head(model)
+        dtype, init = dtype_of(model.param_dtype), jax.nn.initializers.constant(tap_init)
+        shape, names = (2, kv_taps, h, hd), ("kv", "memory_tap", "heads", "head_dim")
+        kw = dict(std=None, dtype=dtype, init=init)
+        self.kv_taps = param(rngs, shape, names, **kw) if kv_taps else None
         self.norm = rms_norm(model, rngs=rngs)
         self.memory_norm = rms_norm(model, rngs=rngs)
         self.q = linear(model, d, (h, hd), ("embed", "heads", "head_dim"), rngs=rngs)
@@ -64,10 +99,17 @@ class WriterLayer(nnx.Module):
         self.ffn_norm = rms_norm(model, rngs=rngs)
         self.ffn = ffn.build(model, rngs=rngs)
 
-    def memory(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B,T,H,Dh] of the prefix's states."""
+    def memory(self, h_BTD: jax.Array, segments_BT) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B,T,H,Dh] of the prefix's states, each mixed with its own taps
+        (`kv_taps`: c^K_k, c^V_k [H,Dh]) when the writer's taps are on keys and values."""
         m_BTD = self.memory_norm(h_BTD)
-        return self.k(m_BTD), self.v(m_BTD)
+        k_BTHK, v_BTHK = self.k(m_BTD), self.v(m_BTD)
+        if self.kv_taps is None:
+            return k_BTHK, v_BTHK
+        return (
+            causal_taps(k_BTHK, self.kv_taps[0], segments_BT),
+            causal_taps(v_BTHK, self.kv_taps[1], segments_BT),
+        )
 
     def step(self, u_BND, i, cache, memory, allowed_BNT) -> tuple[jax.Array, Any]:
         """Step i of every block: u [B,N,D] -> u; `cache` the block's earlier steps' keys and
@@ -106,15 +148,19 @@ class PlanWriter(nnx.Module):
         model: ModelConfig,
         *,
         tap_init: float = 0.0,
+        taps_on: str = "states",
         rngs: nnx.Rngs,
     ):
         self.block = block
         dtype = dtype_of(model.param_dtype)
         shape, names = (taps, model.d_model), ("memory_tap", "embed")
         init = jax.nn.initializers.constant(tap_init)
-        self.taps = param(rngs, shape, names, std=None, dtype=dtype, init=init) if taps else None
+        on_states = taps and taps_on == "states"
+        kw = dict(std=None, dtype=dtype, init=init)
+        self.taps = param(rngs, shape, names, **kw) if on_states else None
+        kv = dict(kv_taps=0 if on_states else taps, tap_init=tap_init)
         self.layers = nnx.List(
-            [WriterLayer(attention, ffn, model, rngs=rngs) for _ in range(layers)]
+            [WriterLayer(attention, ffn, model, **kv, rngs=rngs) for _ in range(layers)]
         )
         shape, names = (block, model.d_model), ("plan_offset", "embed")
         self.steps = param(rngs, shape, names, std=model.init_std, dtype=dtype)
@@ -123,21 +169,12 @@ class PlanWriter(nnx.Module):
     def mix(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> jax.Array:
         """m_t = h_t + sum_k c_k * h_{t-k}, k = 1..K (K `taps`, c_k [D] from zero), the earlier
         states taken in t's document only (`segments`; None: one document)."""
-        if self.taps is None:
-            return h_BTD
-        out_BTD, t = h_BTD, h_BTD.shape[1]
-        for k in range(1, min(self.taps.shape[0], t - 1) + 1):
-            earlier_BTD = jnp.pad(h_BTD[:, : t - k], ((0, 0), (k, 0), (0, 0)))
-            if segments_BT is not None:
-                same_BT = jnp.pad(segments_BT[:, k:] == segments_BT[:, : t - k], ((0, 0), (k, 0)))
-                earlier_BTD = jnp.where(same_BT[..., None], earlier_BTD, 0)
-            out_BTD = out_BTD + self.taps[k - 1].astype(h_BTD.dtype) * earlier_BTD
-        return out_BTD
+        return h_BTD if self.taps is None else causal_taps(h_BTD, self.taps[...], segments_BT)
 
     def memory(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> list:
         """Every layer's keys and values [B,T,H,Dh] of the mixed states (`mix`)."""
         m_BTD = self.mix(h_BTD, segments_BT)
-        return [layer.memory(m_BTD) for layer in self.layers]
+        return [layer.memory(m_BTD, segments_BT) for layer in self.layers]
 
     def write(self, z_BND, memory, allowed_BNT, embed: Embed, head, teacher=None):
         """(logits [B,N,P,V] float32, tokens [B,N,P] int32) of the P steps of every block, step

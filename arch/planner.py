@@ -114,6 +114,7 @@ declare(
     Axis("head_in", "feature", None, doc="input width of a head's projection into the stream"),
     Axis("plan_offset", "feature", None, doc="token offsets within a planned block"),
     Axis("memory_tap", "feature", None, doc="earlier states mixed into a writer's memory state"),
+    Axis("kv", "feature", None, doc="a writer layer's key taps and value taps"),
 )
 
 
@@ -258,6 +259,11 @@ class PlannerConfig(HeadBlocksConfig):
     """Every tap c_k's initial value (0: the memory starts as the states alone). On path-star
     G(5, 5) 1.0 took the runs stuck at copying (0.000, seeds 0 at width 64 and 1 at width 128)
     to 0.885 and 0.734, but G(2, 5) seed 0 from 0.916 to 0.559 (README): not the default."""
+    writer_taps_on: Literal["states", "keys_values"] = "states"
+    """Where the taps mix: the states (one c_k [D] per tap, shared by every layer's keys and
+    values), or each writer layer's keys and values after their projections, with taps of their
+    own (c^K_k, c^V_k [H, Dh] per layer: a key can then stay its own position's while its value
+    carries the position before, as Canon-B mixes q, k and v)."""
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
@@ -288,14 +294,17 @@ class PlannerConfig(HeadBlocksConfig):
         )
 
     def writer_params(self, model: ModelConfig) -> int:
-        """Writer layers (three norms 3 D, q k v o 4 D H Dh, SwiGLU) + steps P D + final norm D
-        + W_p D^2; 0 without a writer."""
+        """Writer layers (three norms 3 D, q k v o 4 D H Dh, SwiGLU, key and value taps 2 K H Dh
+        when on them) + steps P D + state taps K D (when on them) + final norm D + W_p D^2; 0
+        without a writer."""
         if not self.writer_layers:
             return 0
         d, attention = model.d_model, self.attention()
-        qkvo = 4 * d * attention.n_heads * attention.dim_head(model)
-        layer = 3 * d + qkvo + self.ffn().num_params(model)
-        return self.writer_layers * layer + (self.block + self.writer_taps) * d + d + d * d
+        hd = attention.n_heads * attention.dim_head(model)
+        on_kv = self.writer_taps if self.writer_taps_on == "keys_values" else 0
+        layer = 3 * d + 4 * d * hd + self.ffn().num_params(model) + 2 * on_kv * hd
+        state_taps = self.writer_taps - on_kv
+        return self.writer_layers * layer + (self.block + state_taps) * d + d + d * d
 
     def writer_flops(self, model: ModelConfig, seq_len: int) -> float:
         """Training FLOPs per token of the writer: each token is one step of one block, written
@@ -373,8 +382,8 @@ class Planner(nnx.Module):
         self.latent = linear(model, d, d, ("head_in", "embed"), rngs=rngs) if latent else None
         writes = cfg.writer_layers > 0
         args = (cfg.writer_layers, cfg.block, cfg.writer_taps, cfg.attention(), cfg.ffn(), model)
-        tap_init = cfg.writer_tap_init
-        self.writer = PlanWriter(*args, tap_init=tap_init, rngs=rngs) if writes else None
+        taps = dict(tap_init=cfg.writer_tap_init, taps_on=cfg.writer_taps_on)
+        self.writer = PlanWriter(*args, **taps, rngs=rngs) if writes else None
         self.read_plan = Linear(d, d, ("head_in", "embed"), **kw) if writes else None
 
     def __call__(self, h_BTD: jax.Array, ctx: Ctx, *, embed: Embed) -> tuple[jax.Array, Aux]:

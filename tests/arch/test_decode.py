@@ -46,7 +46,15 @@ CONFIGS = {
         tie_embeddings=False,
         n_kv_heads=2,
         head=dict(
-            kind="planner", block=3, n_heads=2, hidden_dim=24, condition_lm=False, writer_layers=1
+            kind="planner",
+            block=3,
+            n_heads=2,
+            hidden_dim=24,
+            condition_lm=False,
+            writer_layers=1,
+            writer_taps=2,  # on the keys and values, from 0.5 (at zero they would do nothing)
+            writer_taps_on="keys_values",
+            writer_tap_init=0.5,
         ),
     ),
     # An MTP head: at inference the LM head alone (its extra modules read ctx.targets)

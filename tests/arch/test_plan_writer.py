@@ -123,11 +123,12 @@ def _logits_and_plan(model, tokens_BT, ctx):
 def test_the_lm_steered_by_the_writer_stays_causal_and_in_its_document():
     """Bug caught: the block written at a_j read from a_j - 1 on (a token steered by a plan that
     read it), the writer's memory reaching past a_j, a plan read past its block or into the next
-    document, a memory that ignores documents, or taps that mix in a later state or one of
-    the previous document. Each input token in turn is changed: no logit
+    document, a memory that ignores documents, or key or value taps that mix in a later position
+    or one of the previous document (the taps here are on keys and values; the state taps are
+    the exact sum of the next test). Each input token in turn is changed: no logit
     before it, nor in another document, may move; the written tokens must move somewhere (the
     check is not vacuous)."""
-    model, seg = _model(), SEGMENTS
+    model, seg = _model(writer_taps_on="keys_values"), SEGMENTS
     tokens, ctx = _ctx(targets=False)
     ctx = Ctx(positions=ctx.positions, segment_ids=ctx.segment_ids)
     base, plan = map(np.asarray, _logits_and_plan(model, tokens, ctx))
@@ -157,13 +158,40 @@ def test_the_memory_taps_are_the_direct_causal_sum_in_the_document():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_key_and_value_taps_are_the_direct_causal_sums_in_the_document():
+    """Bug caught: the key taps applied to the values (or one set to both), a tap dropped or
+    applied at distance k + 1, a key of the previous document mixed in, or the taps applied
+    before the projections (to the states) when they are on keys and values."""
+    model = _model(writer_taps=3, writer_taps_on="keys_values")
+    assert model.head.writer.taps is None
+
+    def run(m):
+        layer = m.head.writer.layers[1]
+        m_BTD = layer.memory_norm(m.head.writer.mix(_h(), jnp.asarray(SEGMENTS)))
+        raw = layer.k(m_BTD), layer.v(m_BTD)
+        return raw, layer.memory(_h(), jnp.asarray(SEGMENTS)), layer.kv_taps[...]
+
+    raw, got, taps = jax.tree.map(lambda a: np.asarray(a, np.float64), _jitted(model, run))
+    for x, mixed, c in zip(raw, got, taps, strict=True):
+        want = x.copy()
+        for b, t, k in np.ndindex(2, T, 4):
+            if 0 < k <= t and SEGMENTS[b, t - k] == SEGMENTS[b, t]:
+                want[b, t] += c[k - 1] * x[b, t - k]
+        np.testing.assert_allclose(mixed, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_taps_start_at_writer_tap_init():
-    """Bug caught: `writer_tap_init` not reaching the writer (its taps then start at zero, the
-    saddle the option is there to leave), or the default no longer zero."""
-    for extra, want in (({}, 0.0), ({"writer_tap_init": 0.75}, 0.75)):
+    """Bug caught: `writer_tap_init` not reaching the writer's state taps or its key and value
+    taps (they then start at zero, the saddle the option is there to leave), or the default no
+    longer zero."""
+    cases = (({}, 0.0), ({"writer_tap_init": 0.75}, 0.75))
+    cases += (({"writer_tap_init": 0.5, "writer_taps_on": "keys_values"}, 0.5),)
+    for extra, want in cases:
         head = dict(kind="planner", block=P, n_heads=4, hidden_dim=64, writer_layers=1)
         head |= dict(writer_taps=2) | extra
         cfg = TransformerConfig(vocab_size=V, d_model=32, n_layers=1, head=head)
-        taps = np.asarray(build(cfg, rngs=nnx.Rngs(0)).head.writer.taps[...])
-        assert taps.shape == (2, 32)
-        np.testing.assert_array_equal(taps, np.full((2, 32), want, np.float32))
+        writer = build(cfg, rngs=nnx.Rngs(0)).head.writer
+        on_kv = writer.taps is None
+        taps = np.asarray((writer.layers[0].kv_taps if on_kv else writer.taps)[...])
+        assert taps.shape == ((2, 2, 4, 8) if on_kv else (2, 32))
+        np.testing.assert_array_equal(taps, np.full(taps.shape, want, np.float32))

@@ -413,6 +413,7 @@ def test_with_zero_weights_the_model_trains_as_the_lm_head(head):
         dict(kind="planner", block=3, condition_gate=False),
         dict(kind="planner", condition_lm=False, latent_weight=0.5),
         dict(kind="planner", block=3, writer_layers=2, writer_taps=3),
+        dict(kind="planner", block=3, writer_layers=2, writer_taps=2, writer_taps_on="keys_values"),
         dict(kind="mtp_parallel", n_future=3),
         dict(kind="mtp_sequential", depth=2),
     ],
