@@ -82,13 +82,18 @@ class WriterLayer(nnx.Module):
         *,
         kv_taps: int = 0,
         tap_init: float = 0.0,
+        key_tap_init: float | None = None,
         rngs,
     ):
         d, h = model.d_model, attention.n_heads
         hd = attention.dim_head(model)
-        dtype, init = dtype_of(model.param_dtype), jax.nn.initializers.constant(tap_init)
+        key_init = tap_init if key_tap_init is None else key_tap_init
+
+        def init(key, shape, dtype):  # [keys, values]
+            return jnp.stack([jnp.full(shape[1:], c, dtype) for c in (key_init, tap_init)])
+
         shape, names = (2, kv_taps, h, hd), ("kv", "memory_tap", "heads", "head_dim")
-        kw = dict(std=None, dtype=dtype, init=init)
+        kw = dict(std=None, dtype=dtype_of(model.param_dtype), init=init)
         self.kv_taps = param(rngs, shape, names, **kw) if kv_taps else None
         self.norm = rms_norm(model, rngs=rngs)
         self.memory_norm = rms_norm(model, rngs=rngs)
@@ -149,6 +154,7 @@ class PlanWriter(nnx.Module):
         *,
         tap_init: float = 0.0,
         taps_on: str = "states",
+        key_tap_init: float | None = None,
         rngs: nnx.Rngs,
     ):
         self.block = block
@@ -158,7 +164,7 @@ class PlanWriter(nnx.Module):
         on_states = taps and taps_on == "states"
         kw = dict(std=None, dtype=dtype, init=init)
         self.taps = param(rngs, shape, names, **kw) if on_states else None
-        kv = dict(kv_taps=0 if on_states else taps, tap_init=tap_init)
+        kv = dict(kv_taps=0 if on_states else taps, tap_init=tap_init, key_tap_init=key_tap_init)
         self.layers = nnx.List(
             [WriterLayer(attention, ffn, model, **kv, rngs=rngs) for _ in range(layers)]
         )

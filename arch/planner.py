@@ -259,6 +259,10 @@ class PlannerConfig(HeadBlocksConfig):
     """Every tap c_k's initial value (0: the memory starts as the states alone). On path-star
     G(5, 5) 1.0 took the runs stuck at copying (0.000, seeds 0 at width 64 and 1 at width 128)
     to 0.885 and 0.734, but G(2, 5) seed 0 from 0.916 to 0.559 (README): not the default."""
+    writer_key_tap_init: float | None = None
+    """With the taps on keys and values: the key taps' initial value (None: `writer_tap_init`,
+    which then sets the value taps alone). 0 with value taps at 1: every key starts as its own
+    position's and every value carries the positions before it."""
     writer_taps_on: Literal["states", "keys_values"] = "states"
     """Where the taps mix: the states (one c_k [D] per tap, shared by every layer's keys and
     values), or each writer layer's keys and values after their projections, with taps of their
@@ -383,6 +387,7 @@ class Planner(nnx.Module):
         writes = cfg.writer_layers > 0
         args = (cfg.writer_layers, cfg.block, cfg.writer_taps, cfg.attention(), cfg.ffn(), model)
         taps = dict(tap_init=cfg.writer_tap_init, taps_on=cfg.writer_taps_on)
+        taps |= dict(key_tap_init=cfg.writer_key_tap_init)
         self.writer = PlanWriter(*args, **taps, rngs=rngs) if writes else None
         self.read_plan = Linear(d, d, ("head_in", "embed"), **kw) if writes else None
 

@@ -181,17 +181,21 @@ def test_the_key_and_value_taps_are_the_direct_causal_sums_in_the_document():
 
 
 def test_the_taps_start_at_writer_tap_init():
-    """Bug caught: `writer_tap_init` not reaching the writer's state taps or its key and value
-    taps (they then start at zero, the saddle the option is there to leave), or the default no
-    longer zero."""
-    cases = (({}, 0.0), ({"writer_tap_init": 0.75}, 0.75))
-    cases += (({"writer_tap_init": 0.5, "writer_taps_on": "keys_values"}, 0.5),)
-    for extra, want in cases:
+    """Bug caught: `writer_tap_init` not reaching the writer's state taps or its value taps, or
+    `writer_key_tap_init` not reaching its key taps (they then start at zero, the saddle the
+    options are there to leave, or as the values), or the defaults no longer zero and
+    `writer_tap_init` for the keys."""
+    kv = {"writer_tap_init": 0.5, "writer_taps_on": "keys_values"}
+    cases = (({}, 0.0, 0.0), ({"writer_tap_init": 0.75}, 0.75, 0.75), (kv, 0.5, 0.5))
+    cases += ((kv | {"writer_key_tap_init": 0.25}, 0.25, 0.5),)
+    for extra, keys, values in cases:
         head = dict(kind="planner", block=P, n_heads=4, hidden_dim=64, writer_layers=1)
         head |= dict(writer_taps=2) | extra
         cfg = TransformerConfig(vocab_size=V, d_model=32, n_layers=1, head=head)
         writer = build(cfg, rngs=nnx.Rngs(0)).head.writer
-        on_kv = writer.taps is None
-        taps = np.asarray((writer.layers[0].kv_taps if on_kv else writer.taps)[...])
-        assert taps.shape == ((2, 2, 4, 8) if on_kv else (2, 32))
-        np.testing.assert_array_equal(taps, np.full(taps.shape, want, np.float32))
+        if writer.taps is not None:
+            want = np.full((2, 32), values, np.float32)
+            np.testing.assert_array_equal(np.asarray(writer.taps[...]), want)
+            continue
+        want = np.stack([np.full((2, 4, 8), c, np.float32) for c in (keys, values)])
+        np.testing.assert_array_equal(np.asarray(writer.layers[0].kv_taps[...]), want)
