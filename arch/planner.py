@@ -256,9 +256,10 @@ class PlannerConfig(HeadBlocksConfig):
     """Earlier states mixed into each of the writer's memory states (a short causal depthwise
     convolution, as Canon layers: m_t = h_t + sum_k c_k h_{t-k}); 0: the states as they are."""
     writer_tap_init: float = 0.0
-    """Every tap c_k's initial value (0: the memory starts as the states alone). On path-star
-    G(5, 5) 1.0 took the runs stuck at copying (0.000, seeds 0 at width 64 and 1 at width 128)
-    to 0.885 and 0.734, but G(2, 5) seed 0 from 0.916 to 0.559 (README): not the default."""
+    """Every tap's initial value (0: the memory starts as the states alone). On path-star
+    G(5, 5), taps on the states: 1.0 took the runs stuck at copying (0.000, seeds 0 at width 64
+    and 1 at width 128) to 0.885 and 0.734, each missing the lookups of the edge list's last
+    edge; taps on keys and values from 0.25 learned every seed (README, the bench's arm)."""
     writer_key_tap_init: float | None = None
     """With the taps on keys and values: the key taps' initial value (None: `writer_tap_init`,
     which then sets the value taps alone). 0 with value taps at 1: every key starts as its own

@@ -27,9 +27,10 @@ blocks), so the arms' parameters are about equal (the table gives each one's cou
                 8 on G(5, 5): 64 = 8 x 8), so the plan of the block that ends with `=` is
                 trained to predict the whole path from the prefix alone. `--planner KEY=VALUE`
                 sets any other `model.head` key of this arm (`--planner block=2`).
-  writer        the planner arm plus its plan writer (`arch.plan_writer`: one layer, memory
-                taps 3): it writes the block after `=`, the path, goal first from the prefix,
-                and the LM reads the written path; `--planner` keys apply to it too.
+  writer        the planner arm plus its plan writer (`arch.plan_writer`: one layer, 3 memory
+                taps on its keys and values, from 0.25): it writes the block after `=`, the
+                path, goal first from the prefix, and the LM reads the written path;
+                `--planner` keys apply to it too.
 
 Every run is one `menagerie train` process; `--jobs` run at once, each pinned to its own CPU
 (one XLA thread pool per core is faster on 2 cores than two processes sharing both). Prints one
@@ -66,8 +67,11 @@ WRITTEN = "model/head/writer_block_accuracy"
 ARMS = (
     "next_token", "mtp_parallel", "mtp_sequential", "teacherless", "reverse", "planner", "writer"
 )  # fmt: skip
-WRITER = {"writer_layers": 1, "writer_taps": 3}
-"""The writer arm's model.head keys beyond the planner arm's."""
+WRITER = {"writer_layers": 1, "writer_taps": 3, "writer_taps_on": "keys_values"}
+WRITER |= {"writer_tap_init": 0.25}
+"""The writer arm's model.head keys beyond the planner arm's. The README's writer tables before
+2026-12-03 ran it with the taps on the states, from zero (`--planner writer_taps_on=states
+--planner writer_tap_init=0`)."""
 
 
 def answer_block(task: PathStarConfig) -> int:
