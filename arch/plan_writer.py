@@ -21,11 +21,10 @@ memory keys and values after their projections, each with taps of its own, as Ca
 
 so a key can stay its own position's (the node looked up) while its value carries the
 position before (the node's parent on path-star); with taps on the states both come from one
-mixed state. Each layer's
-attention reads the memory and the block's earlier steps with the same projections; there are
-no positions in it (h carries the backbone's, the taps the order of neighbours). Every step's
-query reads the whole masked row, so a writer layer costs about one causal attention layer over
-the row per pass.
+mixed state. Each layer's attention reads the memory and the block's earlier steps with the
+same projections; there are no positions in it (h carries the backbone's, the taps the order
+of neighbours). Every step's query reads the whole masked row, so a writer layer costs about
+one causal attention layer over the row per pass.
 
 Training scores the steps teacher-forced (y_{<i} the true tokens of block j+1, written last
 first: the reverse loss; where a token does not count, past the row or the document or under a
@@ -173,8 +172,9 @@ class PlanWriter(nnx.Module):
         self.out_norm = rms_norm(model, rngs=rngs)
 
     def mix(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> jax.Array:
-        """m_t = h_t + sum_k c_k * h_{t-k}, k = 1..K (K `taps`, c_k [D] from zero), the earlier
-        states taken in t's document only (`segments`; None: one document)."""
+        """m_t = h_t + sum_k c_k * h_{t-k}, k = 1..K (K `taps`, c_k [D]), the earlier states
+        taken in t's document only (`segments`; None: one document); m = h when the taps are
+        not on the states."""
         return h_BTD if self.taps is None else causal_taps(h_BTD, self.taps[...], segments_BT)
 
     def memory(self, h_BTD: jax.Array, segments_BT: jax.Array | None) -> list:

@@ -261,9 +261,9 @@ class PlannerConfig(HeadBlocksConfig):
     and 1 at width 128) to 0.885 and 0.734, each missing the lookups of the edge list's last
     edge; taps on keys and values from 0.25 learned every seed (README, the bench's arm)."""
     writer_key_tap_init: float | None = None
-    """With the taps on keys and values: the key taps' initial value (None: `writer_tap_init`,
-    which then sets the value taps alone). 0 with value taps at 1: every key starts as its own
-    position's and every value carries the positions before it."""
+    """With the taps on keys and values: the key taps' initial value (`writer_tap_init` then
+    sets the value taps'); None: `writer_tap_init` for both. 0 with value taps at 1: every key
+    starts as its own position's and every value carries the positions before it."""
     writer_taps_on: Literal["states", "keys_values"] = "states"
     """Where the taps mix: the states (one c_k [D] per tap, shared by every layer's keys and
     values), or each writer layer's keys and values after their projections, with taps of their
