@@ -90,60 +90,30 @@ def make_train_step(
     def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
         params, step = state["params"], state["step"]
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        if microbatches == 1:
-            (_, (nll_sum, z_sum, aux, mm)), grads = grad_fn(params, batch, n_tokens, step)
-        else:
-            mbs = _microbatches(batch, microbatches)
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            first = jax.tree.map(lambda x: x[0], mbs)
-            (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first, n_tokens, step)
-            init_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-
-            def body(carry, mb):
-                g_acc, a_acc = carry
-                (_, a), g = grad_fn(params, mb, n_tokens, step)
-                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
-
-            (grads, (nll_sum, z_sum, aux, mm)), _ = jax.lax.scan(body, (zeros, init_aux), mbs)
-
+        grads, (nll_sum, z_sum, aux, mm) = _summed_grads(
+            grad_fn, params, batch, (n_tokens, step), microbatches
+        )
         grad_norm = optax.tree.norm(grads)
         loss = nll_sum / n_tokens
-        if clip_norm is not None:
-            scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
-            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        grads = _clipped(grads, grad_norm, clip_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         updates = apply_update_rules(updates, update_rules, step)
         new_params = optax.apply_updates(params, updates)
-
-        # A non-finite loss or gradient, or an update that leaves a parameter or an optimizer
-        # moment non-finite (finite gradients can overflow it), is skipped: params and
-        # optimizer state stay.
         ok = (
             jnp.isfinite(loss)
             & jnp.isfinite(grad_norm)
             & jnp.isfinite(aux)
             & all_finite((new_params, new_opt))
         )
-
-        def keep_if_ok(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        # The schedule advances once per applied update, so the lr of this step is at
-        # (steps so far - skipped steps).
-        applied = state["step"] - state["skipped"]
-        new_state = {
-            "step": state["step"] + 1,
-            "params": keep_if_ok(new_params, params),
-            "opt_state": keep_if_ok(new_opt, state["opt_state"]),
-            "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
-            "skipped": state["skipped"] + jnp.where(ok, 0, 1),
-        }
+        new_state = _guarded_update(state, new_params, new_opt, ok)
         metrics = {
             "loss": loss,
             "z_loss": z_sum / n_tokens,
             "aux_loss": aux,
             "grad_norm": grad_norm,
-            "lr": schedule(applied),
+            # The schedule advances once per applied update: this step's lr is at
+            # (steps so far - skipped steps).
+            "lr": schedule(state["step"] - state["skipped"]),
             "tokens": n_tokens,
             "finite": ok,
             "bad_steps": new_state["bad_steps"],
@@ -153,6 +123,52 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _summed_grads(grad_fn, params, batch: Batch, args: tuple, microbatches: int):
+    """(gradients, loss parts) of the whole batch: `grad_fn(params, batch, *args)`, or with
+    microbatches its values summed over them in a scan (one microbatch's activations live)."""
+    if microbatches == 1:
+        (_, parts), grads = grad_fn(params, batch, *args)
+        return grads, parts
+    mbs = _microbatches(batch, microbatches)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    (_, parts_shape), _ = jax.eval_shape(grad_fn, params, first, *args)
+    zeros = (
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts_shape),
+    )
+
+    def body(acc, mb):
+        (_, parts), grads = grad_fn(params, mb, *args)
+        return jax.tree.map(jnp.add, acc, (grads, parts)), None
+
+    return jax.lax.scan(body, zeros, mbs)[0]
+
+
+def _clipped(grads: Any, grad_norm: jax.Array, clip_norm: float | None) -> Any:
+    """`grads` scaled to global norm at most `clip_norm` (None: as they are)."""
+    if clip_norm is None:
+        return grads
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
+def _guarded_update(state: dict, new_params: Any, new_opt: Any, ok: jax.Array) -> dict:
+    """The next state. A step that is not `ok` (a non-finite loss or gradient, or an update that
+    leaves a parameter or an optimizer moment non-finite: finite gradients can overflow it) is
+    skipped: params and optimizer state stay, and it counts in `bad_steps` and `skipped`."""
+
+    def keep_if_ok(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    return {
+        "step": state["step"] + 1,
+        "params": keep_if_ok(new_params, state["params"]),
+        "opt_state": keep_if_ok(new_opt, state["opt_state"]),
+        "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
+        "skipped": state["skipped"] + jnp.where(ok, 0, 1),
+    }
 
 
 def apply_update_rules(
