@@ -1,7 +1,7 @@
 """Path-star (issue 14's table): which training objectives learn to plan the path, trained by the
 real CLI at about equal parameters, 3 seeds per arm, on G(2, 5) and G(5, 5).
 
-    python bench/path_star.py              # the full table: 42 runs, about 3.5 hours on 2 cores
+    python bench/path_star.py              # the full table: 42 runs, about 3.3 hours on 2 cores
     python bench/path_star.py --graphs 2 --seeds 1 --arms next_token,planner --steps 1500
     python bench/path_star.py --graphs 2 --path-len 3 --seeds 1 --arms planner --planner block=2
 
